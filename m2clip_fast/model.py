@@ -1,0 +1,409 @@
+"""M2CLIP: a frozen open_clip model with TED adapters, a temporal adapter, text adapters and the
+four-head multi-task decoder.
+
+Adapters are attached to open_clip's own blocks; open_clip's forward code runs unchanged:
+- before attention: a forward pre-hook on the block replaces its input x by adapter(x);
+- before the MLP: the block's ``ls_1`` (the attention branch's LayerScale, Identity for CLIP) is wrapped
+  by ``PreMLPTap``. The block computes ``x + ls_1(attn)``; the tap returns ``attn + update(x + attn)``,
+  so the block yields adapter(x + attn) — exactly the official "adapter before MLP" — and a fresh
+  (zero-update) adapter leaves every bit of CLIP's output unchanged.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .adapters import TEDAdapter, TemporalAdapter, TextAdapter
+from .heads import (HEADS, MLMHead, VisualClassifier, cmc_loss, cmlm_loss, kl_contrastive_loss, vc_loss)
+from .presets import TINY_BACKBONE, M2CLIPConfig, resolve_config
+from .text import (PromptTokenizer, humanize, label_words, load_class_names, mask_label_words)
+
+
+# ----------------------------------------------------------------------------------------------- insertion
+class PreMLPTap(nn.Module):
+    """Stands in for a block's ``ls_1`` to run an adapter between the attention and MLP residuals.
+
+    ``block_input`` is set by the block's forward pre-hook just before ``ls_1`` runs. The adapter is held
+    by reference, not as a child: the model owns (and checkpoints) it once, under its own name.
+    """
+
+    def __init__(self, inner: nn.Module, adapter: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.__dict__["adapter"] = adapter
+        self.block_input: Optional[torch.Tensor] = None
+
+    def forward(self, attn_out: torch.Tensor) -> torch.Tensor:
+        y = self.inner(attn_out)
+        x, self.block_input = self.block_input, None
+        if x is None:
+            raise RuntimeError("PreMLPTap ran without its block's pre-hook; was ls_1 called outside the block?")
+        return self.adapter(x + y, residual=y)
+
+
+class _AdapterPreHook:
+    """Block forward pre-hook: applies the pre-attention adapter and hands the block input to the tap.
+    A callable object rather than a closure so ``copy.deepcopy(model)`` rebinds it to the copied adapters."""
+
+    def __init__(self, pre_attn: Optional[nn.Module], tap: Optional[PreMLPTap]):
+        self.pre_attn, self.tap = pre_attn, tap
+
+    def __call__(self, module, args, kwargs):
+        if args:
+            x, rest = args[0], args[1:]
+        else:
+            x, rest = kwargs.pop("q_x"), ()
+        if self.pre_attn is not None:
+            x = self.pre_attn(x)
+        if self.tap is not None:
+            self.tap.block_input = x
+        return (x, *rest), kwargs
+
+
+def attach_adapters(block: nn.Module, pre_attn: Optional[nn.Module] = None,
+                    pre_mlp: Optional[nn.Module] = None) -> None:
+    """Insert adapters into an open_clip ResidualAttentionBlock without touching its forward code.
+    The caller keeps ownership of the adapter modules (register them elsewhere)."""
+    if pre_attn is None and pre_mlp is None:
+        return
+    if not hasattr(block, "ls_1"):
+        raise TypeError(f"{type(block).__name__} has no ls_1; only open_clip ResidualAttentionBlocks are supported")
+    tap = None
+    if pre_mlp is not None:
+        tap = PreMLPTap(block.ls_1, pre_mlp)
+        block.ls_1 = tap
+    block.register_forward_pre_hook(_AdapterPreHook(pre_attn, tap), with_kwargs=True)
+
+
+# ---------------------------------------------------------------------------------------------- open_clip
+def _register_tiny_backbone() -> None:
+    import open_clip
+    from importlib import resources
+
+    if TINY_BACKBONE not in open_clip.list_models():
+        open_clip.add_model_config(Path(str(resources.files("m2clip_fast.assets").joinpath(f"{TINY_BACKBONE}.json"))))
+
+
+def load_clip(backbone: str, pretrained: Optional[str], quick_gelu: bool) -> nn.Module:
+    """An open_clip CLIP model. ``pretrained``: an open_clip tag ("openai"), a local checkpoint, or None."""
+    import open_clip
+
+    _register_tiny_backbone()
+    if pretrained is not None and not Path(pretrained).exists():
+        known = open_clip.list_pretrained_tags_by_model(backbone)
+        if pretrained not in known:
+            raise ValueError(
+                f"pretrained={pretrained!r} is neither a local file nor an open_clip tag of {backbone} ({known})"
+            )
+    clip = open_clip.create_model(backbone, pretrained=pretrained, force_quick_gelu=quick_gelu)
+    if not hasattr(clip, "visual") or not hasattr(clip, "transformer"):
+        raise TypeError(f"{backbone} is not a CLIP with a ViT visual tower and a text transformer")
+    return clip
+
+
+def _ted_factory(config: M2CLIPConfig, width: int, grid: Tuple[int, int]):
+    kwargs = dict(dim=width, bottleneck=config.ted_bottleneck, num_frames=config.num_frames, grid=grid,
+                  enhance=config.ted_enhance, difference=config.ted_difference)
+    if config.fused:
+        try:
+            from .fused import FusedTEDAdapter
+            return lambda: FusedTEDAdapter(**kwargs)
+        except ImportError as err:  # the kernels' module wrapper is optional
+            warnings.warn(f"FusedTEDAdapter unavailable ({err}); using the reference TEDAdapter")
+    return lambda: TEDAdapter(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- the model
+class M2CLIP(nn.Module):
+    """M²-CLIP on an open_clip backbone.
+
+    Inputs: video float (B, T, 3, H, W), normalised with the backbone's mean/std, T = ``num_frames``,
+    H = W = ``image_size``; labels int64 (B,) in [0, C).
+    """
+
+    def __init__(self, clip: nn.Module, config: M2CLIPConfig, tokenizer, class_names: Sequence[str]):
+        super().__init__()
+        self.config = config
+        self.clip = clip
+        for p in clip.parameters():
+            p.requires_grad_(False)
+        visual = clip.visual
+        self.num_frames = config.num_frames
+        size = visual.image_size
+        self.image_size = size[0] if isinstance(size, (tuple, list)) and size[0] == size[1] else size
+        patch = visual.patch_size
+        self.grid = (visual.grid_size[0], visual.grid_size[1]) if hasattr(visual, "grid_size") else (
+            size[0] // patch[0], size[1] // patch[1])
+        width = visual.transformer.width
+        embed_dim = clip.text_projection.shape[-1] if isinstance(clip.text_projection, torch.Tensor) \
+            else clip.text_projection.out_features
+        text_width = clip.transformer.width
+
+        # vision: TED adapters in the last ted_layers blocks
+        vblocks = visual.transformer.resblocks
+        self.ted_adapters = nn.ModuleDict()
+        if config.ted_adapters:
+            if not 0 < config.ted_layers <= len(vblocks):
+                raise ValueError(f"ted_layers={config.ted_layers} but the vision tower has {len(vblocks)} blocks")
+            make = _ted_factory(config, width, self.grid)
+            for i in range(len(vblocks) - config.ted_layers, len(vblocks)):
+                pre_attn = make() if config.ted_pre_attn else None
+                pre_mlp = make() if config.ted_pre_mlp else None
+                for where, adapter in (("pre_attn", pre_attn), ("pre_mlp", pre_mlp)):
+                    if adapter is not None:
+                        self.ted_adapters[f"{i}_{where}"] = adapter
+                attach_adapters(vblocks[i], pre_attn, pre_mlp)
+        self.temporal_adapter = (TemporalAdapter(embed_dim, embed_dim // 2, config.num_frames)
+                                 if config.temporal_adapter else None)
+        self._pre_norm_class_token: Optional[torch.Tensor] = None
+        visual.ln_post.register_forward_hook(self._capture_class_token)
+
+        # text: adapters (pre-MLP) in the last text_adapter_layers blocks; everything before is cached
+        tblocks = clip.transformer.resblocks
+        if not 0 <= config.text_adapter_layers <= len(tblocks):
+            raise ValueError(f"text_adapter_layers={config.text_adapter_layers}, text tower has {len(tblocks)} blocks")
+        # CMLM's cross-attention block: a frozen copy of the last text block taken before adapters go in,
+        # made cross-attention by giving it its ln_1 for keys/values too.
+        self.cmlm_block = copy.deepcopy(tblocks[-1]) if config.cmlm else None
+        self.text_adapters = nn.ModuleDict()
+        self.frozen_text_layers = len(tblocks) - config.text_adapter_layers
+        for i in range(self.frozen_text_layers, len(tblocks)):
+            self.text_adapters[str(i)] = TextAdapter(text_width, config.text_bottleneck)
+            attach_adapters(tblocks[i], pre_mlp=self.text_adapters[str(i)])
+
+        # heads
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        w = config.loss_weights
+        unknown = set(w) - set(HEADS)
+        if unknown:
+            raise KeyError(f"unknown heads in loss_weights: {sorted(unknown)}; heads are {HEADS}")
+        self.loss_weights = {h: float(w.get(h, 0.0)) for h in HEADS}
+        self.vc_head = VisualClassifier(width, self.num_classes, config.vc_dropout)
+        self.prompts = PromptTokenizer(tokenizer, clip.context_length)
+        self.vocabulary = label_words(self.class_names)
+        self._word_index = {word: i for i, word in enumerate(self.vocabulary)}
+        if config.cmlm:
+            if embed_dim != text_width:
+                raise ValueError(f"CMLM cross-attends text (width {text_width}) to frame embeddings "
+                                 f"(dim {embed_dim}); they must match")
+            self.cmlm_block.ln_1_kv = self.cmlm_block.ln_1
+            for p in self.cmlm_block.parameters():
+                p.requires_grad_(False)
+            self.cmlm_adapter = TextAdapter(text_width, config.text_bottleneck)
+            attach_adapters(self.cmlm_block, pre_mlp=self.cmlm_adapter)
+            self.mlm_head = MLMHead(text_width, len(self.vocabulary))
+        self._text_cache: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self.use_text_cache = True
+
+    # ------------------------------------------------------------------------------------------ vision
+    def _capture_class_token(self, module, args, output):
+        x = args[0]
+        self._pre_norm_class_token = x[:, 0] if x.dim() == 3 else x
+
+    def check_video(self, video: torch.Tensor) -> None:
+        """Raise a clear error unless video is float (B, num_frames, 3, image_size, image_size)."""
+        if not isinstance(video, torch.Tensor):
+            raise TypeError(f"video must be a torch.Tensor, got {type(video).__name__}")
+        if video.dim() != 5:
+            raise ValueError(f"video must have shape (B, T, 3, H, W), got rank {video.dim()} {tuple(video.shape)}")
+        if not video.is_floating_point():
+            raise TypeError(f"video must be a normalised floating-point tensor, got dtype {video.dtype} "
+                            "(convert uint8 frames with m2clip_fast.data transforms)")
+        _, t, c, h, w = video.shape
+        if t != self.num_frames:
+            raise ValueError(f"video has {t} frames but the model was built for num_frames={self.num_frames}")
+        size = self.image_size if isinstance(self.image_size, (tuple, list)) else (self.image_size,) * 2
+        if c != 3 or (h, w) != tuple(size):
+            raise ValueError(f"video frames are {c}x{h}x{w}, expected 3x{size[0]}x{size[1]}")
+
+    def encode_frames(self, video: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """video (B, T, 3, H, W) → (per-frame embeddings (B, T, D) after the temporal adapter,
+        ln_post of the time-averaged class token (B, width))."""
+        self.check_video(video)
+        b, t = video.shape[:2]
+        frames = self.clip.visual(video.flatten(0, 1).to(self._visual_dtype()))
+        class_tokens, self._pre_norm_class_token = self._pre_norm_class_token, None
+        if self.temporal_adapter is not None:
+            frames = self.temporal_adapter(frames, t)
+        pooled = self.clip.visual.ln_post(class_tokens.reshape(b, t, -1).mean(dim=1))
+        return frames.reshape(b, t, -1), pooled
+
+    def _visual_dtype(self) -> torch.dtype:
+        return self.clip.visual.conv1.weight.dtype
+
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """video (B, T, 3, H, W) → video embedding (B, D): the mean over T of the per-frame embeddings."""
+        return self.encode_frames(video)[0].mean(dim=1)
+
+    # -------------------------------------------------------------------------------------------- text
+    def _embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, n) token ids → (N, n, width) token + positional embeddings."""
+        clip = self.clip
+        x = clip.token_embedding(tokens)
+        return x + clip.positional_embedding[: tokens.shape[1]].to(x.dtype)
+
+    def _text_blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        n = x.shape[1]
+        mask = self.clip.attn_mask[:n, :n] if self.clip.attn_mask is not None else None
+        for block in self.clip.transformer.resblocks[start:stop]:
+            x = block(x, attn_mask=mask)
+        return x
+
+    @staticmethod
+    def _trim(tokens: torch.Tensor) -> torch.Tensor:
+        """Drop trailing all-padding columns. Exact under the causal mask: no position attends forward."""
+        used = int((tokens != 0).any(dim=0).nonzero().max()) + 1
+        return tokens[:, :used]
+
+    def _frozen_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Hidden states after the frozen text blocks, (N, n, width); no autograd graph."""
+        with torch.no_grad():
+            return self._text_blocks(self._embed_tokens(tokens), 0, self.frozen_text_layers)
+
+    def _adapted_text(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._text_blocks(hidden, self.frozen_text_layers, len(self.clip.transformer.resblocks))
+
+    def _project_text(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        from open_clip.transformer import text_global_pool
+
+        x = self.clip.ln_final(hidden)
+        x = text_global_pool(x, tokens, getattr(self.clip, "text_pool_type", "argmax"),
+                             eos_token_id=getattr(self.clip, "text_eos_id", None))
+        proj = self.clip.text_projection
+        return x @ proj if isinstance(proj, torch.Tensor) else proj(x)
+
+    def _class_prompt_states(self, class_names: Sequence[str], templates: Sequence[str]):
+        """Tokens (P·C, n) and frozen-layer hidden states (P·C, n, width) of every (template, class) prompt,
+        cached until the class list, templates, device or dtype change."""
+        device, dtype = self.clip.token_embedding.weight.device, self.clip.token_embedding.weight.dtype
+        key = (tuple(class_names), tuple(templates), device, dtype)
+        if self.use_text_cache and key in self._text_cache:
+            return self._text_cache[key]
+        tokens = torch.cat([self.prompts(class_names, t).tokens for t in templates]).to(device)
+        tokens = self._trim(tokens)
+        states = (tokens, self._frozen_text(tokens))
+        if self.use_text_cache:
+            self._text_cache = {key: states}  # one entry: a new class list replaces the old one
+        return states
+
+    def encode_text(self, class_names: Optional[Sequence[str]] = None,
+                    templates: Optional[Sequence[str]] = None) -> torch.Tensor:
+        """Class-name texts → (C, D) embeddings: mean over templates of the unit-norm prompt embeddings."""
+        class_names = self.class_names if class_names is None else list(class_names)
+        templates = tuple(templates or self.config.templates)
+        tokens, hidden = self._class_prompt_states(class_names, templates)
+        emb = F.normalize(self._project_text(self._adapted_text(hidden), tokens), dim=-1)
+        return emb.reshape(len(templates), len(class_names), -1).mean(dim=0)
+
+    # ------------------------------------------------------------------------------------------- heads
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale.exp()
+
+    def _cmlm_logits(self, labels: torch.Tensor, frames: torch.Tensor):
+        """Mask label words of each sample's prompt and predict them from text cross-attending to frames.
+        Returns (logits (B, n, V), targets (B, n))."""
+        names = [self.class_names[i] for i in labels.tolist()]
+        prompts = self.prompts(names, self.config.templates[0])
+        words = [[self._word_index[w] for w in humanize(n).split()] for n in names]
+        tokens, targets = mask_label_words(prompts, words, self.prompts.mask_token, self.config.mask_ratio)
+        used = self._trim(prompts.tokens).shape[1]
+        tokens, targets = tokens[:, :used].to(frames.device), targets[:, :used].to(frames.device)
+        hidden = self._adapted_text(self._frozen_text(tokens))
+        frames = frames.to(hidden.dtype)
+        hidden = self.cmlm_block(hidden, k_x=frames, v_x=frames)
+        return self.mlm_head(self.clip.ln_final(hidden)), targets
+
+    def forward(self, video: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Training step: returns {'loss': weighted sum, and one loss per active head}."""
+        if labels.dim() != 1 or labels.shape[0] != video.shape[0]:
+            raise ValueError(f"labels must be shape ({video.shape[0]},), got {tuple(labels.shape)}")
+        if labels.min() < 0 or labels.max() >= self.num_classes:
+            raise ValueError(f"labels must lie in [0, {self.num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
+        frames, pooled = self.encode_frames(video)
+        out: Dict[str, torch.Tensor] = {}
+        w = self.loss_weights
+        if w["contrastive"] or w["cmc"]:
+            v = F.normalize(frames.mean(dim=1), dim=-1)
+            t = self.encode_text()
+            logits = self.logit_scale * v @ t.t()  # (B, C)
+            if w["cmc"]:
+                out["cmc"] = cmc_loss(logits, labels)
+            if w["contrastive"]:
+                out["contrastive"] = kl_contrastive_loss(logits[:, labels], labels)
+        if w["vc"]:
+            out["vc"] = vc_loss(self.vc_head(pooled), labels)
+        if w["cmlm"]:
+            out["cmlm"] = cmlm_loss(*self._cmlm_logits(labels, frames))
+        out["loss"] = sum(w[k] * v for k, v in out.items())
+        return out
+
+    @torch.no_grad()
+    def predict(self, video: torch.Tensor, class_names: Optional[Sequence[str]] = None,
+                templates: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
+        """Class probabilities (B, C): 'text' (cosine to class texts), 'vc' (linear head; only for the training
+        classes) and 'fused' (their average, or 'text' alone for another class list: zero-shot)."""
+        frames, pooled = self.encode_frames(video)
+        v = F.normalize(frames.mean(dim=1), dim=-1)
+        t = self.encode_text(class_names, templates)
+        out = {"text": (self.logit_scale * v @ t.t()).float().softmax(dim=-1)}
+        same_classes = class_names is None or list(class_names) == self.class_names
+        if same_classes:
+            out["vc"] = self.vc_head(pooled).float().softmax(dim=-1)
+            out["fused"] = 0.5 * (out["text"] + out["vc"])
+        else:
+            out["fused"] = out["text"]
+        return out
+
+    # ------------------------------------------------------------------------------------- parameters
+    def tunable_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Only the trained parameters (what a checkpoint needs on top of the open_clip weights)."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.clip.eval()  # frozen backbone: no dropout / patch dropout from CLIP itself
+        return self
+
+
+def create_model(preset_or_config: Union[str, M2CLIPConfig] = "k400_b16_8f", pretrained: Optional[str] = None,
+                 class_names: Optional[Union[str, Sequence[str]]] = None, **overrides) -> M2CLIP:
+    """Build an M2CLIP.
+
+    preset_or_config: a preset name (``k400_b16_8f``, ``ssv2_b16_8f``, ``demo``, ``tiny``) or an M2CLIPConfig.
+    pretrained: an open_clip tag ("openai"), a local checkpoint path, or None (random init; offline tests).
+    class_names: overrides the config's class list (a shipped list name, a file, or a sequence).
+    overrides: M2CLIPConfig fields, e.g. ``num_frames=16, fused=False``.
+    """
+    import open_clip
+
+    if isinstance(preset_or_config, M2CLIPConfig):
+        config = copy.deepcopy(preset_or_config)
+        for key, value in overrides.items():
+            if not hasattr(config, key):
+                raise KeyError(f"unknown config key {key!r}")
+            setattr(config, key, value)
+    else:
+        config = resolve_config(preset_or_config, overrides=overrides)
+    if class_names is not None:
+        config.class_names = class_names if isinstance(class_names, str) else tuple(class_names)
+    if config.class_names is None:
+        raise ValueError("this preset has no class list: pass class_names=[...] or a class-name file")
+    names = load_class_names(config.class_names)
+    clip = load_clip(config.backbone, pretrained, config.quick_gelu)
+    tokenizer = open_clip.get_tokenizer(config.backbone)
+    return M2CLIP(clip, config, tokenizer, names)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+

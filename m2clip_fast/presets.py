@@ -1,0 +1,150 @@
+"""Model configuration as data: the ``M2CLIPConfig`` dataclass, named presets, YAML files and
+``key=value`` overrides.
+
+A training run's configuration is ``preset ← YAML file ← --set overrides``, each layer replacing the
+keys it names. Model keys live at the top level; the training loop reads its own section (``train``),
+which is kept as a plain dict here so this module doesn't depend on the loop.
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional, Tuple, Union
+
+from .heads import DEFAULT_LOSS_WEIGHTS
+from .text import DEFAULT_TEMPLATES
+
+TINY_BACKBONE = "m2clip-tiny"
+
+
+@dataclass
+class M2CLIPConfig:
+    """Everything ``create_model`` needs to build an M2CLIP.
+
+    backbone: an open_clip model name (``ViT-B-16``) or ``m2clip-tiny`` (shipped, for tests and the demo).
+    ted_layers: TED adapters go into the last ``ted_layers`` vision blocks, before attention and/or the MLP.
+    text_adapter_layers: text adapters (pre-MLP) in the last ``text_adapter_layers`` text blocks;
+        the CMLM cross-attention block gets its own when ``cmlm`` is on.
+    """
+
+    backbone: str = "ViT-B-16"
+    quick_gelu: bool = True  # OpenAI CLIP weights were trained with QuickGELU
+    num_frames: int = 8
+    class_names: Optional[Union[str, Tuple[str, ...]]] = "kinetics400"
+    templates: Tuple[str, ...] = DEFAULT_TEMPLATES
+    # vision TED adapters
+    ted_adapters: bool = True
+    ted_bottleneck: int = 384
+    ted_layers: int = 12
+    ted_pre_attn: bool = False
+    ted_pre_mlp: bool = True
+    ted_enhance: bool = True
+    ted_difference: bool = True
+    fused: bool = True
+    # per-frame temporal adapter on projected class embeddings (official ``t_adapter``)
+    temporal_adapter: bool = True
+    # text adapters
+    text_adapter_layers: int = 1
+    text_bottleneck: int = 384
+    # heads: a weight of 0 turns a head off
+    loss_weights: Dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LOSS_WEIGHTS))
+    vc_dropout: float = 0.5
+    mask_ratio: float = 0.2
+    train: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cmlm(self) -> bool:
+        return self.loss_weights.get("cmlm", 0.0) > 0
+
+
+_TRAIN_DEFAULTS: Dict[str, Any] = {
+    "epochs": 30, "batch_size": 32, "blr": 1e-3, "weight_decay": 0.01, "warmup_epochs": 2,
+    "text_lr_scale": 0.5, "grad_clip": None, "accum_steps": 1, "sampling": "dense", "stride": 8,
+    "flip": True, "workers": 4, "amp": "auto", "eval_every": 1, "views": "1x1",
+}
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # Kinetics-400, ViT-B/16, 8 frames: 12 pre-MLP TED adapters (the official K400 setting).
+    "k400_b16_8f": {"class_names": "kinetics400", "train": dict(_TRAIN_DEFAULTS)},
+    # Something-Something-V2: 24 adapters (before attention and before the MLP); no flips, since
+    # left/right is the label; uniform (TSN) sampling.
+    "ssv2_b16_8f": {
+        "class_names": "ssv2", "ted_pre_attn": True,
+        "train": {**_TRAIN_DEFAULTS, "flip": False, "sampling": "uniform", "epochs": 40},
+    },
+    # The synthetic motion demo: a tiny frozen backbone, trained on 2 CPU cores in minutes.
+    "demo": {
+        "backbone": TINY_BACKBONE, "quick_gelu": True, "class_names": None, "ted_bottleneck": 32,
+        "ted_layers": 3, "text_bottleneck": 32, "templates": ("a video of a shape {}.",),
+        "train": {**_TRAIN_DEFAULTS, "epochs": 12, "batch_size": 16, "blr": 4e-2, "warmup_epochs": 1,
+                  "stride": 2, "workers": 2, "amp": "none", "flip": False},
+    },
+    # A tiny model with 400 classes for unit tests.
+    "tiny": {"backbone": TINY_BACKBONE, "ted_bottleneck": 16, "ted_layers": 2, "text_bottleneck": 16,
+             "num_frames": 4, "class_names": "kinetics400"},
+}
+
+
+def _field_names() -> set:
+    return {f.name for f in dataclasses.fields(M2CLIPConfig)}
+
+
+def _merge(base: Dict[str, Any], update: Dict[str, Any], where: str) -> Dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if key not in _field_names():
+            raise KeyError(f"unknown config key {key!r} in {where}; known keys: {sorted(_field_names())}")
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(items: Iterable[str]) -> Dict[str, Any]:
+    """['train.epochs=3', 'ted_bottleneck=64'] → nested dict; values parsed as Python literals when they can be."""
+    result: Dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        node = result
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return result
+
+
+def resolve_config(
+    preset: Optional[str] = None,
+    config_file: Optional[Union[str, Path]] = None,
+    overrides: Optional[Dict[str, Any]] = None,
+) -> M2CLIPConfig:
+    """preset ← YAML file ← overrides, as an ``M2CLIPConfig`` (unknown keys are an error)."""
+    values: Dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise KeyError(f"unknown preset {preset!r}; available: {', '.join(sorted(PRESETS))}")
+        values = _merge(values, PRESETS[preset], f"preset {preset}")
+    if config_file is not None:
+        import yaml
+
+        with open(config_file, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f) or {}
+        loaded.pop("preset", None)
+        values = _merge(values, loaded, str(config_file))
+    if overrides:
+        values = _merge(values, overrides, "overrides")
+    train = {**_TRAIN_DEFAULTS, **values.pop("train", {})}
+    for key in ("templates",):
+        if key in values and isinstance(values[key], list):
+            values[key] = tuple(values[key])
+    return M2CLIPConfig(**values, train=train)

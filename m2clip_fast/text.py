@@ -1,0 +1,165 @@
+"""Prompts, tokenisation, the label-word vocabulary, and CMLM masking.
+
+Class names are turned into words ("ApplyEyeMakeup" → "apply eye makeup", "brush_hair" → "brush hair"),
+placed into prompt templates ("a video of a person {}.") and tokenised with open_clip's BPE tokenizer.
+For CMLM we tokenise word by word so each label word knows which BPE tokens it owns: open_clip's
+SimpleTokenizer splits text on whitespace/punctuation before BPE, so per-word encoding concatenates
+to exactly the tokens of the whole prompt (tested).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+DEFAULT_TEMPLATES: Tuple[str, ...] = ("a video of a person {}.",)
+
+# Zero-shot prompt ensemble in the style of ActionCLIP / X-CLIP evaluation.
+ZERO_SHOT_TEMPLATES: Tuple[str, ...] = (
+    "a video of a person {}.",
+    "a photo of a person {}.",
+    "a person is {}.",
+    "a video of {}.",
+    "a clip of {}.",
+    "a demonstration of {}.",
+    "human action of {}.",
+    "{}, an action.",
+)
+
+SHIPPED_CLASS_LISTS = ("kinetics400", "ssv2", "ucf101", "hmdb51")
+
+MASK_RATIO = 0.2
+IGNORE_INDEX = -100
+SPECIAL_WORDS: Tuple[str, ...] = ("[UNK]",)
+
+
+def humanize(name: str) -> str:
+    """A dataset class name as prompt words: 'ApplyEyeMakeup' → 'apply eye makeup', 'brush_hair' → 'brush hair',
+    'hurling (sport)' → 'hurling sport'."""
+    name = name.replace("_", " ")
+    if " " not in name and re.search(r"[a-z][A-Z]", name):
+        name = re.sub(r"(?<=[a-z])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", " ", name)
+    # Brackets and commas are not words ("skiing (not slalom)" → "skiing not slalom"); apostrophes are.
+    name = re.sub(r"[^\w\s']", " ", name)
+    return " ".join(name.split()).lower()
+
+
+def load_class_names(source: Union[str, Path, Sequence[str]]) -> List[str]:
+    """Class names from a shipped list name ("kinetics400", "ssv2", "ucf101", "hmdb51"), a file with one
+    name per line (line i is label i), or a sequence of names."""
+    if not isinstance(source, (str, Path)):
+        names = [str(n) for n in source]
+    elif str(source) in SHIPPED_CLASS_LISTS:
+        text = resources.files("m2clip_fast.assets").joinpath(f"{source}.txt").read_text(encoding="utf-8")
+        names = text.splitlines()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"class-name file {path} not found (or use one of the shipped lists: {', '.join(SHIPPED_CLASS_LISTS)})"
+            )
+        names = path.read_text(encoding="utf-8").splitlines()
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise ValueError(f"no class names in {source!r}")
+    seen = set()
+    duplicates = sorted({n for n in names if n in seen or seen.add(n)})
+    if duplicates:
+        raise ValueError(f"duplicate class names in {source!r}: {duplicates[:10]}")
+    return names
+
+
+def label_words(class_names: Sequence[str]) -> List[str]:
+    """The CMLM vocabulary: every word of the (humanised) class names, sorted, then the special words."""
+    words = sorted({w for name in class_names for w in humanize(name).split()})
+    return words + list(SPECIAL_WORDS)
+
+
+def _split_template(template: str) -> Tuple[str, str]:
+    if template.count("{}") != 1:
+        raise ValueError(f"a prompt template needs exactly one '{{}}' placeholder, got {template!r}")
+    prefix, suffix = template.split("{}")
+    return prefix, suffix
+
+
+@dataclass
+class PromptTokens:
+    """Tokenised prompts.
+
+    tokens: (N, context_length) int64 BPE ids, SOT … EOT then zero padding.
+    word_spans: per prompt, the [start, end) token positions of each label word, in order.
+    """
+    tokens: torch.Tensor
+    word_spans: List[List[Tuple[int, int]]]
+
+
+class PromptTokenizer:
+    """Builds prompt tokens word by word on top of an open_clip SimpleTokenizer."""
+
+    def __init__(self, tokenizer, context_length: int = 77):
+        for attr in ("encode", "sot_token_id", "eot_token_id"):
+            if not hasattr(tokenizer, attr):
+                raise TypeError(
+                    f"{type(tokenizer).__name__} lacks '{attr}': CMLM needs open_clip's BPE SimpleTokenizer"
+                )
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.sot, self.eot = tokenizer.sot_token_id, tokenizer.eot_token_id
+        # Masked BPE tokens become SOT: CLIP never sees it mid-sentence, so it carries no word
+        # information, and it is below EOT so argmax pooling still finds the end of text.
+        self.mask_token = self.sot
+
+    def __call__(self, class_names: Sequence[str], template: str) -> PromptTokens:
+        prefix, suffix = _split_template(template)
+        prefix_ids, suffix_ids = self.tokenizer.encode(prefix), self.tokenizer.encode(suffix)
+        rows, spans = [], []
+        for name in class_names:
+            ids, word_spans = [self.sot] + prefix_ids, []
+            for word in humanize(name).split():
+                piece = self.tokenizer.encode(word)
+                word_spans.append((len(ids), len(ids) + len(piece)))
+                ids += piece
+            ids += suffix_ids + [self.eot]
+            if len(ids) > self.context_length:
+                raise ValueError(
+                    f"prompt {template.format(humanize(name))!r} has {len(ids)} tokens, "
+                    f"more than the context length {self.context_length}"
+                )
+            rows.append(ids)
+            spans.append(word_spans)
+        tokens = torch.zeros(len(rows), self.context_length, dtype=torch.long)
+        for i, ids in enumerate(rows):
+            tokens[i, : len(ids)] = torch.tensor(ids)
+        return PromptTokens(tokens, spans)
+
+
+def mask_label_words(
+    prompts: PromptTokens,
+    words_per_prompt: Sequence[Sequence[int]],
+    mask_token: int,
+    ratio: float = MASK_RATIO,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mask ``ratio`` of the label words of every prompt (at least one).
+
+    words_per_prompt[i][j] is the vocabulary index of word j of prompt i.
+    Returns (masked tokens (N, L), labels (N, L)) where labels hold the word's vocabulary index at every
+    BPE position of a masked word and IGNORE_INDEX elsewhere. Unlike the official release (whose masking
+    never runs, so its CMLM loss is NaN), every prompt gets at least one target.
+    """
+    tokens = prompts.tokens.clone()
+    labels = torch.full_like(tokens, IGNORE_INDEX)
+    for i, spans in enumerate(prompts.word_spans):
+        if not spans:
+            raise ValueError(f"prompt {i} has no label words to mask")
+        count = max(1, round(ratio * len(spans)))
+        chosen = torch.randperm(len(spans), generator=generator)[:count].tolist()
+        for j in chosen:
+            start, end = spans[j]
+            tokens[i, start:end] = mask_token
+            labels[i, start:end] = words_per_prompt[i][j]
+    return tokens, labels

@@ -1,0 +1,169 @@
+"""M2CLIP on the tiny open_clip backbone: shapes, exact frozen-CLIP equivalence when fresh, gradients,
+losses, CMLM learning, text cache, checkpoint round-trip and input validation."""
+import copy
+
+import open_clip
+import pytest
+import torch
+
+from m2clip_fast import create_model
+from m2clip_fast.model import load_clip
+
+FRAMES, SIZE = 4, 32
+CLASSES = ["moving left", "moving right", "rotating clockwise", "rotating anticlockwise", "growing"]
+
+
+def tiny(**overrides):
+    torch.manual_seed(0)
+    overrides.setdefault("fused", False)
+    return create_model("tiny", class_names=CLASSES, **overrides)
+
+
+def video(batch=2, seed=1):
+    return torch.randn(batch, FRAMES, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def randomise_tunable(model, scale=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny().eval()
+
+
+@pytest.fixture(scope="module")
+def plain_clip(model):
+    clip = load_clip("m2clip-tiny", None, True)
+    clip.load_state_dict(model.clip.state_dict(), strict=True)
+    return clip.eval()
+
+
+def test_shapes_and_api(model):
+    v = video()
+    assert model.num_frames == FRAMES and model.image_size == SIZE
+    assert model.encode_video(v).shape == (2, 64)
+    assert model.encode_text(CLASSES).shape == (5, 64)
+    probs = model.predict(v)
+    assert set(probs) == {"text", "vc", "fused"}
+    for p in probs.values():
+        assert p.shape == (2, 5)
+        torch.testing.assert_close(p.sum(-1), torch.ones(2))
+    zero_shot = model.predict(v, class_names=["jumping", "sitting"], templates=["a photo of {}.", "{}"])
+    assert set(zero_shot) == {"text", "fused"} and zero_shot["text"].shape == (2, 2)
+
+
+def test_fresh_model_is_exactly_frozen_clip(model, plain_clip):
+    v = video()
+    with torch.no_grad():
+        per_frame = plain_clip.encode_image(v.flatten(0, 1)).reshape(2, FRAMES, -1)
+        assert torch.equal(model.encode_video(v), per_frame.mean(dim=1))
+        # Text adapters start with random projections (as the official ones); with their up
+        # projection zeroed they are the identity and the text path must reproduce CLIP.
+        m = copy.deepcopy(model)
+        for adapter in m.text_adapters.values():
+            adapter.up.weight.zero_()
+        tokens = open_clip.get_tokenizer("m2clip-tiny")([f"a video of a person {c}." for c in CLASSES])
+        reference = torch.nn.functional.normalize(plain_clip.encode_text(tokens), dim=-1)
+        torch.testing.assert_close(m.encode_text(), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_reach_only_tunable_parameters():
+    m = tiny().train()
+    randomise_tunable(m)  # zero-initialised convs would otherwise block gradients to the projections
+    out = m(video(), torch.tensor([0, 3]))
+    assert set(out) == {"loss", "contrastive", "cmc", "vc", "cmlm"}
+    assert all(torch.isfinite(v) for v in out.values())
+    out["loss"].backward()
+    last = len(m.clip.visual.transformer.resblocks) - 1
+    for name, p in m.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None, name
+        elif name.startswith(f"ted_adapters.{last}_pre_mlp.") and "_d." in name:
+            # The last block's D branch only writes patch tokens, and nothing reads patch tokens after the
+            # last block (the heads use the class token): its gradient is exactly zero, in the official
+            # model too. The E branch also writes the class token, so it does learn.
+            assert p.grad is not None and p.grad.abs().sum() == 0, name
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_total_loss_is_weighted_sum():
+    m = tiny(loss_weights={"contrastive": 0.5, "cmc": 0.5, "vc": 1.0, "cmlm": 0.1}).eval()
+    torch.manual_seed(3)
+    out = m(video(), torch.tensor([1, 2]))
+    expected = 0.5 * out["contrastive"] + 0.5 * out["cmc"] + out["vc"] + 0.1 * out["cmlm"]
+    torch.testing.assert_close(out["loss"], expected)
+    off = tiny(loss_weights={"vc": 1.0}).eval()
+    assert set(off(video(), torch.tensor([1, 2]))) == {"loss", "vc"}
+
+
+def test_cmlm_loss_is_finite_and_falls_on_an_overfit_batch():
+    m = tiny(loss_weights={"cmlm": 1.0}).train()
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    v, labels = video(4), torch.tensor([0, 1, 2, 3])
+    torch.manual_seed(0)
+    losses = []
+    for _ in range(40):
+        loss = m(v, labels)["cmlm"]
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.3 * sum(losses[:5]) / 5, losses
+
+
+def test_text_cache_gives_identical_logits_and_tracks_class_list():
+    m = tiny().eval()
+    randomise_tunable(m)
+    v = video()
+    cached = m.predict(v)["text"]
+    cached_again = m.predict(v)["text"]
+    m.use_text_cache = False
+    m._text_cache.clear()
+    uncached = m.predict(v)["text"]
+    assert torch.equal(cached, uncached) and torch.equal(cached, cached_again)
+    m.use_text_cache = True
+    other = m.encode_text(["a", "b"])
+    assert other.shape[0] == 2 and len(m._text_cache) == 1
+
+
+def test_state_dict_round_trip():
+    a = tiny().eval()
+    randomise_tunable(a, seed=5)
+    b = tiny().eval()
+    v = video()
+    assert not torch.equal(a.encode_video(v), b.encode_video(v))
+    missing, unexpected = b.load_state_dict(a.tunable_state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(("clip.", "cmlm_block.")) for k in missing)
+    for key in ("text", "vc"):
+        torch.testing.assert_close(a.predict(v)[key], b.predict(v)[key], rtol=0, atol=0)
+    c = copy.deepcopy(a)
+    torch.testing.assert_close(c.predict(v)["fused"], a.predict(v)["fused"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda: torch.randn(2, 3, 3, SIZE, SIZE), "3 frames but the model was built for num_frames=4"),
+    (lambda: torch.zeros(2, FRAMES, 3, SIZE, SIZE, dtype=torch.uint8), "floating-point tensor, got dtype torch.uint8"),
+    (lambda: torch.randn(FRAMES, 3, SIZE, SIZE), "shape \\(B, T, 3, H, W\\), got rank 4"),
+    (lambda: torch.randn(1, FRAMES, 3, 24, SIZE), "expected 3x32x32"),
+])
+def test_bad_video_errors(model, bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        model.encode_video(bad())
+
+
+def test_bad_labels_error(model):
+    with pytest.raises(ValueError, match="labels must lie in \\[0, 5\\)"):
+        model(video(), torch.tensor([0, 9]))
+
+
+def test_unknown_pretrained_tag_is_a_clear_error():
+    with pytest.raises(ValueError, match="neither a local file nor an open_clip tag"):
+        create_model("tiny", pretrained="no-such-tag", class_names=CLASSES)
