@@ -1,0 +1,524 @@
+"""Frame-accurate sparse video decoding.
+
+Frame ``i`` of a video is the ``i``-th frame in presentation order, i.e. the frame with the
+``i``-th smallest presentation timestamp (pts): exactly what decoding the whole video and sorting
+the frames by pts gives (the official M²-CLIP loader, and :func:`decode_all_frames` here).
+
+:func:`decode_frames` returns the same pixels while decoding only what the requested indices
+need. Per file it first builds a :class:`VideoIndex` by demuxing packets only (no decoding) — the
+pts, the seek timestamp and the keyframe flag of every frame — and caches it in a per-process LRU.
+Then, walking the requested frames in presentation order, it seeks to the keyframe before the
+next needed frame when that keyframe lies ahead of the decoder's position, and keeps decoding
+otherwise. Frames are identified by their pts, so B-frame reordering cannot shift them.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import av
+import numpy as np
+import torch
+
+__all__ = [
+    "VideoDecodeError",
+    "VideoIndex",
+    "DecodeStats",
+    "get_index",
+    "num_frames",
+    "decode_frames",
+    "decode_all_frames",
+    "clear_index_cache",
+    "INDEX_CACHE_SIZE",
+]
+
+PathLike = Union[str, os.PathLike]
+
+INDEX_CACHE_SIZE = 2048
+# Beyond this many presentation positions past a wanted frame, a frame that has not come out of
+# the decoder never will: H.264/HEVC reorder at most 16 frames.
+_REORDER_SLACK = 32
+
+
+class VideoDecodeError(RuntimeError):
+    """A video could not be decoded. ``path`` names the file, ``reason`` says why in a few words."""
+
+    def __init__(self, path: PathLike, reason: str):
+        self.path = os.fspath(path)
+        self.reason = str(reason)
+        super().__init__(f"cannot decode {self.path}: {self.reason}")
+
+    def __reduce__(self):  # keep (path, reason) when a DataLoader worker pickles the error
+        return (type(self), (self.path, self.reason))
+
+
+@dataclass
+class DecodeStats:
+    """Counters a caller may pass to the decoding functions; they are incremented in place.
+
+    ``frames_decoded`` counts every frame the codec produced (including those decoded only as
+    references on the way to a wanted frame), ``frames_returned`` the frames handed back,
+    ``seeks`` the container seeks, ``seek_retries`` seeks that landed past the wanted keyframe and
+    were redone earlier, ``index_builds`` the indexes built (cache misses), ``full_decodes`` the
+    calls that had to fall back to decoding the whole video.
+    """
+
+    frames_decoded: int = 0
+    frames_returned: int = 0
+    seeks: int = 0
+    seek_retries: int = 0
+    index_builds: int = 0
+    full_decodes: int = 0
+
+    def reset(self) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, 0)
+
+
+@dataclass(frozen=True)
+class VideoIndex:
+    """Per-frame metadata of a video stream, in presentation order (N frames).
+
+    ``pts``: int64 (N,) sorted presentation timestamps in ``time_base`` units;
+    ``seek_ts``: int64 (N,) timestamp to seek to so that demuxing starts at that frame's packet
+    (its dts where the container has one: libavformat indexes mp4/avi by dts);
+    ``is_key``: bool (N,) keyframe flags; ``key_before``: int64 (N,) index of the last keyframe at
+    or before each frame, -1 when no keyframe precedes it (decode from the stream start);
+    ``ordered``: False when packets carry no usable pts, so frames can only be found by decoding
+    the video from its start.
+    """
+
+    path: str
+    stream_index: int
+    codec: str
+    width: int
+    height: int
+    time_base: Fraction
+    average_rate: Optional[Fraction]
+    pts: np.ndarray
+    seek_ts: np.ndarray
+    is_key: np.ndarray
+    key_before: np.ndarray
+    ordered: bool
+    first_seek_ts: int
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.pts.shape[0])
+
+
+# --------------------------------------------------------------------------------------------
+# error handling
+
+
+def _reason(exc: BaseException) -> str:
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return " ".join(str(text).split())[:160]
+
+
+def _open(path: str) -> "av.container.InputContainer":
+    if not os.path.exists(path):
+        raise VideoDecodeError(path, "file not found")
+    if os.path.isdir(path):
+        raise VideoDecodeError(path, "is a directory")
+    if os.path.getsize(path) == 0:
+        raise VideoDecodeError(path, "empty file")
+    try:
+        return av.open(path, metadata_errors="ignore")
+    except (av.FFmpegError, OSError, UnicodeDecodeError) as exc:
+        raise VideoDecodeError(path, f"cannot open container ({_reason(exc)})") from exc
+
+
+def _video_stream(container, path: str):
+    if not container.streams.video:
+        raise VideoDecodeError(path, "no video stream")
+    return container.streams.video[0]
+
+
+def _configure_threads(stream, threads: Optional[int]) -> None:
+    """Choose codec threading before the decoder is opened.
+
+    ``threads=None`` means 1 thread inside a DataLoader worker (the workers already use every
+    core; codec threads on top only add contention and frame-thread latency) and FFmpeg's
+    automatic frame+slice threading in a plain process.
+    """
+    if threads is None:
+        threads = 1 if torch.utils.data.get_worker_info() is not None else 0
+    ctx = stream.codec_context
+    if threads == 1:
+        ctx.thread_count = 1
+    else:
+        ctx.thread_type = "AUTO"
+        ctx.thread_count = threads
+
+
+# --------------------------------------------------------------------------------------------
+# index
+
+
+_cache: "OrderedDict[Tuple[str, int, int], VideoIndex]" = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def clear_index_cache() -> None:
+    """Forget every cached :class:`VideoIndex` of this process."""
+    with _cache_lock:
+        _cache.clear()
+
+
+def _cache_key(path: str) -> Tuple[str, int, int]:
+    st = os.stat(path)  # mtime and size: a rewritten file gets a fresh index
+    return (os.path.abspath(path), st.st_mtime_ns, st.st_size)
+
+
+def _seek_targets(pts: np.ndarray, demux_ts: np.ndarray, is_key: np.ndarray) -> np.ndarray:
+    """The timestamp to seek to for each keyframe (int64 (N,), presentation order).
+
+    Demuxers compare a seek target with different per-packet times: matroska with the pts, avi
+    with the dts, mp4 with the dts shifted by the B-frame delay (about the pts). A keyframe's
+    pts is at or past every one of these for that keyframe, so seeking to it lands on it unless
+    the next keyframe's dts is already <= that pts (keyframes a B-frame delay apart); then its
+    own dts is the safer target. A landing one keyframe late is caught and redone by the
+    decoder.
+    """
+    seek = demux_ts.copy()
+    keys = np.nonzero(is_key)[0]
+    nxt = np.append(demux_ts[keys[1:]], np.iinfo(np.int64).max)
+    use_pts = pts[keys] < nxt
+    seek[keys[use_pts]] = pts[keys[use_pts]]
+    return seek
+
+
+def _build_index(container, stream, path: str) -> VideoIndex:
+    pts: List[int] = []
+    dts: List[Optional[int]] = []
+    keys: List[bool] = []
+    try:
+        for packet in container.demux(stream):
+            if packet.size == 0 and packet.pts is None:
+                continue  # the end-of-stream flush packet
+            if packet.is_corrupt:
+                raise VideoDecodeError(path, f"corrupt or truncated packet at frame {len(pts)}")
+            pts.append(packet.pts)
+            dts.append(packet.dts)
+            keys.append(bool(packet.is_keyframe))
+    except av.FFmpegError as exc:
+        raise VideoDecodeError(path, f"demux failed after {len(pts)} frames ({_reason(exc)})") from exc
+    if not pts:
+        raise VideoDecodeError(path, "zero frames")
+    declared = stream.frames  # from the container header (mp4, avi); 0 where unknown (mkv, webm)
+    if declared and len(pts) < declared:
+        raise VideoDecodeError(path, f"truncated: {len(pts)} of {declared} frames present")
+
+    ordered = all(p is not None for p in pts) and len(set(pts)) == len(pts)
+    if ordered:
+        order = np.argsort(np.asarray(pts, dtype=np.int64), kind="stable")
+    else:  # frames are only addressable by decoding from the start
+        order = np.arange(len(pts))
+    demux_ts = [d if d is not None else p for p, d in zip(pts, dts)]
+    known_ts = [t for t in demux_ts if t is not None]
+    pts_arr = np.asarray([p if p is not None else i for i, p in enumerate(pts)], dtype=np.int64)[order]
+    demux_arr = np.asarray([t if t is not None else 0 for t in demux_ts], dtype=np.int64)[order]
+    is_key = np.asarray(keys, dtype=bool)[order]
+    seek_ts = _seek_targets(pts_arr, demux_arr, is_key)
+    key_before = np.maximum.accumulate(np.where(is_key, np.arange(len(pts)), -1))
+    rate = stream.average_rate
+    return VideoIndex(
+        path=path,
+        stream_index=stream.index,
+        codec=stream.codec_context.name,
+        width=stream.codec_context.width,
+        height=stream.codec_context.height,
+        time_base=stream.time_base,
+        average_rate=Fraction(rate) if rate else None,
+        pts=pts_arr,
+        seek_ts=seek_ts,
+        is_key=is_key,
+        key_before=key_before,
+        ordered=ordered,
+        first_seek_ts=min(known_ts) if known_ts else 0,
+    )
+
+
+def _cached_index(path: str) -> Optional[VideoIndex]:
+    try:
+        key = _cache_key(path)
+    except OSError:
+        return None
+    with _cache_lock:
+        index = _cache.get(key)
+        if index is not None:
+            _cache.move_to_end(key)
+        return index
+
+
+def _store_index(path: str, index: VideoIndex) -> None:
+    key = _cache_key(path)
+    with _cache_lock:
+        _cache[key] = index
+        _cache.move_to_end(key)
+        while len(_cache) > INDEX_CACHE_SIZE:
+            _cache.popitem(last=False)
+
+
+def get_index(path: PathLike, *, stats: Optional[DecodeStats] = None) -> VideoIndex:
+    """The :class:`VideoIndex` of ``path``'s first video stream (cached per process).
+
+    Builds it by demuxing every packet once without decoding. Raises :class:`VideoDecodeError`
+    for missing, unreadable, truncated or zero-frame files.
+    """
+    path = os.fspath(path)
+    index = _cached_index(path)
+    if index is not None:
+        return index
+    container = _open(path)
+    with container:
+        index = _index_with(container, path, stats)
+    return index
+
+
+def _index_with(container, path: str, stats: Optional[DecodeStats]) -> VideoIndex:
+    index = _cached_index(path)
+    if index is None:
+        index = _build_index(container, _video_stream(container, path), path)
+        _store_index(path, index)
+        if stats is not None:
+            stats.index_builds += 1
+    return index
+
+
+def num_frames(path: PathLike) -> int:
+    """Number of frames of ``path``'s first video stream, from its (cached) index."""
+    return get_index(path).num_frames
+
+
+# --------------------------------------------------------------------------------------------
+# decoding
+
+
+def _to_rgb(frame) -> np.ndarray:
+    return frame.to_ndarray(format="rgb24")
+
+
+def _check_indices(indices, n: int, path: str) -> np.ndarray:
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        bad = idx[(idx < 0) | (idx >= n)]
+        raise VideoDecodeError(path, f"frame index {int(bad[0])} out of range for {n} frames")
+    return idx
+
+
+def _stack(path: str, frames: Dict[int, np.ndarray], idx: np.ndarray, height: int, width: int) -> torch.Tensor:
+    if idx.size == 0:
+        return torch.empty((0, height, width, 3), dtype=torch.uint8)
+    shapes = {frames[int(i)].shape for i in np.unique(idx)}
+    if len(shapes) != 1:
+        raise VideoDecodeError(path, f"frame size changes within the video {sorted(shapes)}")
+    return torch.from_numpy(np.stack([frames[int(i)] for i in idx]))
+
+
+def _full_decode(path: str, threads: Optional[int], stats: Optional[DecodeStats]):
+    """Every frame of the video, in presentation order, as PyAV frames (not yet converted).
+
+    Orders by frame pts when every frame has a distinct one (the official loader's rule), by
+    decoder output order otherwise.
+    """
+    container = _open(path)
+    decoded = []
+    with container:
+        stream = _video_stream(container, path)
+        _configure_threads(stream, threads)
+        try:
+            for packet in container.demux(stream):
+                decoded.extend(packet.decode())
+        except av.FFmpegError as exc:
+            raise VideoDecodeError(path, f"decode failed at frame {len(decoded)} ({_reason(exc)})") from exc
+    if stats is not None:
+        stats.frames_decoded += len(decoded)
+        stats.full_decodes += 1
+    if not decoded:
+        raise VideoDecodeError(path, "zero frames")
+    pts = [f.pts for f in decoded]
+    if all(p is not None for p in pts) and len(set(pts)) == len(pts):
+        decoded = [decoded[i] for i in np.argsort(np.asarray(pts, dtype=np.int64), kind="stable")]
+    return decoded
+
+
+def _select(path: str, decoded: list, indices, stats: Optional[DecodeStats]) -> torch.Tensor:
+    """uint8 (len(indices), H, W, 3): the requested frames of a fully decoded video."""
+    idx = np.arange(len(decoded)) if indices is None else _check_indices(indices, len(decoded), path)
+    # like the official loader, convert only the frames asked for
+    rgb = {int(i): _to_rgb(decoded[int(i)]) for i in np.unique(idx)}
+    if stats is not None:
+        stats.frames_returned += int(idx.size)
+    return _stack(path, rgb, idx, decoded[0].height, decoded[0].width)
+
+
+def decode_all_frames(
+    path: PathLike,
+    indices: Optional[Sequence[int]] = None,
+    *,
+    threads: Optional[int] = None,
+    stats: Optional[DecodeStats] = None,
+) -> torch.Tensor:
+    """Decode the whole video (the official M²-CLIP approach) and return frames in pts order.
+
+    Returns uint8 (N, H, W, 3) RGB for all N frames, or (len(indices), H, W, 3) for the requested
+    ``indices`` (which, like the official loader, are the only frames converted to RGB). This is
+    the baseline the benchmarks compare against and the oracle the tests check
+    :func:`decode_frames` with.
+    """
+    path = os.fspath(path)
+    return _select(path, _full_decode(path, threads, stats), indices, stats)
+
+
+def _prepend(first, rest: Iterator) -> Iterator:
+    # a generator rather than itertools.chain, so that close() reaches the demuxing generator
+    yield first
+    yield from rest
+
+
+class _IndexMismatch(Exception):
+    """The decoder produced a frame whose pts is not in the index: address frames another way."""
+
+
+class _SparseDecoder:
+    """Seeks and decodes the frames of one open container for one :func:`decode_frames` call."""
+
+    def __init__(self, container, stream, index: VideoIndex, path: str, stats: Optional[DecodeStats]):
+        self.container, self.stream, self.index, self.path = container, stream, index, path
+        self.stats = stats
+        self.pts_to_idx = {int(p): i for i, p in enumerate(index.pts)}
+
+    def _count(self, name: str) -> None:
+        if self.stats is not None:
+            setattr(self.stats, name, getattr(self.stats, name) + 1)
+
+    def _frames_after_seek(self, seek_ts: int) -> Iterator[Tuple[int, object]]:
+        """(index, frame) in decoder output order after seeking the demuxer to ``seek_ts``."""
+        # seek() also flushes the codec, so no frame from before the jump comes out after it
+        self.container.seek(int(seek_ts), stream=self.stream, backward=True, any_frame=False)
+        self._count("seeks")
+        try:
+            for packet in self.container.demux(self.stream):
+                for frame in packet.decode():
+                    self._count("frames_decoded")
+                    idx = self.pts_to_idx.get(frame.pts)
+                    if idx is None:
+                        raise _IndexMismatch()
+                    yield idx, frame
+        except av.FFmpegError as exc:
+            raise VideoDecodeError(self.path, f"decode failed ({_reason(exc)})") from exc
+
+    def start_at(self, key: int, target: int) -> Iterator[Tuple[int, object]]:
+        """Frames from keyframe ``key`` (-1: stream start) on, such that ``target`` will follow.
+
+        A demuxer may land past the requested keyframe (an inexact seek index, e.g. a webm
+        without cues); then the seek is redone from the keyframe before, and finally from the
+        stream start, instead of returning wrong frames.
+        """
+        candidates = [key]
+        if key > 0 and self.index.key_before[key - 1] >= 0:
+            candidates.append(int(self.index.key_before[key - 1]))
+        if candidates[-1] != -1:
+            candidates.append(-1)
+        for k in candidates:
+            seek_ts = self.index.first_seek_ts if k < 0 else int(self.index.seek_ts[k])
+            frames = self._frames_after_seek(seek_ts)
+            first = next(frames, None)
+            # landing on or before the keyframe is fine (the frames before it are skipped); a
+            # first frame past it means frames we need were jumped over
+            if first is not None and first[0] <= (k if k >= 0 else target):
+                return _prepend(first, frames)
+            frames.close()
+            self._count("seek_retries")
+        raise VideoDecodeError(self.path, f"cannot reach frame {target} by seeking")
+
+    def decode(self, wanted: np.ndarray) -> Dict[int, np.ndarray]:
+        """RGB arrays (H, W, 3) uint8 for the sorted unique frame indices ``wanted``."""
+        got: Dict[int, np.ndarray] = {}
+        wanted_set = set(int(i) for i in wanted)
+        frames: Optional[Iterator] = None
+        pos = -1  # highest presentation index the decoder has produced since the last seek
+        floor = 0  # below this, frames after a seek are open-GOP leading frames: unusable
+        for j in (int(i) for i in wanted):
+            if j in got:
+                continue
+            key = int(self.index.key_before[j])
+            # seek whenever the keyframe that j needs lies ahead of the decoder: everything
+            # before it would be decoded for nothing; otherwise decoding through is cheaper
+            if frames is None or key > pos:
+                if frames is not None:
+                    frames.close()
+                frames = self.start_at(key, j)
+                pos, floor = -1, max(key, 0)
+            while j not in got:
+                item = next(frames, None)
+                if item is None:
+                    raise VideoDecodeError(self.path, f"frame {j} missing from the stream")
+                idx, frame = item
+                if idx < floor:
+                    continue
+                pos = max(pos, idx)
+                if idx in wanted_set and idx not in got:
+                    got[idx] = _to_rgb(frame)
+                if pos > j + _REORDER_SLACK and j not in got:
+                    raise VideoDecodeError(self.path, f"frame {j} missing from the stream")
+        return got
+
+
+def decode_frames(
+    path: PathLike,
+    indices: Sequence[int],
+    backend: str = "pyav",
+    *,
+    threads: Optional[int] = None,
+    stats: Optional[DecodeStats] = None,
+    **backend_kwargs,
+) -> torch.Tensor:
+    """Decode the frames at ``indices`` (presentation order) of ``path``'s first video stream.
+
+    Returns uint8 (len(indices), H, W, 3) RGB, in the order requested; indices may repeat and be
+    unsorted. The pixels equal ``decode_all_frames(path)[indices]``. ``backend="pyav"`` decodes
+    sparsely on the CPU; ``backend="dali"`` uses NVIDIA DALI (see :mod:`m2clip_fast.data.dali`;
+    ``backend_kwargs`` go to it). ``threads``: codec threads for PyAV (None: automatic).
+    ``stats``: a :class:`DecodeStats` to accumulate counters into.
+
+    Raises :class:`VideoDecodeError` (missing, unreadable, corrupt, truncated, zero-frame file or
+    an index out of range).
+    """
+    path = os.fspath(path)
+    if backend == "dali":
+        from .dali import decode_frames_dali
+
+        return decode_frames_dali(path, indices, **backend_kwargs)
+    if backend != "pyav":
+        raise ValueError(f"unknown decode backend {backend!r}; expected 'pyav' or 'dali'")
+    if backend_kwargs:
+        raise TypeError(f"unexpected arguments for the pyav backend: {sorted(backend_kwargs)}")
+
+    container = _open(path)
+    with container:
+        index = _index_with(container, path, stats)
+        idx = _check_indices(indices, index.num_frames, path)
+        wanted = np.unique(idx)
+        if not wanted.size:
+            return torch.empty((0, index.height, index.width, 3), dtype=torch.uint8)
+        got = None
+        if index.ordered:
+            stream = _video_stream(container, path)
+            _configure_threads(stream, threads)
+            try:
+                got = _SparseDecoder(container, stream, index, path, stats).decode(wanted)
+            except _IndexMismatch:
+                got = None  # decoded frames' pts disagree with the packets': decode it all
+    if got is None:
+        # no usable pts: frames can only be counted off a decode from the start
+        return _select(path, _full_decode(path, threads, stats), idx, stats)
+    if stats is not None:
+        stats.frames_returned += int(idx.size)
+    return _stack(path, got, idx, index.height, index.width)
