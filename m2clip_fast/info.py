@@ -51,8 +51,9 @@ def tunable_by_module(model: M2CLIP) -> Dict[str, int]:
     return groups
 
 
-def forward_gflops(model: M2CLIP) -> float:
-    """GFLOPs of one view (1 clip of num_frames frames) through predict(): vision, text and heads."""
+def forward_flops(model: M2CLIP) -> int:
+    """FLOPs of one view (1 clip of num_frames frames) through predict(): vision, the adapted text layers
+    over the class prompts (the frozen ones are cached), and the heads."""
     from torch.utils.flop_counter import FlopCounterMode
 
     size = model.image_size if isinstance(model.image_size, int) else model.image_size[0]
@@ -61,7 +62,7 @@ def forward_gflops(model: M2CLIP) -> float:
     model.encode_text()  # fill the text cache, as evaluation does once per class list
     with FlopCounterMode(display=False) as counter:
         model.predict(video)
-    return counter.get_total_flops() / 1e9
+    return counter.get_total_flops()
 
 
 def vocabulary_note(model: M2CLIP) -> List[str]:
@@ -114,7 +115,7 @@ def main(argv=None) -> None:
                   f"holds the non-label words {list(OFFICIAL_NON_LABEL_WORDS)} (never masked) and ours adds the "
                   f"special words {special}")
     if not args.no_flops:
-        print(f"forward GFLOPs per view ({model.num_frames} frames, predict): {forward_gflops(model):.1f}")
+        print(f"forward GFLOPs per view ({model.num_frames} frames, predict): {forward_flops(model) / 1e9:.2f}")
 
 
 if __name__ == "__main__":

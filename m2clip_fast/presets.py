@@ -129,17 +129,23 @@ def resolve_config(
     overrides: Optional[Dict[str, Any]] = None,
 ) -> M2CLIPConfig:
     """preset ← YAML file ← overrides, as an ``M2CLIPConfig`` (unknown keys are an error)."""
-    values: Dict[str, Any] = {}
-    if preset is not None:
-        if preset not in PRESETS:
-            raise KeyError(f"unknown preset {preset!r}; available: {', '.join(sorted(PRESETS))}")
-        values = _merge(values, PRESETS[preset], f"preset {preset}")
+    loaded: Dict[str, Any] = {}
     if config_file is not None:
         import yaml
 
         with open(config_file, encoding="utf-8") as f:
             loaded = yaml.safe_load(f) or {}
-        loaded.pop("preset", None)
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{config_file}: expected a mapping of config keys, got {type(loaded).__name__}")
+        file_preset = loaded.pop("preset", None)
+        if preset is None:
+            preset = file_preset  # a YAML file may name the preset it refines
+    values: Dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise KeyError(f"unknown preset {preset!r}; available: {', '.join(sorted(PRESETS))}")
+        values = _merge(values, PRESETS[preset], f"preset {preset}")
+    if loaded:
         values = _merge(values, loaded, str(config_file))
     if overrides:
         values = _merge(values, overrides, "overrides")
