@@ -10,6 +10,7 @@ Adapters are attached to open_clip's own blocks; open_clip's forward code runs u
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from pathlib import Path
@@ -240,7 +241,8 @@ class M2CLIP(nn.Module):
 
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
         """video (B, T, 3, H, W) → video embedding (B, D): the mean over T of the per-frame embeddings."""
-        return self.encode_frames(video)[0].mean(dim=1)
+        with self._autocast(video.device):
+            return self.encode_frames(video)[0].mean(dim=1)
 
     # -------------------------------------------------------------------------------------------- text
     def _embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -298,8 +300,9 @@ class M2CLIP(nn.Module):
         """Class-name texts → (C, D) embeddings: mean over templates of the unit-norm prompt embeddings."""
         class_names = self.class_names if class_names is None else list(class_names)
         templates = tuple(templates or self.config.templates)
-        tokens, hidden = self._class_prompt_states(class_names, templates)
-        emb = F.normalize(self._project_text(self._adapted_text(hidden), tokens), dim=-1)
+        with self._autocast(self.clip.token_embedding.weight.device):
+            tokens, hidden = self._class_prompt_states(class_names, templates)
+            emb = F.normalize(self._project_text(self._adapted_text(hidden), tokens), dim=-1)
         return emb.reshape(len(templates), len(class_names), -1).mean(dim=0)
 
     # ------------------------------------------------------------------------------------------- heads
@@ -323,6 +326,10 @@ class M2CLIP(nn.Module):
 
     def forward(self, video: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Training step: returns {'loss': weighted sum, and one loss per active head}."""
+        with self._autocast(video.device):
+            return self._losses(video, labels)
+
+    def _losses(self, video: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
         if labels.dim() != 1 or labels.shape[0] != video.shape[0]:
             raise ValueError(f"labels must be shape ({video.shape[0]},), got {tuple(labels.shape)}")
         if labels.min() < 0 or labels.max() >= self.num_classes:
@@ -350,6 +357,10 @@ class M2CLIP(nn.Module):
                 templates: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
         """Class probabilities (B, C): 'text' (cosine to class texts), 'vc' (linear head; only for the training
         classes) and 'fused' (their average, or 'text' alone for another class list: zero-shot)."""
+        with self._autocast(video.device):
+            return self._predict(video, class_names, templates)
+
+    def _predict(self, video, class_names, templates) -> Dict[str, torch.Tensor]:
         frames, pooled = self.encode_frames(video)
         v = F.normalize(frames.mean(dim=1), dim=-1)
         t = self.encode_text(class_names, templates)
@@ -361,6 +372,27 @@ class M2CLIP(nn.Module):
         else:
             out["fused"] = out["text"]
         return out
+
+    # -------------------------------------------------------------------------------------- precision
+    def set_backbone_dtype(self, dtype: torch.dtype) -> "M2CLIP":
+        """Cast the frozen weights (CLIP and the CMLM block) to ``dtype``; adapters and heads keep fp32
+        master weights. The model's entry points then run under autocast to ``dtype``."""
+        self.clip.to(dtype)
+        if self.cmlm_block is not None:
+            self.cmlm_block.to(dtype)
+        self._text_cache.clear()
+        return self
+
+    @property
+    def backbone_dtype(self) -> torch.dtype:
+        return self.clip.token_embedding.weight.dtype
+
+    def _autocast(self, device: torch.device):
+        """Autocast to the backbone dtype when it is low precision and the caller has not set autocast."""
+        dtype = self.backbone_dtype
+        if dtype == torch.float32 or torch.is_autocast_enabled(device.type):
+            return contextlib.nullcontext()  # autocast(enabled=False) would switch off the caller's autocast
+        return torch.autocast(device.type, dtype=dtype)
 
     # ------------------------------------------------------------------------------------- parameters
     def tunable_state_dict(self) -> Dict[str, torch.Tensor]:

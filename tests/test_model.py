@@ -167,3 +167,21 @@ def test_bad_labels_error(model):
 def test_unknown_pretrained_tag_is_a_clear_error():
     with pytest.raises(ValueError, match="neither a local file nor an open_clip tag"):
         create_model("tiny", pretrained="no-such-tag", class_names=CLASSES)
+
+
+def test_bf16_backbone_loss_close_to_fp32():
+    """bf16 frozen weights + autocast (adapters/heads stay fp32 masters): losses within 5% of fp32."""
+    m = tiny().eval()
+    randomise_tunable(m)
+    v, labels = video(), torch.tensor([0, 4])
+    torch.manual_seed(7)
+    ref = m(v, labels)
+    m.set_backbone_dtype(torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in m.parameters() if p.requires_grad)
+    torch.manual_seed(7)
+    low = m(v, labels)
+    for key in ("cmc", "vc", "contrastive", "cmlm"):
+        assert torch.isfinite(low[key])
+        torch.testing.assert_close(low[key].float(), ref[key], rtol=5e-2, atol=2e-2, msg=key)
+    low["loss"].backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters() if p.requires_grad)
