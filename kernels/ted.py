@@ -12,7 +12,6 @@ Parameter tensors are saved too, but they are leaves that live regardless, so th
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
@@ -30,20 +29,29 @@ _PARAM_NAMES = ("down_e_w", "down_e_b", "conv_e_w", "conv_e_b", "up_e_w", "up_e_
 
 
 def _kernels_interpreted() -> bool:
-    """Whether the kernels were decorated under TRITON_INTERPRET=1 (Triton decides at decoration)."""
+    """Whether the kernels can run in Triton's CPU interpreter in this process.
+
+    Triton picks interpreter vs compiler when a function is decorated, reading TRITON_INTERPRET at
+    that moment — for our kernels at import of this package, and for triton.language's own jit
+    helpers (tl.sum, tl.zeros, ...) at ``import triton``. Both must have seen the flag: setting it
+    after triton was imported (open_clip imports it) leaves compiled helpers that the interpreter
+    refuses to call.
+    """
+    import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(ted_stencil._ted_stencil_kernel.fn, InterpretedFunction)
+    return isinstance(ted_stencil._ted_stencil_kernel.fn, InterpretedFunction) and isinstance(tl.sum, InterpretedFunction)
 
 
 def triton_available() -> bool:
     """True when the Triton path can run: Triton importable, and either CUDA present or the kernels
-    built for the CPU interpreter (TRITON_INTERPRET=1 set before this package was imported)."""
+    (and triton itself) built for the CPU interpreter, i.e. TRITON_INTERPRET=1 was set before
+    triton was first imported."""
     if _IMPORT_ERROR is not None:
         return False
     if torch.cuda.is_available():
         return True
-    return os.environ.get("TRITON_INTERPRET") == "1" and _kernels_interpreted()
+    return _kernels_interpreted()
 
 
 def _device_guard(t: torch.Tensor):
@@ -178,5 +186,5 @@ def ted_adapter_triton(x, residual, down_e_w, down_e_b, conv_e_w, conv_e_b, up_e
     _check_params(x.shape[-1], dict(zip(_PARAM_NAMES, params)))
     if not (x.is_cuda or _kernels_interpreted()):
         raise RuntimeError("the Triton TED kernels need CUDA tensors, or TRITON_INTERPRET=1 set before "
-                           "m2clip_fast.kernels is imported to run them on the CPU")
+                           "triton is first imported (open_clip imports it) to run them on the CPU")
     return TEDTritonFunction.apply(x, residual, *params, num_frames, h, w)
