@@ -37,6 +37,7 @@ __all__ = [
     "write_video",
     "write_broken_video",
     "render_clip",
+    "textured_frames",
     "make_dataset",
     "main",
 ]
@@ -185,6 +186,26 @@ def write_broken_video(path: PathLike, kind: str, *, seed: int = 0) -> Path:
 
 # --------------------------------------------------------------------------------------------
 # rendering
+
+
+def textured_frames(n: int, height: int, width: int, *, seed: int = 0) -> np.ndarray:
+    """uint8 (n, height, width, 3): a blocky random texture scrolling diagonally over a moving
+    gradient, plus a little noise. Every frame differs from every other one (so a wrong frame is
+    detectable) and the content costs a codec about what real footage does. Used by the decoder
+    tests and benchmarks.
+    """
+    rng = np.random.default_rng(seed)
+    block = 8
+    tex = rng.integers(0, 256, size=(height // block + 1, width // block + 1, 3)).astype(np.int16)
+    tex = np.repeat(np.repeat(tex, block, 0), block, 1)[:height, :width]
+    noise = rng.integers(-4, 5, size=(7, height, width, 1), dtype=np.int16)
+    ramp = np.arange(width, dtype=np.int16)[None, :, None]
+    out = np.empty((n, height, width, 3), dtype=np.uint8)
+    for t in range(n):
+        moved = np.roll(tex, (t, 2 * t), axis=(0, 1)) * 3 // 5
+        gradient = (ramp + 3 * t) % 96
+        out[t] = np.clip(moved + gradient + noise[t % 7] + 30, 0, 255)
+    return out
 
 
 def _smooth_background(rng: np.random.Generator, size: int) -> np.ndarray:

@@ -1,0 +1,384 @@
+"""Annotation readers for Kinetics-400, Something-Something-V2, UCF101, HMDB51 and mmaction2 lists.
+
+Every reader returns a list of ``(path, label_index)`` samples with ``path`` joined to the data
+root. Malformed annotations raise one :class:`DatasetError` that lists every problem found (the
+first 20 and a count), not just the first. :func:`check_samples` does the same for missing files
+and labels out of range, or drops missing files and reports them.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+__all__ = [
+    "Sample",
+    "DatasetError",
+    "load_class_names",
+    "read_list_file",
+    "read_kinetics_csv",
+    "read_ssv2_json",
+    "read_ucf101",
+    "read_hmdb51",
+    "check_samples",
+]
+
+Sample = Tuple[str, int]
+PathLike = Union[str, os.PathLike]
+_SHOWN = 20
+
+
+class DatasetError(ValueError):
+    """Bad annotations or data. ``problems`` holds one string per problem found."""
+
+    def __init__(self, message: str, problems: Sequence[str] = ()):
+        self.problems = list(problems)
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.problems))
+
+
+def _raise_if(problems: List[str], what: str) -> None:
+    if not problems:
+        return
+    shown = "\n  ".join(problems[:_SHOWN])
+    more = f"\n  ... and {len(problems) - _SHOWN} more" if len(problems) > _SHOWN else ""
+    raise DatasetError(f"{what}: {len(problems)} problem(s):\n  {shown}{more}", problems)
+
+
+def _read_lines(path: PathLike, what: str) -> List[str]:
+    try:
+        return Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DatasetError(f"{what} not found: {os.fspath(path)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"cannot read {what} {os.fspath(path)}: {exc}") from exc
+
+
+def load_class_names(path: PathLike) -> List[str]:
+    """Class names, one per line; line ``i`` (from 0) is label ``i``.
+
+    Surrounding whitespace is stripped and trailing blank lines are ignored. A blank line between
+    names (it would shift every later label) and duplicate names raise :class:`DatasetError`.
+    """
+    lines = [line.strip() for line in _read_lines(path, "class-name file")]
+    while lines and not lines[-1]:
+        lines.pop()
+    problems = [f"line {i + 1}: empty class name" for i, name in enumerate(lines) if not name]
+    first_seen: Dict[str, int] = {}
+    for i, name in enumerate(lines):
+        if name and name in first_seen:
+            problems.append(f"line {i + 1}: duplicate class name {name!r} (first on line {first_seen[name] + 1})")
+        first_seen.setdefault(name, i)
+    if not lines:
+        problems.append("no class names")
+    _raise_if(problems, f"class-name file {os.fspath(path)}")
+    return lines
+
+
+def _join(root: Optional[PathLike], rel: str) -> str:
+    return os.path.join(os.fspath(root), rel) if root is not None else rel
+
+
+def read_list_file(list_path: PathLike, data_root: Optional[PathLike] = None) -> List[Sample]:
+    """mmaction2 video list: lines ``relative/path label_index``.
+
+    The label is the last whitespace-separated field, so paths may contain spaces. Blank lines
+    are skipped. ``data_root`` defaults to the list file's directory.
+    """
+    root = Path(list_path).parent if data_root is None else data_root
+    samples: List[Sample] = []
+    problems = []
+    for n, line in enumerate(_read_lines(list_path, "list file"), 1):
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.rsplit(None, 1)
+        if len(parts) != 2:
+            problems.append(f"line {n}: expected 'path label', got {line!r}")
+            continue
+        rel, label = parts
+        try:
+            samples.append((_join(root, rel), int(label)))
+        except ValueError:
+            problems.append(f"line {n}: label {label!r} is not an integer")
+    _raise_if(problems, f"list file {os.fspath(list_path)}")
+    return samples
+
+
+def _label_map(names: Union[PathLike, Sequence[str], Mapping[str, int]]) -> Dict[str, int]:
+    if isinstance(names, Mapping):
+        return {str(k): int(v) for k, v in names.items()}
+    if isinstance(names, (str, os.PathLike)):
+        names = load_class_names(names)
+    names = list(names)
+    if len(set(names)) != len(names):
+        raise DatasetError("duplicate class names in the class list")
+    return {name: i for i, name in enumerate(names)}
+
+
+def _kinetics_folder(root: str, label: str) -> Optional[str]:
+    for folder in (label, label.replace(" ", "_")):
+        if os.path.isdir(os.path.join(root, folder)):
+            return folder
+    return None
+
+
+def read_kinetics_csv(
+    csv_path: PathLike,
+    data_root: PathLike,
+    class_names: Optional[Union[PathLike, Sequence[str]]] = None,
+    *,
+    layout: str = "auto",
+    split: Optional[str] = None,
+    ext: str = ".mp4",
+) -> List[Sample]:
+    """Kinetics annotation CSV (columns ``label, youtube_id, time_start, time_end, split``).
+
+    The video of a row is ``{youtube_id}_{time_start:06d}_{time_end:06d}{ext}``, either inside a
+    per-label folder (``layout="per_label"``; the folder is the label, or the label with spaces
+    replaced by underscores, whichever exists) or directly under ``data_root``
+    (``layout="flat"``). ``layout="auto"`` picks per-label when any label folder exists under
+    ``data_root``, flat otherwise. Label indices come from ``class_names`` (a list or a
+    class-name file); without it, from the sorted distinct labels of the CSV. ``split`` keeps only
+    rows of that split.
+    """
+    root = os.fspath(data_root)
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+        raise DatasetError(f"Kinetics CSV not found: {os.fspath(csv_path)}") from None
+    required = {"label", "youtube_id", "time_start", "time_end"}
+    if not rows:
+        raise DatasetError(f"Kinetics CSV {os.fspath(csv_path)} has no rows")
+    missing_cols = required - set(rows[0])
+    if missing_cols:
+        raise DatasetError(f"Kinetics CSV {os.fspath(csv_path)} lacks columns {sorted(missing_cols)}")
+    if split is not None:
+        rows = [r for r in rows if r.get("split") == split]
+    labels = _label_map(class_names) if class_names is not None else {
+        name: i for i, name in enumerate(sorted({r["label"] for r in rows}))}
+    if layout not in ("auto", "per_label", "flat"):
+        raise ValueError(f"layout must be 'auto', 'per_label' or 'flat', got {layout!r}")
+    folders = {name: _kinetics_folder(root, name) for name in {r["label"] for r in rows}}
+    if layout == "auto":
+        layout = "per_label" if any(folders.values()) else "flat"
+
+    samples: List[Sample] = []
+    problems = []
+    for n, row in enumerate(rows, 2):  # line 1 is the header
+        label = row["label"]
+        if label not in labels:
+            problems.append(f"line {n}: unknown class {label!r}")
+            continue
+        try:
+            start, end = int(float(row["time_start"])), int(float(row["time_end"]))
+        except ValueError:
+            problems.append(f"line {n}: bad time_start/time_end {row['time_start']!r}, {row['time_end']!r}")
+            continue
+        name = f"{row['youtube_id']}_{start:06d}_{end:06d}{ext}"
+        rel = os.path.join(folders[label] or label, name) if layout == "per_label" else name
+        samples.append((os.path.join(root, rel), labels[label]))
+    _raise_if(problems, f"Kinetics CSV {os.fspath(csv_path)}")
+    return samples
+
+
+def _template_name(template: str) -> str:
+    return template.replace("[", "").replace("]", "")
+
+
+def read_ssv2_json(
+    json_path: PathLike,
+    data_root: PathLike,
+    labels: Optional[Union[PathLike, Mapping[str, int]]] = None,
+    *,
+    ext: str = ".webm",
+) -> List[Sample]:
+    """Something-Something-V2 annotation JSON (a list of ``{"id", "template", ...}``).
+
+    The class of an entry is its template with the brackets of ``[something]`` removed; its
+    index comes from ``labels`` (the SSv2 labels JSON ``{name: index}`` or such a mapping) or,
+    without it, from the sorted distinct templates. The video is ``{id}{ext}`` under
+    ``data_root``.
+    """
+    def load(path, what):
+        try:
+            return json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DatasetError(f"SSv2 {what} not found: {os.fspath(path)}") from None
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"SSv2 {what} {os.fspath(path)} is not valid JSON: {exc}") from exc
+
+    entries = load(json_path, "annotation JSON")
+    if not isinstance(entries, list):
+        raise DatasetError(f"SSv2 annotation JSON {os.fspath(json_path)} must be a list of entries")
+    if labels is None:
+        names = sorted({_template_name(e["template"]) for e in entries
+                        if isinstance(e, dict) and isinstance(e.get("template"), str)})
+        label_map = {name: i for i, name in enumerate(names)}
+    elif isinstance(labels, Mapping):
+        label_map = {str(k): int(v) for k, v in labels.items()}
+    else:
+        loaded = load(labels, "labels JSON")
+        if not isinstance(loaded, dict):
+            raise DatasetError(f"SSv2 labels JSON {os.fspath(labels)} must map names to indices")
+        label_map = {str(k): int(v) for k, v in loaded.items()}
+
+    samples: List[Sample] = []
+    problems = []
+    for n, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "id" not in entry or not isinstance(entry.get("template"), str):
+            problems.append(f"entry {n}: needs 'id' and 'template', got {str(entry)[:80]}")
+            continue
+        name = _template_name(entry["template"])
+        if name not in label_map:
+            problems.append(f"entry {n} (id {entry['id']}): unknown class {name!r}")
+            continue
+        samples.append((os.path.join(os.fspath(data_root), f"{entry['id']}{ext}"), label_map[name]))
+    _raise_if(problems, f"SSv2 annotation JSON {os.fspath(json_path)}")
+    return samples
+
+
+def _ucf_classes(split_dir: Path) -> Dict[str, int]:
+    classes: Dict[str, int] = {}
+    problems = []
+    for n, line in enumerate(_read_lines(split_dir / "classInd.txt", "UCF101 classInd.txt"), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[0].isdigit():
+            problems.append(f"classInd.txt line {n}: expected 'number ClassName', got {line!r}")
+            continue
+        if parts[1] in classes:
+            problems.append(f"classInd.txt line {n}: duplicate class {parts[1]!r}")
+        classes[parts[1]] = int(parts[0]) - 1  # classInd is 1-based
+    _raise_if(problems, f"UCF101 split directory {split_dir}")
+    return classes
+
+
+def read_ucf101(split_dir: PathLike, data_root: PathLike, *, split: int = 1, train: bool = True) -> List[Sample]:
+    """UCF101 official splits (``classInd.txt``, ``trainlist0N.txt``, ``testlist0N.txt``).
+
+    ``classInd.txt`` lines are ``1 ApplyEyeMakeup`` (1-based; label = number - 1). Train lines
+    ``Class/v_x.avi 1`` carry the 1-based label, which must agree with the folder; test lines
+    ``Class/v_x.avi`` take the label of the folder (matched case-insensitively, since the
+    official lists spell some classes differently from classInd).
+    """
+    if split not in (1, 2, 3):
+        raise ValueError(f"UCF101 split must be 1, 2 or 3, got {split}")
+    split_dir = Path(split_dir)
+    classes = _ucf_classes(split_dir)
+    folded = {name.lower(): idx for name, idx in classes.items()}
+    list_name = f"{'train' if train else 'test'}list0{split}.txt"
+    samples: List[Sample] = []
+    problems = []
+    for n, line in enumerate(_read_lines(split_dir / list_name, f"UCF101 {list_name}"), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        rel = parts[0]
+        folder = rel.replace("\\", "/").split("/")[0]
+        from_folder = classes.get(folder, folded.get(folder.lower()))
+        if from_folder is None:
+            problems.append(f"{list_name} line {n}: unknown class folder {folder!r}")
+            continue
+        label = from_folder
+        if len(parts) > 1:
+            if not parts[1].isdigit():
+                problems.append(f"{list_name} line {n}: label {parts[1]!r} is not an integer")
+                continue
+            label = int(parts[1]) - 1
+            if label != from_folder:
+                problems.append(f"{list_name} line {n}: label {parts[1]} disagrees with folder "
+                                f"{folder!r} (class {from_folder + 1})")
+                continue
+        samples.append((os.path.join(os.fspath(data_root), rel), label))
+    _raise_if(problems, f"UCF101 {split_dir / list_name}")
+    return samples
+
+
+_HMDB_SPLIT = re.compile(r"^(?P<cls>.+)_test_split(?P<split>[123])\.txt$")
+
+
+def read_hmdb51(
+    split_dir: PathLike,
+    data_root: PathLike,
+    *,
+    split: int = 1,
+    train: bool = True,
+    class_names: Optional[Union[PathLike, Sequence[str]]] = None,
+) -> List[Sample]:
+    """HMDB51 official splits: ``{class}_test_split{N}.txt`` with lines ``video.avi 0|1|2``.
+
+    1 marks a training video, 2 a test video, 0 an unused one. Videos are ``{class}/{video}``
+    under ``data_root``. Labels follow ``class_names`` if given, else the sorted class names of
+    the split files.
+    """
+    if split not in (1, 2, 3):
+        raise ValueError(f"HMDB51 split must be 1, 2 or 3, got {split}")
+    split_dir = Path(split_dir)
+    if not split_dir.is_dir():
+        raise DatasetError(f"HMDB51 split directory not found: {split_dir}")
+    files = {}
+    for entry in sorted(os.listdir(split_dir)):
+        m = _HMDB_SPLIT.match(entry)
+        if m and int(m.group("split")) == split:
+            files[m.group("cls")] = split_dir / entry
+    if not files:
+        raise DatasetError(f"no '*_test_split{split}.txt' files in {split_dir}")
+    labels = _label_map(class_names) if class_names is not None else {c: i for i, c in enumerate(sorted(files))}
+    wanted = "1" if train else "2"
+    samples: List[Sample] = []
+    problems = [f"split file for unknown class {c!r}" for c in files if c not in labels]
+    for cls in sorted(files):
+        if cls not in labels:
+            continue
+        for n, line in enumerate(_read_lines(files[cls], "HMDB51 split file"), 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
+                problems.append(f"{files[cls].name} line {n}: expected 'video.avi 0|1|2', got {line!r}")
+                continue
+            if parts[1] == wanted:
+                samples.append((os.path.join(os.fspath(data_root), cls, parts[0]), labels[cls]))
+    _raise_if(problems, f"HMDB51 split directory {split_dir}")
+    return samples
+
+
+def check_samples(
+    samples: Iterable[Sample],
+    num_classes: int,
+    *,
+    skip_missing: bool = False,
+) -> Tuple[List[Sample], List[Dict[str, str]]]:
+    """Check every sample at once: file present and non-empty, label an int in [0, num_classes).
+
+    Returns ``(kept, dropped)``. Labels out of range always raise :class:`DatasetError` (they
+    mean a wrong class list, which skipping would hide). Missing or empty files raise too, listing
+    all of them, unless ``skip_missing``: then they are dropped and returned in ``dropped`` as
+    ``{"path", "reason"}`` dicts so the caller can report them.
+    """
+    samples = list(samples)
+    bad_labels, missing, kept = [], [], []
+    for path, label in samples:
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_classes:
+            bad_labels.append(f"{path}: label {label!r} not in [0, {num_classes})")
+            continue
+        try:
+            size = os.path.getsize(path)
+            reason = "empty file" if size == 0 else None
+        except OSError:
+            reason = "file not found"
+        if reason is not None:
+            missing.append({"path": path, "reason": reason})
+        else:
+            kept.append((path, label))
+    problems = bad_labels + ([] if skip_missing else [f"{m['path']}: {m['reason']}" for m in missing])
+    _raise_if(problems, f"dataset of {len(samples)} samples")
+    return kept, missing

@@ -1,0 +1,203 @@
+"""The training/evaluation dataset and DataLoader: video files -> normalised clip tensors.
+
+:class:`VideoClipDataset` samples frame indices, decodes only those frames and transforms them.
+A bad video (missing, unreadable, corrupt, truncated, zero frames) never stops a run: it is
+replaced by another sample chosen deterministically, and reported in the item's ``skipped`` list
+so the training loop can count it and log it (e.g. to ``skipped.jsonl``).
+
+All randomness of item ``i`` comes from a generator seeded with ``(seed, epoch, i)``, so results
+do not depend on the number of workers or on the order in which workers fetch items.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+
+from .datasets import DatasetError, Sample
+from .decode import VideoDecodeError, decode_frames, num_frames as video_num_frames
+from .sampling import SAMPLINGS, sample_indices
+from .transforms import train_transform, views_from_clips
+
+__all__ = ["VideoClipDataset", "collate", "build_loader", "ClipLoader", "REPLACEMENT_STEP"]
+
+# Replacements for item i are tried at (i + k * REPLACEMENT_STEP) % n, k = 1, 2, ...: a prime
+# step scatters them over the dataset (a run of bad files in one folder does not make every
+# neighbour fail the same way) and visits every sample when n is not a multiple of it.
+REPLACEMENT_STEP = 7919
+
+
+class VideoClipDataset(Dataset):
+    """Clips of ``num_frames`` frames from ``samples`` (a list of ``(path, label)``).
+
+    ``__getitem__(i)`` returns a dict:
+
+    * ``video``: float32 (T, 3, size, size) when ``train``, else (V, T, 3, size, size) with
+      ``V = num_clips * num_crops`` views ordered clip-major; CLIP-normalised;
+    * ``label``: int; ``index``: int, the sample actually returned (``i`` unless replaced);
+    * ``skipped``: list of ``{"path", "reason", "index"}`` for every bad video met on the way.
+
+    ``sampling``: ``"dense"`` (``num_frames`` frames ``stride`` apart) or ``"uniform"`` (TSN
+    segments). ``scale_range``: training short-side jitter relative to ``size``. ``flip``:
+    random horizontal flips in training (turn off for Something-Something). ``decoder``:
+    ``"pyav"`` or ``"dali"``. ``max_attempts``: how many samples to try before giving up.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        *,
+        num_frames: int,
+        sampling: str = "dense",
+        stride: int = 8,
+        train: bool,
+        size: int,
+        num_clips: int = 1,
+        num_crops: int = 1,
+        flip: bool = True,
+        decoder: str = "pyav",
+        seed: int = 0,
+        scale_range: Tuple[float, float] = (1.0, 1.15),
+        max_attempts: int = 10,
+    ):
+        if not samples:
+            raise DatasetError("VideoClipDataset needs at least one sample")
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"unknown sampling {sampling!r}; expected one of {SAMPLINGS}")
+        if train and (num_clips != 1 or num_crops != 1):
+            raise ValueError("training uses one clip and one crop per video")
+        if num_crops not in (1, 3, 4):
+            raise ValueError(f"num_crops must be 1, 3 or 4, got {num_crops}")
+        if decoder not in ("pyav", "dali"):
+            raise ValueError(f"decoder must be 'pyav' or 'dali', got {decoder!r}")
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        self.samples = [(str(p), int(label)) for p, label in samples]
+        self.num_frames, self.sampling, self.stride = num_frames, sampling, stride
+        self.train, self.size = train, size
+        self.num_clips, self.num_crops, self.flip = num_clips, num_crops, flip
+        self.decoder, self.seed, self.scale_range = decoder, seed, tuple(scale_range)
+        self.max_attempts = max_attempts
+        # Shared memory, so that set_epoch() in the main process reaches persistent workers,
+        # which hold their own copy of the dataset object.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose random crops/offsets the next items use."""
+        self._epoch.fill_(int(epoch))
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.item())
+
+    def replacement(self, i: int, k: int) -> int:
+        """The sample tried at attempt ``k`` (0: ``i`` itself) for item ``i``."""
+        n = len(self.samples)
+        step = REPLACEMENT_STEP if n % REPLACEMENT_STEP else REPLACEMENT_STEP + 2  # 7921 = 89^2
+        return (i + k * step) % n
+
+    def _clip(self, path: str, rng: np.random.Generator) -> torch.Tensor:
+        indices = sample_indices(
+            self.sampling, video_num_frames(path), self.num_frames, train=self.train,
+            stride=self.stride, num_clips=1 if self.train else self.num_clips, rng=rng,
+        )  # (clips, T)
+        frames = decode_frames(path, indices.reshape(-1), backend=self.decoder)
+        if self.train:
+            return train_transform(frames, size=self.size, rng=rng, scale_range=self.scale_range,
+                                   flip=self.flip)
+        clips = frames.view(indices.shape[0], self.num_frames, *frames.shape[1:])
+        return views_from_clips(list(clips), size=self.size, num_crops=self.num_crops)
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        n = len(self.samples)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} samples")
+        i %= n
+        skipped: List[Dict[str, Any]] = []
+        epoch = self.epoch
+        for k in range(min(self.max_attempts, n)):
+            j = self.replacement(i, k)
+            path, label = self.samples[j]
+            # seeded by the requested item and the attempt, not by worker or fetch order
+            rng = np.random.default_rng([self.seed, epoch, i, k])
+            try:
+                video = self._clip(path, rng)
+            except VideoDecodeError as exc:
+                skipped.append({"path": path, "reason": exc.reason, "index": j})
+                continue
+            return {"video": video, "label": label, "index": j, "skipped": skipped}
+        reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped)
+        raise DatasetError(f"item {i}: all {len(skipped)} attempted videos failed to decode ({reasons})")
+
+
+def collate(batch: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """Stack items: ``video`` float32 (B, ...), ``label``/``index`` int64 (B,), ``skipped``: the
+    concatenation of the items' ``skipped`` lists."""
+    return {
+        "video": torch.stack([item["video"] for item in batch]),
+        "label": torch.tensor([item["label"] for item in batch], dtype=torch.int64),
+        "index": torch.tensor([item["index"] for item in batch], dtype=torch.int64),
+        "skipped": [s for item in batch for s in item["skipped"]],
+    }
+
+
+class ClipLoader(DataLoader):
+    """A DataLoader whose :meth:`set_epoch` reseeds the dataset, the shuffle and the sampler."""
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
+        elif isinstance(self.sampler, RandomSampler) and self.sampler.generator is not None:
+            self.sampler.generator.manual_seed(self._shuffle_seed + epoch)
+
+
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    workers: int,
+    shuffle: bool,
+    *,
+    distributed: Optional[bool] = None,
+    drop_last: bool = False,
+    seed: int = 0,
+    prefetch_factor: int = 2,
+) -> ClipLoader:
+    """A :class:`ClipLoader` over ``dataset`` with :func:`collate`.
+
+    Uses ``workers`` worker processes (persistent across epochs), pinned memory when CUDA is
+    available, and a :class:`DistributedSampler` when ``distributed`` is True or, by default,
+    when torch.distributed is initialised. Shuffling is seeded by ``seed + epoch``; call
+    ``loader.set_epoch(epoch)`` before each epoch.
+    """
+    if distributed is None:
+        distributed = dist.is_available() and dist.is_initialized()
+    generator = None
+    if distributed:
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    elif shuffle:
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+        sampler = RandomSampler(dataset, generator=generator)
+    else:
+        sampler = SequentialSampler(dataset)
+    extra = {"persistent_workers": True, "prefetch_factor": prefetch_factor} if workers > 0 else {}
+    loader = ClipLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=drop_last,
+        **extra,
+    )
+    loader._shuffle_seed = seed
+    return loader
