@@ -193,16 +193,30 @@ def _seek_targets(pts: np.ndarray, demux_ts: np.ndarray, is_key: np.ndarray) -> 
     return seek
 
 
+def _checked_packets(container, stream, path: str) -> Iterator:
+    """The stream's packets, ending with the flush packet; raises on corrupt or missing data."""
+    count = 0
+    for packet in container.demux(stream):
+        if packet.size == 0 and packet.pts is None:  # the end-of-stream flush packet
+            # the container header (mp4, avi) declares the frame count; 0 where unknown (webm)
+            declared = stream.frames
+            if declared and count < declared:
+                raise VideoDecodeError(path, f"truncated: {count} of {declared} frames present")
+        elif packet.is_corrupt:
+            raise VideoDecodeError(path, f"corrupt or truncated packet at frame {count}")
+        else:
+            count += 1
+        yield packet
+
+
 def _build_index(container, stream, path: str) -> VideoIndex:
     pts: List[int] = []
     dts: List[Optional[int]] = []
     keys: List[bool] = []
     try:
-        for packet in container.demux(stream):
+        for packet in _checked_packets(container, stream, path):
             if packet.size == 0 and packet.pts is None:
-                continue  # the end-of-stream flush packet
-            if packet.is_corrupt:
-                raise VideoDecodeError(path, f"corrupt or truncated packet at frame {len(pts)}")
+                continue
             pts.append(packet.pts)
             dts.append(packet.dts)
             keys.append(bool(packet.is_keyframe))
@@ -210,9 +224,6 @@ def _build_index(container, stream, path: str) -> VideoIndex:
         raise VideoDecodeError(path, f"demux failed after {len(pts)} frames ({_reason(exc)})") from exc
     if not pts:
         raise VideoDecodeError(path, "zero frames")
-    declared = stream.frames  # from the container header (mp4, avi); 0 where unknown (mkv, webm)
-    if declared and len(pts) < declared:
-        raise VideoDecodeError(path, f"truncated: {len(pts)} of {declared} frames present")
 
     ordered = all(p is not None for p in pts) and len(set(pts)) == len(pts)
     if ordered:
@@ -333,7 +344,7 @@ def _full_decode(path: str, threads: Optional[int], stats: Optional[DecodeStats]
         stream = _video_stream(container, path)
         _configure_threads(stream, threads)
         try:
-            for packet in container.demux(stream):
+            for packet in _checked_packets(container, stream, path):
                 decoded.extend(packet.decode())
         except av.FFmpegError as exc:
             raise VideoDecodeError(path, f"decode failed at frame {len(decoded)} ({_reason(exc)})") from exc
@@ -449,9 +460,10 @@ class _SparseDecoder:
             if j in got:
                 continue
             key = int(self.index.key_before[j])
-            # seek whenever the keyframe that j needs lies ahead of the decoder: everything
-            # before it would be decoded for nothing; otherwise decoding through is cheaper
-            if frames is None or key > pos:
+            # seek when the keyframe that j needs lies beyond the decoder's next frame: the frames
+            # in between would be decoded for nothing; otherwise decoding through costs the same
+            # or less and keeps the frames already in the decoder's pipeline
+            if frames is None or key > pos + 1:
                 if frames is not None:
                     frames.close()
                 frames = self.start_at(key, j)
