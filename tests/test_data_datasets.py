@@ -1,0 +1,159 @@
+import json
+import os
+
+import pytest
+
+from m2clip_fast.data import (
+    DatasetError,
+    check_samples,
+    load_class_names,
+    read_hmdb51,
+    read_kinetics_csv,
+    read_list_file,
+    read_ssv2_json,
+    read_ucf101,
+)
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def touch(path, data=b"x"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_load_class_names(tmp_path):
+    assert load_class_names(write(tmp_path / "c.txt", " abseiling \nair drumming\n\n\n")) == ["abseiling", "air drumming"]
+    with pytest.raises(DatasetError, match="line 2: empty class name"):
+        load_class_names(write(tmp_path / "gap.txt", "a\n\nb\n"))
+    with pytest.raises(DatasetError) as info:
+        load_class_names(write(tmp_path / "dup.txt", "a\nb\na\nb\n"))
+    assert len(info.value.problems) == 2 and "duplicate class name 'a' (first on line 1)" in str(info.value)
+    with pytest.raises(DatasetError, match="no class names"):
+        load_class_names(write(tmp_path / "empty.txt", "\n"))
+    with pytest.raises(DatasetError, match="not found"):
+        load_class_names(tmp_path / "missing.txt")
+
+
+def test_read_list_file_splits_on_last_whitespace(tmp_path):
+    lst = write(tmp_path / "lists" / "train.txt", "a/x.mp4 3\nfolder with space/my clip.mp4\t12\n\n")
+    assert read_list_file(lst, "/data") == [("/data/a/x.mp4", 3), ("/data/folder with space/my clip.mp4", 12)]
+    assert read_list_file(lst)[0] == (str(tmp_path / "lists" / "a/x.mp4"), 3)
+    bad = write(tmp_path / "bad.txt", "ok.mp4 1\nnolabel.mp4\nx.mp4 cat\n")
+    with pytest.raises(DatasetError) as info:
+        read_list_file(bad, "/d")
+    assert info.value.problems == ["line 2: expected 'path label', got 'nolabel.mp4'",
+                                   "line 3: label 'cat' is not an integer"]
+
+
+KINETICS_CSV = """label,youtube_id,time_start,time_end,split
+air drumming,--nQbRBEz2s,104,114,train
+abseiling,-3B32lodo2M,59,69,train
+air drumming,abc,7,17,val
+"""
+
+
+@pytest.mark.parametrize("layout", ["per_label_spaces", "per_label_underscores", "flat"])
+def test_read_kinetics_csv_layouts(tmp_path, layout):
+    csv_path = write(tmp_path / "train.csv", KINETICS_CSV)
+    classes = write(tmp_path / "classes.txt", "abseiling\nair drumming\n")
+    root = tmp_path / "videos"
+    folder = {"per_label_spaces": "air drumming/", "per_label_underscores": "air_drumming/", "flat": ""}[layout]
+    touch(root / f"{folder}--nQbRBEz2s_000104_000114.mp4")
+    samples = read_kinetics_csv(csv_path, root, classes, split="train")
+    expected_first = str(root / f"{folder}--nQbRBEz2s_000104_000114.mp4")
+    assert samples[0] == (expected_first, 1)
+    second_folder = "" if layout == "flat" else "abseiling/"  # no folder on disk: the label itself
+    assert samples[1] == (str(root / f"{second_folder}-3B32lodo2M_000059_000069.mp4"), 0)
+    assert len(samples) == 2
+    assert len(read_kinetics_csv(csv_path, root, classes)) == 3
+
+
+def test_read_kinetics_csv_errors_and_default_classes(tmp_path):
+    csv_path = write(tmp_path / "k.csv", KINETICS_CSV + "zumba,zz,1,11,train\nabseiling,yy,x,11,train\n")
+    with pytest.raises(DatasetError) as info:
+        read_kinetics_csv(csv_path, tmp_path, ["abseiling", "air drumming"])
+    assert info.value.problems == ["line 5: unknown class 'zumba'", "line 6: bad time_start/time_end 'x', '11'"]
+    good = write(tmp_path / "g.csv", KINETICS_CSV)
+    assert [s[1] for s in read_kinetics_csv(good, tmp_path)] == [1, 0, 1]  # sorted labels
+    with pytest.raises(DatasetError, match="lacks columns"):
+        read_kinetics_csv(write(tmp_path / "c.csv", "label,id\na,b\n"), tmp_path)
+
+
+def test_read_ssv2_json(tmp_path):
+    entries = [
+        {"id": "78687", "label": "holding potato next to vicks vaporub bottle",
+         "template": "Holding [something] next to [something]", "placeholders": ["potato", "bottle"]},
+        {"id": "42326", "template": "Bending [something] so that it deforms"},
+    ]
+    ann = write(tmp_path / "train.json", json.dumps(entries))
+    labels = write(tmp_path / "labels.json", json.dumps({"Bending something so that it deforms": "7",
+                                                         "Holding something next to something": "30"}))
+    assert read_ssv2_json(ann, "/v", labels) == [("/v/78687.webm", 30), ("/v/42326.webm", 7)]
+    assert [s[1] for s in read_ssv2_json(ann, "/v")] == [1, 0]  # sorted templates
+    bad = write(tmp_path / "bad.json", json.dumps(entries + [{"id": "1", "template": "Poking [x] nowhere"}, {"id": "2"}]))
+    with pytest.raises(DatasetError) as info:
+        read_ssv2_json(bad, "/v", labels)
+    assert len(info.value.problems) == 2
+    assert "unknown class 'Poking x nowhere'" in info.value.problems[0]
+    with pytest.raises(DatasetError, match="not valid JSON"):
+        read_ssv2_json(write(tmp_path / "broken.json", "[{"), "/v")
+
+
+def test_read_ucf101(tmp_path):
+    split = tmp_path / "ucfTrainTestlist"
+    write(split / "classInd.txt", "1 ApplyEyeMakeup\n2 ApplyLipstick\n3 HandstandPushups\n")
+    write(split / "trainlist01.txt", "ApplyLipstick/v_ApplyLipstick_g08_c01.avi 2\n"
+                                     "HandstandPushups/v_HandStandPushups_g08_c01.avi 3\n")
+    write(split / "testlist01.txt", "ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi\n"
+                                    "handstandpushups/v_HandStandPushups_g01_c01.avi\n")
+    assert read_ucf101(split, "/u", split=1, train=True) == [
+        ("/u/ApplyLipstick/v_ApplyLipstick_g08_c01.avi", 1),
+        ("/u/HandstandPushups/v_HandStandPushups_g08_c01.avi", 2),
+    ]
+    assert [s[1] for s in read_ucf101(split, "/u", split=1, train=False)] == [0, 2]
+    write(split / "trainlist02.txt", "ApplyLipstick/v_a.avi 1\nNope/v_b.avi 2\n")
+    with pytest.raises(DatasetError) as info:
+        read_ucf101(split, "/u", split=2, train=True)
+    assert len(info.value.problems) == 2 and "disagrees with folder 'ApplyLipstick'" in info.value.problems[0]
+
+
+def test_read_hmdb51(tmp_path):
+    split = tmp_path / "splits"
+    write(split / "brush_hair_test_split1.txt", "a.avi 1\nb.avi 2\nc.avi 0\n")
+    write(split / "cartwheel_test_split1.txt", "d.avi 2 \ne.avi 1\n")
+    write(split / "cartwheel_test_split2.txt", "d.avi 1\n")
+    assert read_hmdb51(split, "/h", split=1, train=True) == [("/h/brush_hair/a.avi", 0), ("/h/cartwheel/e.avi", 1)]
+    assert read_hmdb51(split, "/h", split=1, train=False) == [("/h/brush_hair/b.avi", 0), ("/h/cartwheel/d.avi", 1)]
+    assert read_hmdb51(split, "/h", split=2, train=True, class_names=["x", "cartwheel"]) == [("/h/cartwheel/d.avi", 1)]
+    write(split / "cartwheel_test_split3.txt", "d.avi 5\n")
+    with pytest.raises(DatasetError, match="expected 'video.avi 0|1|2'"):
+        read_hmdb51(split, "/h", split=3)
+
+
+def test_check_samples_reports_everything_at_once(tmp_path):
+    good = touch(tmp_path / "good.mp4")
+    empty = touch(tmp_path / "empty.mp4", b"")
+    missing = [str(tmp_path / f"missing{i}.mp4") for i in range(25)]
+    samples = [(str(good), 0), (str(empty), 1)] + [(m, 0) for m in missing] + [(str(good), 5), (str(good), -1)]
+    with pytest.raises(DatasetError) as info:
+        check_samples(samples, num_classes=3)
+    problems = info.value.problems
+    assert len(problems) == 2 + 1 + 25  # two bad labels, one empty file, 25 missing files
+    assert problems[0].endswith("label 5 not in [0, 3)") and problems[1].endswith("label -1 not in [0, 3)")
+    assert "... and 8 more" in str(info.value)
+
+    ok_labels = [s for s in samples if 0 <= s[1] < 3]
+    kept, dropped = check_samples(ok_labels, 3, skip_missing=True)
+    assert kept == [(str(good), 0)]
+    assert dropped[0] == {"path": str(empty), "reason": "empty file"}
+    assert [d["path"] for d in dropped[1:]] == missing and {d["reason"] for d in dropped[1:]} == {"file not found"}
+    with pytest.raises(DatasetError, match="label 5"):
+        check_samples([(str(good), 5)], 3, skip_missing=True)
+    assert check_samples([(str(good), 2)], 3) == ([(str(good), 2)], [])
+    assert os.path.exists(good)

@@ -1,0 +1,136 @@
+import numpy as np
+import pytest
+import torch
+
+from m2clip_fast.data import DatasetError, VideoClipDataset, build_loader, collate, decode_all_frames
+from m2clip_fast.data.loader import REPLACEMENT_STEP
+from m2clip_fast.data.sampling import sample_indices
+from m2clip_fast.data.synthetic import textured_frames, write_broken_video, write_video
+from m2clip_fast.data.transforms import test_transform as make_test_views
+from m2clip_fast.data.transforms import train_transform
+
+T, SIZE = 4, 32
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loader")
+    out = []
+    for i in range(7):
+        frames = textured_frames(20 + 3 * i, 40, 56, seed=10 + i)
+        out.append((str(write_video(root / f"v{i}.mp4", frames, codec="h264", gop=6)), i % 3))
+    # indices 7..11 are bad, one of each kind
+    out.append((str(write_broken_video(root / "trunc.mp4", "truncated")), 0))
+    out.append((str(write_broken_video(root / "garbage.mp4", "garbage")), 1))
+    out.append((str(write_broken_video(root / "zero.avi", "zero_frames")), 2))
+    out.append((str(root / "missing.mp4"), 0))
+    out.append((str(write_broken_video(root / "empty.webm", "empty")), 1))
+    return out
+
+
+def make(samples, **kw):
+    args = dict(num_frames=T, sampling="dense", stride=2, train=True, size=SIZE, seed=5, flip=True)
+    args.update(kw)
+    return VideoClipDataset(samples, **args)
+
+
+def expected_train_item(samples, ds, i, k=0):
+    """Recompute an item independently: whole-video decode + the documented seeding."""
+    path, label = samples[ds.replacement(i, k)]
+    rng = np.random.default_rng([ds.seed, ds.epoch, i, k])
+    full = decode_all_frames(path)
+    idx = sample_indices(ds.sampling, len(full), T, train=True, stride=ds.stride, rng=rng)[0]
+    return train_transform(full[idx], size=SIZE, rng=rng, scale_range=ds.scale_range, flip=ds.flip), label
+
+
+def test_train_item_matches_independent_recomputation(samples):
+    ds = make(samples)
+    for i in (0, 3, 6):
+        item = ds[i]
+        video, label = expected_train_item(samples, ds, i)
+        assert item["video"].shape == (T, 3, SIZE, SIZE) and item["video"].dtype == torch.float32
+        assert torch.equal(item["video"], video)
+        assert (item["label"], item["index"], item["skipped"]) == (label, i, [])
+
+
+def test_epochs_change_randomness_reproducibly(samples):
+    ds = make(samples, sampling="uniform")
+    a0 = ds[2]["video"]
+    ds.set_epoch(1)
+    a1 = ds[2]["video"]
+    assert not torch.equal(a0, a1)
+    ds.set_epoch(0)
+    assert torch.equal(ds[2]["video"], a0)
+    assert torch.equal(make(samples, sampling="uniform")[2]["video"], a0)
+
+
+def test_bad_videos_are_replaced_deterministically_and_reported(samples):
+    n = len(samples)
+    ds = make(samples)
+    reasons = {7: "truncated", 8: "cannot open container", 9: "zero frames", 10: "file not found", 11: "empty file"}
+    for i, reason in reasons.items():
+        item = ds[i]
+        # walk the documented replacement chain independently
+        chain = [(i + k * REPLACEMENT_STEP) % n for k in range(n)]
+        first_good = next(k for k, j in enumerate(chain) if j < 7)
+        assert item["index"] == chain[first_good]
+        assert [s["index"] for s in item["skipped"]] == chain[:first_good]
+        assert reason in item["skipped"][0]["reason"] and item["skipped"][0]["path"] == samples[i][0]
+        video, label = expected_train_item(samples, ds, i, first_good)
+        assert torch.equal(item["video"], video) and item["label"] == label
+        assert ds[i]["index"] == item["index"]  # same replacement every time
+
+
+def test_all_attempts_failing_raises_a_clear_error(samples):
+    ds = make(samples[7:], max_attempts=3)
+    with pytest.raises(DatasetError, match=r"all 3 attempted videos failed .*trunc\.mp4: [a-z ]*truncated"):
+        ds[0]
+
+
+def test_test_mode_views(samples):
+    ds = make(samples, train=False, num_clips=2, num_crops=3, sampling="dense")
+    item = ds[4]
+    assert item["video"].shape == (6, T, 3, SIZE, SIZE)
+    full = decode_all_frames(samples[4][0])
+    idx = sample_indices("dense", len(full), T, train=False, stride=2, num_clips=2)
+    expected = torch.cat([make_test_views(full[torch.as_tensor(c)], size=SIZE, num_crops=3) for c in idx])
+    assert torch.equal(item["video"], expected)
+
+
+def test_constructor_validation(samples):
+    with pytest.raises(DatasetError, match="at least one sample"):
+        make([])
+    with pytest.raises(ValueError, match="one clip and one crop"):
+        make(samples, num_clips=2)
+    with pytest.raises(ValueError, match="unknown sampling"):
+        make(samples, sampling="random")
+
+
+def test_collate_concatenates_skipped(samples):
+    ds = make(samples)
+    batch = collate([ds[0], ds[7], ds[9]])
+    assert batch["video"].shape == (3, T, 3, SIZE, SIZE)
+    assert batch["label"].dtype == torch.int64 and batch["index"][0] == 0
+    assert len(batch["skipped"]) == len(ds[7]["skipped"]) + len(ds[9]["skipped"]) >= 2
+
+
+def run_epochs(loader, epochs):
+    out = []
+    for epoch in epochs:
+        loader.set_epoch(epoch)
+        out.append([(b["index"].tolist(), b["video"], len(b["skipped"])) for b in loader])
+    return out
+
+
+def test_dataloader_with_two_workers_matches_single_process(samples):
+    ds = make(samples)
+    serial = run_epochs(build_loader(ds, batch_size=4, workers=0, shuffle=True, seed=3), [0, 1])
+    parallel_loader = build_loader(make(samples), batch_size=4, workers=2, shuffle=True, seed=3)
+    assert parallel_loader.persistent_workers and parallel_loader.num_workers == 2
+    parallel = run_epochs(parallel_loader, [0, 1])
+    for epoch_s, epoch_p in zip(serial, parallel):
+        assert len(epoch_s) == 3  # 12 samples, batches of 4
+        for (idx_s, vid_s, sk_s), (idx_p, vid_p, sk_p) in zip(epoch_s, epoch_p):
+            assert idx_s == idx_p and sk_s == sk_p and torch.equal(vid_s, vid_p)
+    assert sum(b[2] for b in serial[0]) >= 5  # every bad file was met and reported
+    assert [b[0] for b in serial[0]] != [b[0] for b in serial[1]]  # reshuffled per epoch

@@ -1,0 +1,112 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from m2clip_fast.data.transforms import (
+    crop_offsets,
+    normalize,
+    resize_short_side,
+    test_transform as make_test_views,
+    train_transform,
+)
+
+MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)  # OpenAI CLIP
+STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+
+
+def reference_normalize(thwc_uint8):
+    return (thwc_uint8.permute(0, 3, 1, 2).float() / 255 - MEAN) / STD
+
+
+def ramp_clip(t, h, w):
+    """uint8 (t, h, w, 3) whose every pixel differs: position- and frame-dependent values."""
+    y, x = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    frames = [torch.stack([(x * 3 + k) % 256, (y * 5 + 2 * k) % 256, (x + y + 7 * k) % 256], -1) for k in range(t)]
+    return torch.stack(frames).to(torch.uint8)
+
+
+def test_crop_offsets_hand_computed():
+    # 320x240 resized to short side 224 -> long 298, margin 74
+    assert crop_offsets(298, 224, 1) == [37]
+    assert crop_offsets(298, 224, 3) == [0, 37, 74]
+    assert crop_offsets(298, 224, 4) == [0, 18, 37, 74]
+    with pytest.raises(ValueError, match="num_crops"):
+        crop_offsets(298, 224, 2)
+    with pytest.raises(ValueError, match="larger"):
+        crop_offsets(200, 224, 1)
+
+
+def test_resize_short_side_shapes_and_values():
+    clip = torch.full((2, 240, 320, 3), 77, dtype=torch.uint8)
+    out = resize_short_side(clip, 224)
+    assert out.shape == (2, 3, 224, 298) and out.dtype == torch.uint8
+    assert torch.all(out == 77)
+    assert resize_short_side(torch.zeros(1, 320, 240, 3, dtype=torch.uint8), 112).shape == (1, 3, 149, 112)
+    # the uint8 fast path agrees with a float reference within rounding
+    clip = ramp_clip(2, 60, 80)
+    ref = F.interpolate(clip.permute(0, 3, 1, 2).float(), size=(30, 40), mode="bilinear", antialias=True,
+                        align_corners=False)
+    assert (resize_short_side(clip, 30).float() - ref).abs().max() <= 1.0
+
+
+def test_normalize_matches_clip_statistics():
+    clip = ramp_clip(3, 8, 8)
+    assert torch.allclose(normalize(clip.permute(0, 3, 1, 2)), reference_normalize(clip), atol=1e-5)
+
+
+@pytest.mark.parametrize("num_crops, offsets", [(1, [9]), (3, [0, 9, 18]), (4, [0, 4, 9, 18])])
+def test_test_views_landscape(num_crops, offsets):
+    clip = ramp_clip(2, 32, 50)  # short side already 32: no resize, so crops are exact
+    out = make_test_views(clip, size=32, num_crops=num_crops)
+    assert out.shape == (num_crops, 2, 3, 32, 32) and out.dtype == torch.float32
+    for view, x0 in zip(out, offsets):
+        assert torch.allclose(view, reference_normalize(clip[:, :, x0:x0 + 32]), atol=1e-5)
+
+
+def test_test_views_portrait_and_one_crop_centres_both_axes():
+    clip = ramp_clip(1, 50, 32)
+    out = make_test_views(clip, size=32, num_crops=3)
+    for view, y0 in zip(out, [0, 9, 18]):
+        assert torch.allclose(view, reference_normalize(clip[:, y0:y0 + 32]), atol=1e-5)
+    resized = make_test_views(ramp_clip(1, 64, 100), size=32, num_crops=1)
+    assert resized.shape == (1, 1, 3, 32, 32)
+
+
+def _match_crop(out, clip, size):
+    """(top, left, flipped) of the crop of ``clip`` that ``out`` is, or None."""
+    ref = reference_normalize(clip)
+    h, w = clip.shape[1:3]
+    for top in range(h - size + 1):
+        for left in range(w - size + 1):
+            crop = ref[..., top:top + size, left:left + size]
+            for flipped in (False, True):
+                if torch.allclose(out, crop.flip(-1) if flipped else crop, atol=1e-5):
+                    return top, left, flipped
+    return None
+
+
+def test_train_transform_same_crop_for_all_frames_and_flip_flag():
+    clip = ramp_clip(3, 20, 24)
+    seen_flip, seen_offsets = set(), set()
+    for seed in range(24):
+        out = train_transform(clip, size=20, rng=np.random.default_rng(seed), scale_range=(1.0, 1.0))
+        assert out.shape == (3, 3, 20, 20) and out.dtype == torch.float32
+        match = _match_crop(out, clip, 20)  # one crop/flip explains all three frames at once
+        assert match is not None
+        seen_offsets.add(match[1])
+        seen_flip.add(match[2])
+        no_flip = train_transform(clip, size=20, rng=np.random.default_rng(seed), scale_range=(1.0, 1.0), flip=False)
+        assert _match_crop(no_flip, clip, 20)[2] is False
+    assert seen_flip == {False, True} and len(seen_offsets) > 2
+
+
+def test_train_transform_jitter_range_and_determinism():
+    clip = torch.zeros(2, 40, 60, 3, dtype=torch.uint8)
+    a = train_transform(clip, size=32, rng=np.random.default_rng(3), scale_range=(1.0, 1.25))
+    b = train_transform(clip, size=32, rng=np.random.default_rng(3), scale_range=(1.0, 1.25))
+    assert a.shape == (2, 3, 32, 32) and torch.equal(a, b)
+    with pytest.raises(ValueError, match="scale_range"):
+        train_transform(clip, size=32, rng=np.random.default_rng(0), scale_range=(0.5, 1.0))
+    with pytest.raises(ValueError, match=r"\(T, H, W, 3\)"):
+        train_transform(torch.zeros(2, 3, 40, 60, dtype=torch.uint8), size=32, rng=np.random.default_rng(0))
