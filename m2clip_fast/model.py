@@ -82,6 +82,20 @@ def attach_adapters(block: nn.Module, pre_attn: Optional[nn.Module] = None,
     block.register_forward_pre_hook(_AdapterPreHook(pre_attn, tap), with_kwargs=True)
 
 
+def gather_batch(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x over all processes (differentiable); x itself when not distributed.
+
+    Every process then computes the same global loss; the all-gather's backward sums the gradients
+    of each process's own rows, and DDP's average turns that into the single-process gradient."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
 # ---------------------------------------------------------------------------------------------- open_clip
 def _register_tiny_backbone() -> None:
     import open_clip
@@ -344,7 +358,9 @@ class M2CLIP(nn.Module):
             if w["cmc"]:
                 out["cmc"] = cmc_loss(logits, labels)
             if w["contrastive"]:
-                out["contrastive"] = kl_contrastive_loss(logits[:, labels], labels)
+                # Under DDP the contrast spans the global batch, so N processes train like one.
+                v_all, labels_all = gather_batch(v), gather_batch(labels)
+                out["contrastive"] = kl_contrastive_loss(self.logit_scale * v_all @ t[labels_all].t(), labels_all)
         if w["vc"]:
             out["vc"] = vc_loss(self.vc_head(pooled), labels)
         if w["cmlm"]:
