@@ -1,0 +1,134 @@
+"""Real NVIDIA DALI against PyAV on VP9 clips we encode ourselves (CPU decoding: VP8/VP9/MJPEG).
+
+Tolerance. Both decoders run the same VP9 decoding, whose YUV output is bit-exact by the codec
+spec; they differ only in the YUV->RGB step. FFmpeg's swscale (our PyAV path) repeats each chroma
+sample over its 2x2 block, DALI interpolates chroma bilinearly; on sharp colour edges that alone
+moves pixels by up to ~60 levels. So the exact check is made against an independent reference:
+PyAV's decoded YUV 4:2:0 planes converted here with BT.601 limited-range coefficients and bilinear
+chroma upsampling must equal DALI's RGB within 1 level (float-to-uint8 rounding differs). Against
+our swscale RGB frames we check frame identity: each DALI frame is closest to the PyAV frame of the
+same index, which any seeking or frame-numbering error would break.
+"""
+import av
+import numpy as np
+import pytest
+import torch
+
+dali = pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed (pip install nvidia-dali-cuda120)")
+
+from m2clip_fast.data import DatasetError, VideoDecodeError, decode_all_frames, decode_frames  # noqa: E402
+from m2clip_fast.data.dali import DALIClipLoader, dali_available  # noqa: E402
+from m2clip_fast.data.synthetic import textured_frames, write_broken_video, write_video  # noqa: E402
+
+
+def _cpu_decoder_works(tmp_path_factory):
+    path = write_video(tmp_path_factory.mktemp("probe") / "p.webm", textured_frames(4, 32, 32), codec="vp9")
+    try:
+        decode_frames(path, [0], backend="dali", device="cpu")
+    except (VideoDecodeError, RuntimeError) as exc:
+        return str(exc)
+    return None
+
+
+@pytest.fixture(scope="module")
+def vp9(tmp_path_factory):
+    problem = _cpu_decoder_works(tmp_path_factory)
+    if problem:
+        pytest.skip(f"DALI's CPU video decoder cannot run here: {problem}")
+    root = tmp_path_factory.mktemp("dali")
+    paths = [write_video(root / f"v{i}.webm", textured_frames(30, 48, 64, seed=i), codec="vp9", gop=7)
+             for i in range(4)]
+    return root, paths
+
+
+def yuv_reference_rgb(path):
+    """float64 (N, H, W, 3): PyAV's YUV frames in pts order, converted BT.601 + bilinear chroma."""
+    with av.open(str(path)) as container:
+        frames = sorted(container.decode(video=0), key=lambda f: f.pts)
+    out = []
+    for f in frames:
+        h, w = f.height, f.width
+        planes = f.to_ndarray(format="yuv420p").astype(np.float64)
+        y = planes[:h]
+        uv = torch.from_numpy(np.stack([planes[h:h + h // 4].reshape(h // 2, w // 2),
+                                        planes[h + h // 4:].reshape(h // 2, w // 2)]))
+        u, v = torch.nn.functional.interpolate(uv[None], size=(h, w), mode="bilinear", align_corners=False)[0].numpy()
+        y, u, v = (y - 16) * 255 / 219, (u - 128) * 255 / 224, (v - 128) * 255 / 224
+        rgb = np.stack([y + 1.402 * v, y - 0.344136 * u - 0.714136 * v, y + 1.772 * u], -1)
+        out.append(np.clip(np.round(rgb), 0, 255))
+    return np.stack(out)
+
+
+def test_dali_frames_match_pyav(vp9):
+    _, paths = vp9
+    idx = [29, 0, 13, 13, 6, 20]
+    out = decode_frames(paths[0], idx, backend="dali", device="cpu")
+    assert out.dtype == torch.uint8 and out.shape == (6, 48, 64, 3)
+    reference = yuv_reference_rgb(paths[0])
+    assert len(reference) == 30
+    assert np.abs(out.numpy().astype(np.float64) - reference[idx]).max() <= 1
+    swscale = decode_all_frames(paths[0]).float()
+    for k, i in enumerate(idx):
+        distances = (swscale - out[k].float()).abs().mean(dim=(1, 2, 3))
+        assert int(distances.argmin()) == i
+
+
+def test_dali_all_frames_of_every_clip(vp9):
+    _, paths = vp9
+    for path in paths[1:]:
+        out = decode_frames(path, list(range(30))[::-1], backend="dali", device="cpu").numpy()
+        assert np.abs(out - yuv_reference_rgb(path)[::-1]).max() <= 1
+
+
+def test_dali_cpu_rejects_h264_with_a_clear_reason(tmp_path):
+    path = write_video(tmp_path / "a.mp4", textured_frames(4, 32, 32), codec="h264")
+    with pytest.raises(VideoDecodeError, match="codec h264 is not supported by DALI's CPU decoder"):
+        decode_frames(path, [0], backend="dali", device="cpu")
+    with pytest.raises(VideoDecodeError, match="out of range"):
+        decode_frames(path, [9], backend="dali", device="cpu")
+    assert dali_available()
+
+
+def test_dali_loader_epochs_shards_and_skips(vp9):
+    root, paths = vp9
+    bad = write_broken_video(root / "bad.webm", "garbage")
+    samples = [(str(p), i) for i, p in enumerate(paths)] + [(str(bad), 0)]
+    kwargs = dict(batch_size=2, num_frames=4, size=32, train=True, sampling="uniform", flip=False,
+                  device="cpu", seed=1)
+    loader = DALIClipLoader(samples, **kwargs)
+    assert len(loader) == 3
+    epochs = []
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        assert [b["video"].shape[0] for b in batches] == [2, 2, 1]
+        for b in batches:
+            assert b["video"].shape[1:] == (4, 3, 32, 32) and b["video"].dtype == torch.float32
+            assert torch.equal(b["label"], b["index"])  # labels were set to the sample index
+        skipped = [s for b in batches for s in b["skipped"]]
+        assert len(skipped) == 1 and skipped[0]["path"] == str(bad)
+        assert "cannot open container" in skipped[0]["reason"]
+        epochs.append(batches)
+    order = [[b["index"].tolist() for b in e] for e in epochs]
+    assert order[0] != order[1]
+    fresh = DALIClipLoader(samples, **kwargs)
+    fresh.set_epoch(1)
+    again = list(fresh)
+    assert [b["index"].tolist() for b in again] == order[1]
+    assert all(torch.equal(a["video"], b["video"]) for a, b in zip(again, epochs[1]))
+    # normalised pixels: CLIP statistics put [0, 255] into about [-1.8, 2.2]
+    assert -1.9 < float(again[0]["video"].min()) and float(again[0]["video"].max()) < 2.2
+
+    shards = [DALIClipLoader(samples, shard_id=r, num_shards=2, **kwargs) for r in range(2)]
+    seen = []
+    for shard in shards:
+        shard.set_epoch(0)
+        seen += [i for b in shard for i in b["index"].tolist()]
+    assert len(seen) == 6  # 5 samples padded to 2 x 3
+
+
+def test_dali_loader_raises_when_every_video_fails(tmp_path):
+    bad = [(str(write_broken_video(tmp_path / f"b{i}.webm", "garbage", seed=i)), 0) for i in range(2)]
+    loader = DALIClipLoader(bad, batch_size=1, num_frames=2, size=16, train=False, device="cpu")
+    with pytest.raises((DatasetError, RuntimeError), match="all attempted videos failed"):
+        list(loader)
