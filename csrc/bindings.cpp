@@ -1,0 +1,48 @@
+// Python bindings of m2clip_fast._C. The GEMMs stay in Python (ATen → MKL/oneDNN); only the
+// stencil passes, which ATen has no single kernel for, live here.
+#include <torch/extension.h>
+
+#include <string>
+#include <vector>
+
+namespace m2clip {
+std::vector<at::Tensor> ted_stencil_forward(const at::Tensor& Z, const c10::optional<at::Tensor>& residual,
+                                            const at::Tensor& down_e_b, const at::Tensor& conv_e_w,
+                                            const at::Tensor& conv_e_b, const at::Tensor& down_d_b,
+                                            const at::Tensor& conv_d_w, const at::Tensor& conv_d_b,
+                                            const c10::optional<at::Tensor>& up_e_b,
+                                            const c10::optional<at::Tensor>& up_d_b, int64_t T, int64_t h,
+                                            int64_t w, const c10::optional<at::Tensor>& s_buffer);
+std::vector<at::Tensor> ted_stencil_backward(const at::Tensor& Z, const at::Tensor& dS, const at::Tensor& grad,
+                                             const at::Tensor& down_e_b, const at::Tensor& conv_e_w,
+                                             const at::Tensor& conv_e_b, const at::Tensor& down_d_b,
+                                             const at::Tensor& conv_d_w, const at::Tensor& conv_d_b, int64_t T,
+                                             int64_t h, int64_t w, bool init_dx,
+                                             const c10::optional<at::Tensor>& s_buffer,
+                                             const c10::optional<at::Tensor>& dz_buffer);
+std::string stencil_isa();
+void set_stencil_isa(const std::string& name);
+}  // namespace m2clip
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  m.doc() = "m2clip-fast CPU kernels: the TED-adapter stencil (forward and backward).";
+  // The GIL is released: the kernels touch no Python objects and run OpenMP teams.
+  m.def("ted_stencil_forward", &m2clip::ted_stencil_forward, py::arg("Z"), py::arg("residual"),
+        py::arg("down_e_b"), py::arg("conv_e_w"), py::arg("conv_e_b"), py::arg("down_d_b"), py::arg("conv_d_w"),
+        py::arg("conv_d_b"), py::arg("up_e_b"), py::arg("up_d_b"), py::arg("T"), py::arg("h"), py::arg("w"),
+        py::arg("s_buffer") = py::none(), py::call_guard<py::gil_scoped_release>(),
+        "Z (B*T*L, 2r) = x·[W_e; W_d]ᵀ without biases → [S, out]: S = [S_e | S_d] (Z's dtype) and, when "
+        "residual is given, out = residual + up_e.bias + [patch rows]·up_d.bias (residual's dtype). "
+        "s_buffer: optional preallocated S.");
+  m.def("ted_stencil_backward", &m2clip::ted_stencil_backward, py::arg("Z"), py::arg("dS"), py::arg("grad"),
+        py::arg("down_e_b"), py::arg("conv_e_w"), py::arg("conv_e_b"), py::arg("down_d_b"), py::arg("conv_d_w"),
+        py::arg("conv_d_b"), py::arg("T"), py::arg("h"), py::arg("w"), py::arg("init_dx"),
+        py::arg("s_buffer") = py::none(), py::arg("dz_buffer") = py::none(), py::call_guard<py::gil_scoped_release>(),
+        "→ [S, dZ, dconv_e_w, dconv_e_b, ddown_e_b, dconv_d_w, dconv_d_b, ddown_d_b, dup_e_b, dup_d_b, dx_init]; "
+        "small gradients in float32, dx_init = grad copy (or undefined unless init_dx). s_buffer / dz_buffer: "
+        "optional preallocated S / dZ.");
+  m.def("stencil_isa", &m2clip::stencil_isa, "Instruction set the stencil kernels currently use.");
+  m.def("set_stencil_isa", &m2clip::set_stencil_isa, py::arg("name"),
+        "Pin the stencil kernels to 'best', 'avx512', 'avx2' or 'baseline' (for tests and benchmarks).");
+}

@@ -1,0 +1,698 @@
+// CPU stencil of the fused TED adapter (forward and backward): all of the op's non-GEMM work.
+//
+// Layout: Z, S, dS, dZ are (B·T·L, 2r) row-major, E half in columns [0, r), D half in [r, 2r);
+// row (b·T + t)·L + l is token l of frame t of clip b, l = 0 the class token, l ≥ 1 the patch
+// grid row-major. Z holds x·[W_e; W_d]ᵀ WITHOUT biases: b_e and b_d are applied here, so the down
+// projection stays a plain GEMM and Z_d can be differenced across frames exactly.
+//
+//   S_e[t]   = cb_e + Σ_k w_e[k]·(Z_e[t+k−1] + b_e)                       (zero padded in t)
+//   U[t, p]  = [t ≥ 1]·(Z_d[t, p] − Z_d[t−1, p]) + b_d                    (= down_d(x_t − x_{t−1}))
+//   S_d[t,p] = cb_d + Σ_{a,b} w_d[a,b]·U[t, p + (a−1, b−1)]              (zero padded on the grid)
+//   S_d[class row] = 0
+//
+// Work unit = (clip, grid row or class token, channel chunk), walking every frame: the 3×3 conv is
+// a sliding register window along the grid row (each U / dS column is loaded once, not 9 times),
+// and the backward walks t downwards so dZ_d[t] = dU[t] − dU[t+1] is written as soon as dU[t] is
+// known. Each pass therefore reads and writes every C- or r-wide row once; the small gradients go
+// to per-thread partials (no atomics) reduced at the end.
+//
+// Vectors are GCC vector extensions of W float lanes, so one source serves every ISA; setup.py
+// builds for x86-64-v2, so the units are also compiled for AVX2 and AVX-512 and picked at run time.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#pragma GCC diagnostic ignored "-Wpsabi"  // vector types never cross a non-inlined call
+
+namespace m2clip {
+namespace {
+
+#define M2_INLINE inline __attribute__((always_inline))
+#if defined(__x86_64__)
+#define M2_X86 1
+#define M2_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#define M2_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#else
+#define M2_X86 0
+#endif
+
+using bf16 = uint16_t;  // raw bits
+
+template <int W>
+struct Vec {
+  typedef float F __attribute__((vector_size(4 * W)));
+  typedef uint32_t U __attribute__((vector_size(4 * W)));
+  typedef uint16_t H __attribute__((vector_size(2 * W)));
+};
+
+template <int W>
+M2_INLINE typename Vec<W>::F vload(const float* p) {
+  typename Vec<W>::F v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+template <int W>
+M2_INLINE typename Vec<W>::F vload(const bf16* p) {
+  typename Vec<W>::H h;
+  __builtin_memcpy(&h, p, sizeof h);
+  return __builtin_bit_cast(typename Vec<W>::F, __builtin_convertvector(h, typename Vec<W>::U) << 16);
+}
+template <int W>
+M2_INLINE void vstore(float* p, typename Vec<W>::F v) {
+  __builtin_memcpy(p, &v, sizeof v);
+}
+template <int W>
+M2_INLINE void vstore(bf16* p, typename Vec<W>::F v) {
+  // Round to nearest even like c10::BFloat16; a NaN stays a quiet NaN instead of rounding to inf.
+  using U = typename Vec<W>::U;
+  const U u = __builtin_bit_cast(U, v);
+  const U rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const U bits = (v != v) ? U{} + 0x7fc0u : rounded;
+  const typename Vec<W>::H h = __builtin_convertvector(bits, typename Vec<W>::H);
+  __builtin_memcpy(p, &h, sizeof h);
+}
+template <int W>
+M2_INLINE typename Vec<W>::F vzero() {
+  return typename Vec<W>::F{};
+}
+template <int W>
+M2_INLINE void vaccumulate(float* p, typename Vec<W>::F v) {
+  vstore<W>(p, vload<W>(p) + v);
+}
+
+struct Geometry {
+  int64_t B, T, L, h, w, r, C;
+};
+
+// Conv weights arrive channel-major (r, k); the kernels read them tap-major (k, r) so that a tap is
+// a contiguous channel vector. Biases and taps are float whatever the activation dtype.
+struct Params {
+  const float *b_e, *w_e /*3×r*/, *cb_e, *b_d, *w_d /*9×r*/, *cb_d;
+};
+
+// Clip b, grid row gi (−1: the class token), r channels [r0, r1), C channels [c0, c1).
+struct Unit {
+  int64_t b, gi, r0, r1, c0, c1;
+  int64_t first_token(const Geometry& g) const { return gi < 0 ? 0 : 1 + gi * g.w; }
+  int64_t tokens(const Geometry& g) const { return gi < 0 ? 1 : g.w; }
+};
+
+struct Split {
+  int64_t chunks, r_per, c_per;
+  int64_t units(const Geometry& g) const { return g.B * (g.h + 1) * chunks; }
+  Unit unit(const Geometry& g, int64_t i) const {
+    const int64_t k = i % chunks, row = i / chunks;
+    return Unit{row / (g.h + 1), row % (g.h + 1) - 1, std::min(g.r, k * r_per), std::min(g.r, (k + 1) * r_per),
+                std::min(g.C, k * c_per), std::min(g.C, (k + 1) * c_per)};
+  }
+};
+
+Split split_for(const Geometry& g, int threads) {
+  // Enough units for dynamic scheduling to even out the lighter class-token units and a shared
+  // machine; chunk bounds are multiples of 16 lanes so every ISA's full blocks stay aligned.
+  const int64_t rows = g.B * (g.h + 1);
+  const int64_t want = std::max<int64_t>(1, (16 * threads + rows - 1) / rows);
+  const int64_t chunks = std::min<int64_t>(want, std::max<int64_t>(1, g.r / 64));
+  auto per = [chunks](int64_t n) { return (((n + chunks - 1) / chunks) + 15) / 16 * 16; };
+  return Split{chunks, per(g.r), per(g.C)};
+}
+
+// ---- forward ---------------------------------------------------------------------------------
+template <typename Tz, typename To>
+struct FwdArgs {
+  Geometry g;
+  Params p;
+  const Tz* Z;
+  Tz* S;
+  const To* residual;       // null: no output initialisation requested
+  To* out;                  // residual + up biases, completed in place by the up GEMM (beta = 1)
+  const float* bias_cls;    // b_ue
+  const float* bias_patch;  // b_ue + b_ud
+};
+
+template <int W, typename Tz>
+M2_INLINE void e_forward(const Geometry& g, const Params& P, const Tz* Z, Tz* S, const Unit& u, int64_t t,
+                         int64_t c) {
+  using F = typename Vec<W>::F;
+  const int64_t stride = 2 * g.r, frame = g.L * stride;
+  const F be = vload<W>(P.b_e + c), cb = vload<W>(P.cb_e + c);
+  const F w0 = vload<W>(P.w_e + c), w1 = vload<W>(P.w_e + g.r + c), w2 = vload<W>(P.w_e + 2 * g.r + c);
+  // Out-of-range taps read the centre row and are scaled by 0: branch-free and in bounds.
+  const float fm = t > 0 ? 1.f : 0.f, fp = t + 1 < g.T ? 1.f : 0.f;
+  const int64_t om = t > 0 ? -frame : 0, op = t + 1 < g.T ? frame : 0;
+  const int64_t row0 = (u.b * g.T + t) * g.L + u.first_token(g);
+  for (int64_t k = 0; k < u.tokens(g); ++k) {
+    const Tz* z = Z + (row0 + k) * stride + c;
+    const F y0 = fm * (vload<W>(z + om) + be), y1 = vload<W>(z) + be, y2 = fp * (vload<W>(z + op) + be);
+    vstore<W>(S + (row0 + k) * stride + c, cb + w0 * y0 + w1 * y1 + w2 * y2);
+  }
+}
+
+// One grid column of U (rows gi−1, gi, gi+1) at channel c; zero outside the grid.
+template <int W, typename Tz>
+M2_INLINE void u_column(typename Vec<W>::F col[3], const Geometry& g, const Tz* zt, const Tz* zprev, int64_t gi,
+                        int64_t j, float fm, typename Vec<W>::F bd) {
+  for (int a = 0; a < 3; ++a) {
+    const int64_t ii = gi + a - 1;
+    if (ii < 0 || ii >= g.h || j < 0 || j >= g.w) {
+      col[a] = vzero<W>();
+    } else {
+      const int64_t off = (ii * g.w + j) * 2 * g.r;
+      col[a] = fm * (vload<W>(zt + off) - vload<W>(zprev + off)) + bd;
+    }
+  }
+}
+
+template <int W, typename Tz>
+M2_INLINE void d_forward(const Geometry& g, const Params& P, const Tz* Z, Tz* S, const Unit& u, int64_t t,
+                         int64_t c) {
+  using F = typename Vec<W>::F;
+  const int64_t stride = 2 * g.r, frame = g.L * stride;
+  const int64_t patch0 = (u.b * g.T + t) * g.L + 1;  // row of patch (0, 0) in frame t
+  const Tz* zt = Z + patch0 * stride + g.r + c;
+  const Tz* zprev = t > 0 ? zt - frame : zt;
+  const float fm = t > 0 ? 1.f : 0.f;
+  F wd[9];
+  for (int k = 0; k < 9; ++k) wd[k] = vload<W>(P.w_d + k * g.r + c);
+  const F bd = vload<W>(P.b_d + c), cb = vload<W>(P.cb_d + c);
+  F prev[3] = {vzero<W>(), vzero<W>(), vzero<W>()}, cur[3], next[3];
+  u_column<W>(cur, g, zt, zprev, u.gi, 0, fm, bd);
+  for (int64_t j = 0; j < g.w; ++j) {
+    u_column<W>(next, g, zt, zprev, u.gi, j + 1, fm, bd);
+    F acc = cb;
+    for (int a = 0; a < 3; ++a) acc += wd[3 * a] * prev[a] + wd[3 * a + 1] * cur[a] + wd[3 * a + 2] * next[a];
+    vstore<W>(S + (patch0 + u.gi * g.w + j) * stride + g.r + c, acc);
+    for (int a = 0; a < 3; ++a) {
+      prev[a] = cur[a];
+      cur[a] = next[a];
+    }
+  }
+}
+
+template <int W, typename Tz>
+M2_INLINE void zero_rows(Tz* base, int64_t stride, int64_t rows, int64_t c) {
+  for (int64_t k = 0; k < rows; ++k) vstore<W>(base + k * stride + c, vzero<W>());
+}
+
+template <int W, typename Tz, typename To>
+M2_INLINE void fwd_r_block(const FwdArgs<Tz, To>& a, const Unit& u, int64_t t, int64_t c) {
+  e_forward<W>(a.g, a.p, a.Z, a.S, u, t, c);
+  if (u.gi < 0) zero_rows<W>(a.S + (u.b * a.g.T + t) * a.g.L * 2 * a.g.r + a.g.r, 2 * a.g.r, 1, c);
+  else d_forward<W>(a.g, a.p, a.Z, a.S, u, t, c);
+}
+
+template <int W, typename Tz, typename To>
+M2_INLINE void fwd_out_block(const FwdArgs<Tz, To>& a, const Unit& u, int64_t row0, int64_t c) {
+  const auto bias = vload<W>((u.gi < 0 ? a.bias_cls : a.bias_patch) + c);
+  for (int64_t k = 0; k < u.tokens(a.g); ++k) {
+    const int64_t off = (row0 + k) * a.g.C + c;
+    vstore<W>(a.out + off, vload<W>(a.residual + off) + bias);
+  }
+}
+
+// Full W-lane blocks of a channel range, then the remainder one lane at a time (odd r or C).
+#define M2_FOR_BLOCKS(c0, c1, CALL)          \
+  do {                                       \
+    int64_t c_ = (c0);                       \
+    for (; c_ + W <= (c1); c_ += W) CALL(W); \
+    for (; c_ < (c1); ++c_) CALL(1);         \
+  } while (0)
+
+template <int W, typename Tz, typename To>
+M2_INLINE void fwd_unit_impl(const FwdArgs<Tz, To>& a, const Unit& u) {
+  for (int64_t t = 0; t < a.g.T; ++t) {
+    const int64_t row0 = (u.b * a.g.T + t) * a.g.L + u.first_token(a.g);
+#define M2_CALL(V) fwd_r_block<V>(a, u, t, c_)
+    M2_FOR_BLOCKS(u.r0, u.r1, M2_CALL);
+#undef M2_CALL
+    if (a.out) {
+#define M2_CALL(V) fwd_out_block<V>(a, u, row0, c_)
+      M2_FOR_BLOCKS(u.c0, u.c1, M2_CALL);
+#undef M2_CALL
+    }
+  }
+}
+
+// ---- backward --------------------------------------------------------------------------------
+template <typename Tz, typename To>
+struct BwdArgs {
+  Geometry g;
+  Params p;
+  const Tz* Z;
+  const Tz* dS;
+  Tz* S;  // recomputed for dW_up = gᵀS rather than saved by the forward
+  Tz* dZ;
+  const To* grad;  // (M, C) incoming gradient: up-bias sums and the dx initialisation
+  To* dx;          // null: the caller does not fold the residual gradient into dx
+};
+
+// Per-thread partial sums of every small gradient, plus the double-buffered dU rows of a unit.
+struct Partials {
+  std::vector<float> buf;
+  float *w_e, *b_e, *cb_e, *b_d, *w_d, *cb_d, *g_all, *g_cls, *du_cur, *du_next;
+  explicit Partials(const Geometry& g) : buf(static_cast<size_t>(16 * g.r + 2 * g.C + 2 * g.w * g.r), 0.f) {
+    float* q = buf.data();
+    auto take = [&q](int64_t n) {
+      float* p = q;
+      q += n;
+      return p;
+    };
+    w_e = take(3 * g.r); b_e = take(g.r); cb_e = take(g.r); b_d = take(g.r); w_d = take(9 * g.r);
+    cb_d = take(g.r); g_all = take(g.C); g_cls = take(g.C); du_cur = take(g.w * g.r); du_next = take(g.w * g.r);
+  }
+};
+
+template <int W, typename Tz>
+M2_INLINE void e_backward(const Geometry& g, const Params& P, const Tz* Z, const Tz* dS, Tz* S, Tz* dZ,
+                          Partials& pt, const Unit& u, int64_t t, int64_t c) {
+  using F = typename Vec<W>::F;
+  const int64_t stride = 2 * g.r, frame = g.L * stride;
+  const F be = vload<W>(P.b_e + c), cb = vload<W>(P.cb_e + c);
+  const F w0 = vload<W>(P.w_e + c), w1 = vload<W>(P.w_e + g.r + c), w2 = vload<W>(P.w_e + 2 * g.r + c);
+  const float fm = t > 0 ? 1.f : 0.f, fp = t + 1 < g.T ? 1.f : 0.f;
+  const int64_t om = t > 0 ? -frame : 0, op = t + 1 < g.T ? frame : 0;
+  const int64_t row0 = (u.b * g.T + t) * g.L + u.first_token(g);
+  F dw0 = vzero<W>(), dw1 = vzero<W>(), dw2 = vzero<W>(), dbe = vzero<W>(), dcb = vzero<W>();
+  for (int64_t k = 0; k < u.tokens(g); ++k) {
+    const int64_t off = (row0 + k) * stride + c;
+    const Tz *z = Z + off, *ds = dS + off;
+    const F y0 = fm * (vload<W>(z + om) + be), y1 = vload<W>(z) + be, y2 = fp * (vload<W>(z + op) + be);
+    const F d = vload<W>(ds);
+    vstore<W>(S + off, cb + w0 * y0 + w1 * y1 + w2 * y2);
+    dw0 += d * y0;
+    dw1 += d * y1;
+    dw2 += d * y2;
+    dcb += d;
+    // Y[t] feeds S[t+1] through tap 0, S[t] through tap 1 and S[t−1] through tap 2.
+    const F dy = w0 * (fp * vload<W>(ds + op)) + w1 * d + w2 * (fm * vload<W>(ds + om));
+    vstore<W>(dZ + off, dy);
+    dbe += dy;
+  }
+  vaccumulate<W>(pt.w_e + c, dw0);
+  vaccumulate<W>(pt.w_e + g.r + c, dw1);
+  vaccumulate<W>(pt.w_e + 2 * g.r + c, dw2);
+  vaccumulate<W>(pt.b_e + c, dbe);
+  vaccumulate<W>(pt.cb_e + c, dcb);
+}
+
+// One grid column of dS (rows gi−1, gi, gi+1) at channel c; zero outside the grid.
+template <int W, typename Tz>
+M2_INLINE void ds_column(typename Vec<W>::F col[3], const Geometry& g, const Tz* ds, int64_t gi, int64_t j) {
+  for (int a = 0; a < 3; ++a) {
+    const int64_t ii = gi + a - 1;
+    col[a] = (ii < 0 || ii >= g.h || j < 0 || j >= g.w) ? vzero<W>() : vload<W>(ds + (ii * g.w + j) * 2 * g.r);
+  }
+}
+
+template <int W, typename Tz>
+M2_INLINE void d_backward(const Geometry& g, const Params& P, const Tz* Z, const Tz* dS, Tz* S, Tz* dZ,
+                          Partials& pt, const Unit& u, int64_t t, int64_t c) {
+  using F = typename Vec<W>::F;
+  const int64_t stride = 2 * g.r, frame = g.L * stride;
+  const int64_t patch0 = (u.b * g.T + t) * g.L + 1, rowi = patch0 + u.gi * g.w;
+  const Tz* zt = Z + patch0 * stride + g.r + c;
+  const Tz* zprev = t > 0 ? zt - frame : zt;
+  const Tz* dst = dS + patch0 * stride + g.r + c;
+  const float fm = t > 0 ? 1.f : 0.f;
+  F wd[9];
+  for (int k = 0; k < 9; ++k) wd[k] = vload<W>(P.w_d + k * g.r + c);
+  const F bd = vload<W>(P.b_d + c), cb = vload<W>(P.cb_d + c);
+  {  // Sweep 1: S_d recomputed, tap and bias partials from the U window and the centre dS.
+    F dw[9];
+    for (int k = 0; k < 9; ++k) dw[k] = vzero<W>();
+    F dcb = vzero<W>();
+    F prev[3] = {vzero<W>(), vzero<W>(), vzero<W>()}, cur[3], next[3];
+    u_column<W>(cur, g, zt, zprev, u.gi, 0, fm, bd);
+    for (int64_t j = 0; j < g.w; ++j) {
+      u_column<W>(next, g, zt, zprev, u.gi, j + 1, fm, bd);
+      const F d = vload<W>(dst + (u.gi * g.w + j) * stride);
+      F acc = cb;
+      for (int a = 0; a < 3; ++a) {
+        acc += wd[3 * a] * prev[a] + wd[3 * a + 1] * cur[a] + wd[3 * a + 2] * next[a];
+        dw[3 * a] += d * prev[a];
+        dw[3 * a + 1] += d * cur[a];
+        dw[3 * a + 2] += d * next[a];
+      }
+      dcb += d;
+      vstore<W>(S + (rowi + j) * stride + g.r + c, acc);
+      for (int a = 0; a < 3; ++a) {
+        prev[a] = cur[a];
+        cur[a] = next[a];
+      }
+    }
+    for (int k = 0; k < 9; ++k) vaccumulate<W>(pt.w_d + k * g.r + c, dw[k]);
+    vaccumulate<W>(pt.cb_d + c, dcb);
+  }
+  {  // Sweep 2: dU[p] = Σ_m w[−m]·dS[p+m] (tap 8−k mirrors tap k), then dZ_d[t] = [t ≥ 1]·dU[t] − dU[t+1].
+    F dbd = vzero<W>();
+    F prev[3] = {vzero<W>(), vzero<W>(), vzero<W>()}, cur[3], next[3];
+    ds_column<W>(cur, g, dst, u.gi, 0);
+    const int64_t ld = u.r1 - u.r0;
+    for (int64_t j = 0; j < g.w; ++j) {
+      ds_column<W>(next, g, dst, u.gi, j + 1);
+      F du = vzero<W>();
+      for (int a = 0; a < 3; ++a)
+        du += wd[8 - 3 * a] * prev[a] + wd[7 - 3 * a] * cur[a] + wd[6 - 3 * a] * next[a];
+      dbd += du;
+      float* here = pt.du_cur + j * ld + (c - u.r0);
+      vstore<W>(here, du);
+      vstore<W>(dZ + (rowi + j) * stride + g.r + c, fm * du - vload<W>(pt.du_next + j * ld + (c - u.r0)));
+      for (int a = 0; a < 3; ++a) {
+        prev[a] = cur[a];
+        cur[a] = next[a];
+      }
+    }
+    vaccumulate<W>(pt.b_d + c, dbd);
+  }
+}
+
+template <int W, typename Tz, typename To>
+M2_INLINE void bwd_r_block(const BwdArgs<Tz, To>& a, const Unit& u, Partials& pt, int64_t t, int64_t c) {
+  e_backward<W>(a.g, a.p, a.Z, a.dS, a.S, a.dZ, pt, u, t, c);
+  if (u.gi < 0) {
+    const int64_t off = (u.b * a.g.T + t) * a.g.L * 2 * a.g.r + a.g.r;
+    zero_rows<W>(a.S + off, 2 * a.g.r, 1, c);
+    zero_rows<W>(a.dZ + off, 2 * a.g.r, 1, c);
+  } else {
+    d_backward<W>(a.g, a.p, a.Z, a.dS, a.S, a.dZ, pt, u, t, c);
+  }
+}
+
+template <int W, typename Tz, typename To>
+M2_INLINE void bwd_g_block(const BwdArgs<Tz, To>& a, const Unit& u, Partials& pt, int64_t row0, int64_t c) {
+  typename Vec<W>::F sum = vzero<W>();
+  for (int64_t k = 0; k < u.tokens(a.g); ++k) {
+    const int64_t off = (row0 + k) * a.g.C + c;
+    const auto gv = vload<W>(a.grad + off);
+    sum += gv;
+    if (a.dx) vstore<W>(a.dx + off, gv);
+  }
+  vaccumulate<W>(pt.g_all + c, sum);
+  if (u.gi < 0) vaccumulate<W>(pt.g_cls + c, sum);
+}
+
+template <int W, typename Tz, typename To>
+M2_INLINE void bwd_unit_impl(const BwdArgs<Tz, To>& a, const Unit& u, Partials& pt) {
+  // dU[T] = 0: the last frame has no successor.
+  std::fill(pt.du_next, pt.du_next + a.g.w * a.g.r, 0.f);
+  for (int64_t t = a.g.T - 1; t >= 0; --t) {
+    const int64_t row0 = (u.b * a.g.T + t) * a.g.L + u.first_token(a.g);
+#define M2_CALL(V) bwd_r_block<V>(a, u, pt, t, c_)
+    M2_FOR_BLOCKS(u.r0, u.r1, M2_CALL);
+#undef M2_CALL
+    std::swap(pt.du_cur, pt.du_next);
+#define M2_CALL(V) bwd_g_block<V>(a, u, pt, row0, c_)
+    M2_FOR_BLOCKS(u.c0, u.c1, M2_CALL);
+#undef M2_CALL
+  }
+}
+
+// ---- ISA variants ---------------------------------------------------------------------------
+template <typename Tz, typename To>
+using FwdUnit = void (*)(const FwdArgs<Tz, To>&, const Unit&);
+template <typename Tz, typename To>
+using BwdUnit = void (*)(const BwdArgs<Tz, To>&, const Unit&, Partials&);
+
+template <typename Tz, typename To>
+void fwd_unit_base(const FwdArgs<Tz, To>& a, const Unit& u) { fwd_unit_impl<4>(a, u); }
+template <typename Tz, typename To>
+void bwd_unit_base(const BwdArgs<Tz, To>& a, const Unit& u, Partials& p) { bwd_unit_impl<4>(a, u, p); }
+#if M2_X86
+template <typename Tz, typename To>
+M2_TARGET_AVX2 void fwd_unit_avx2(const FwdArgs<Tz, To>& a, const Unit& u) { fwd_unit_impl<8>(a, u); }
+template <typename Tz, typename To>
+M2_TARGET_AVX2 void bwd_unit_avx2(const BwdArgs<Tz, To>& a, const Unit& u, Partials& p) { bwd_unit_impl<8>(a, u, p); }
+template <typename Tz, typename To>
+M2_TARGET_AVX512 void fwd_unit_avx512(const FwdArgs<Tz, To>& a, const Unit& u) { fwd_unit_impl<16>(a, u); }
+template <typename Tz, typename To>
+M2_TARGET_AVX512 void bwd_unit_avx512(const BwdArgs<Tz, To>& a, const Unit& u, Partials& p) {
+  bwd_unit_impl<16>(a, u, p);
+}
+#endif
+
+enum class Isa { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa best_isa() {
+#if M2_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+#endif
+  return Isa::kBase;
+}
+
+Isa& active_isa() {
+  static Isa isa = best_isa();
+  return isa;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "baseline";
+  }
+}
+
+template <typename Tz, typename To>
+FwdUnit<Tz, To> pick_fwd() {
+#if M2_X86
+  if (active_isa() == Isa::kAvx512) return &fwd_unit_avx512<Tz, To>;
+  if (active_isa() == Isa::kAvx2) return &fwd_unit_avx2<Tz, To>;
+#endif
+  return &fwd_unit_base<Tz, To>;
+}
+
+template <typename Tz, typename To>
+BwdUnit<Tz, To> pick_bwd() {
+#if M2_X86
+  if (active_isa() == Isa::kAvx512) return &bwd_unit_avx512<Tz, To>;
+  if (active_isa() == Isa::kAvx2) return &bwd_unit_avx2<Tz, To>;
+#endif
+  return &bwd_unit_base<Tz, To>;
+}
+
+// ---- drivers ----------------------------------------------------------------------------------
+int team_size() { return std::max(1, at::get_num_threads()); }
+
+template <typename Tz, typename To>
+void run_forward(const FwdArgs<Tz, To>& a) {
+  const FwdUnit<Tz, To> unit_fn = pick_fwd<Tz, To>();
+  const int threads = team_size();
+  const Split split = split_for(a.g, threads);
+  const int64_t units = split.units(a.g);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t i = 0; i < units; ++i) unit_fn(a, split.unit(a.g, i));
+}
+
+template <typename Tz, typename To>
+std::vector<std::vector<float>> run_backward(const BwdArgs<Tz, To>& a) {
+  const BwdUnit<Tz, To> unit_fn = pick_bwd<Tz, To>();
+  const int threads = team_size();
+  const Split split = split_for(a.g, threads);
+  const int64_t units = split.units(a.g);
+  std::vector<Partials> partials;
+  partials.reserve(threads);
+  for (int i = 0; i < threads; ++i) partials.emplace_back(a.g);
+#pragma omp parallel num_threads(threads)
+  {
+    Partials& mine = partials[omp_get_thread_num()];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < units; ++i) unit_fn(a, split.unit(a.g, i), mine);
+  }
+  const Geometry& g = a.g;
+  auto reduce = [&](float* Partials::*field, int64_t n) {
+    std::vector<float> out(static_cast<size_t>(n), 0.f);
+    for (auto& p : partials) {
+      const float* src = p.*field;
+      for (int64_t c = 0; c < n; ++c) out[c] += src[c];
+    }
+    return out;
+  };
+  return {reduce(&Partials::w_e, 3 * g.r), reduce(&Partials::b_e, g.r),     reduce(&Partials::cb_e, g.r),
+          reduce(&Partials::b_d, g.r),     reduce(&Partials::w_d, 9 * g.r), reduce(&Partials::cb_d, g.r),
+          reduce(&Partials::g_all, g.C),   reduce(&Partials::g_cls, g.C)};
+}
+
+// ---- argument handling -------------------------------------------------------------------------
+at::Tensor as_float_vec(const at::Tensor& t, int64_t n, const char* name) {
+  TORCH_CHECK(t.numel() == n, name, ": expected ", n, " elements, got ", t.numel(), " (shape ", t.sizes(), ")");
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  return t.detach().reshape({n}).to(at::kFloat).contiguous();
+}
+
+// (r, 1, k[, k]) channel-major conv weight → (taps, r) tap-major float.
+at::Tensor taps_major(const at::Tensor& w, int64_t r, int64_t taps, const char* name) {
+  TORCH_CHECK(w.numel() == r * taps, name, ": expected ", r * taps, " elements (r=", r, ", ", taps,
+              " taps), got shape ", w.sizes());
+  TORCH_CHECK(w.device().is_cpu(), name, " must be a CPU tensor");
+  return w.detach().reshape({r, taps}).to(at::kFloat).t().contiguous();
+}
+
+struct Checked {
+  Geometry g;
+  at::Tensor b_e, w_e, cb_e, b_d, w_d, cb_d;
+  Params params() const {
+    return {b_e.data_ptr<float>(), w_e.data_ptr<float>(), cb_e.data_ptr<float>(),
+            b_d.data_ptr<float>(), w_d.data_ptr<float>(), cb_d.data_ptr<float>()};
+  }
+};
+
+Checked check_common(const at::Tensor& Z, int64_t C, int64_t T, int64_t h, int64_t w, const at::Tensor& b_e,
+                     const at::Tensor& w_e, const at::Tensor& cb_e, const at::Tensor& b_d, const at::Tensor& w_d,
+                     const at::Tensor& cb_d) {
+  TORCH_CHECK(Z.device().is_cpu(), "ted_stencil: Z must be a CPU tensor");
+  TORCH_CHECK(Z.dim() == 2 && Z.size(1) % 2 == 0 && Z.size(1) > 0, "ted_stencil: Z must be (B*T*L, 2r), got ",
+              Z.sizes());
+  TORCH_CHECK(Z.is_contiguous(), "ted_stencil: Z must be contiguous");
+  TORCH_CHECK(Z.scalar_type() == at::kFloat || Z.scalar_type() == at::kBFloat16,
+              "ted_stencil: Z must be float32 or bfloat16, got ", Z.scalar_type());
+  TORCH_CHECK(T >= 1 && h >= 1 && w >= 1, "ted_stencil: need T, h, w >= 1, got ", T, ", ", h, ", ", w);
+  const int64_t L = 1 + h * w, rows = Z.size(0);
+  TORCH_CHECK(rows > 0 && rows % (T * L) == 0, "ted_stencil: ", rows, " rows are not a positive multiple of T*L = ",
+              T, "*", L);
+  Checked ck;
+  ck.g = Geometry{rows / (T * L), T, L, h, w, Z.size(1) / 2, C};
+  const int64_t r = ck.g.r;
+  ck.b_e = as_float_vec(b_e, r, "down_e.bias");
+  ck.w_e = taps_major(w_e, r, 3, "conv_e.weight");
+  ck.cb_e = as_float_vec(cb_e, r, "conv_e.bias");
+  ck.b_d = as_float_vec(b_d, r, "down_d.bias");
+  ck.w_d = taps_major(w_d, r, 9, "conv_d.weight");
+  ck.cb_d = as_float_vec(cb_d, r, "conv_d.bias");
+  return ck;
+}
+
+void check_rows(const at::Tensor& t, const Geometry& g, int64_t cols, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), name, " must be a contiguous CPU tensor");
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == g.B * g.T * g.L && t.size(1) == cols, name, ": expected (",
+              g.B * g.T * g.L, ", ", cols, "), got ", t.sizes());
+}
+
+template <typename F>
+void dispatch_types(at::ScalarType z, at::ScalarType o, F&& f) {
+  if (z == at::kFloat && o == at::kFloat) return f(float{}, float{});
+  if (z == at::kBFloat16 && o == at::kFloat) return f(bf16{}, float{});
+  if (z == at::kBFloat16 && o == at::kBFloat16) return f(bf16{}, bf16{});
+  TORCH_CHECK(false, "ted_stencil: unsupported dtype pair (Z ", z, ", residual/grad ", o,
+              "); supported: (float32, float32), (bfloat16, float32), (bfloat16, bfloat16)");
+}
+
+// A caller-provided buffer (a reused workspace: fresh pages cost more than the stencil) or a new one.
+at::Tensor buffer_like(const c10::optional<at::Tensor>& given, const at::Tensor& like, const char* name) {
+  if (!given.has_value() || !given->defined()) return at::empty_like(like);
+  TORCH_CHECK(given->sizes() == like.sizes() && given->scalar_type() == like.scalar_type() &&
+                  given->is_contiguous() && given->device().is_cpu(),
+              name, ": buffer must be a contiguous CPU ", like.scalar_type(), " tensor of shape ", like.sizes());
+  return *given;
+}
+
+template <typename T>
+T* ptr(const at::Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
+}  // namespace
+
+// S (Z's dtype) and, when residual is given, out = residual + up_e.bias + [patch rows]·up_d.bias in
+// residual's dtype, for the up GEMM to accumulate into.
+std::vector<at::Tensor> ted_stencil_forward(const at::Tensor& Z, const c10::optional<at::Tensor>& residual,
+                                            const at::Tensor& down_e_b, const at::Tensor& conv_e_w,
+                                            const at::Tensor& conv_e_b, const at::Tensor& down_d_b,
+                                            const at::Tensor& conv_d_w, const at::Tensor& conv_d_b,
+                                            const c10::optional<at::Tensor>& up_e_b,
+                                            const c10::optional<at::Tensor>& up_d_b, int64_t T, int64_t h,
+                                            int64_t w, const c10::optional<at::Tensor>& s_buffer) {
+  const bool with_out = residual.has_value() && residual->defined();
+  const int64_t C = with_out ? residual->size(-1) : 0;
+  Checked ck = check_common(Z, C, T, h, w, down_e_b, conv_e_w, conv_e_b, down_d_b, conv_d_w, conv_d_b);
+  at::Tensor S = buffer_like(s_buffer, Z, "s_buffer");
+  at::Tensor out, bias_cls, bias_patch;
+  if (with_out) {
+    check_rows(*residual, ck.g, C, "residual");
+    TORCH_CHECK(up_e_b.has_value() && up_d_b.has_value(), "ted_stencil_forward: residual needs both up biases");
+    bias_cls = as_float_vec(*up_e_b, C, "up_e.bias");
+    bias_patch = bias_cls + as_float_vec(*up_d_b, C, "up_d.bias");
+    out = at::empty_like(*residual);
+  }
+  const at::ScalarType out_type = with_out ? residual->scalar_type() : Z.scalar_type();
+  dispatch_types(Z.scalar_type(), out_type, [&](auto z_tag, auto o_tag) {
+    using Tz = decltype(z_tag);
+    using To = decltype(o_tag);
+    FwdArgs<Tz, To> a{ck.g, ck.params(), ptr<const Tz>(Z), ptr<Tz>(S), nullptr, nullptr, nullptr, nullptr};
+    if (with_out) {
+      a.residual = ptr<const To>(*residual);
+      a.out = ptr<To>(out);
+      a.bias_cls = bias_cls.data_ptr<float>();
+      a.bias_patch = bias_patch.data_ptr<float>();
+    }
+    run_forward(a);
+  });
+  return {S, out};
+}
+
+// → (S, dZ, dconv_e.weight (r,1,3), dconv_e.bias, ddown_e.bias, dconv_d.weight (r,1,3,3), dconv_d.bias,
+//    ddown_d.bias, dup_e.bias, dup_d.bias, dx_init or undefined); the small gradients in float32.
+std::vector<at::Tensor> ted_stencil_backward(const at::Tensor& Z, const at::Tensor& dS, const at::Tensor& grad,
+                                             const at::Tensor& down_e_b, const at::Tensor& conv_e_w,
+                                             const at::Tensor& conv_e_b, const at::Tensor& down_d_b,
+                                             const at::Tensor& conv_d_w, const at::Tensor& conv_d_b, int64_t T,
+                                             int64_t h, int64_t w, bool init_dx,
+                                             const c10::optional<at::Tensor>& s_buffer,
+                                             const c10::optional<at::Tensor>& dz_buffer) {
+  const int64_t C = grad.size(-1);
+  Checked ck = check_common(Z, C, T, h, w, down_e_b, conv_e_w, conv_e_b, down_d_b, conv_d_w, conv_d_b);
+  const Geometry& g = ck.g;
+  check_rows(dS, g, 2 * g.r, "dS");
+  TORCH_CHECK(dS.scalar_type() == Z.scalar_type(), "ted_stencil_backward: dS dtype ", dS.scalar_type(),
+              " != Z dtype ", Z.scalar_type());
+  check_rows(grad, g, C, "grad");
+  at::Tensor S = buffer_like(s_buffer, Z, "s_buffer");
+  at::Tensor dZ = buffer_like(dz_buffer, Z, "dz_buffer");
+  TORCH_CHECK(!S.is_same(dZ) && !S.is_same(dS) && !dZ.is_same(dS), "ted_stencil_backward: S, dZ and dS must differ");
+  at::Tensor dx = init_dx ? at::empty_like(grad) : at::Tensor();
+  std::vector<std::vector<float>> sums;
+  dispatch_types(Z.scalar_type(), grad.scalar_type(), [&](auto z_tag, auto o_tag) {
+    using Tz = decltype(z_tag);
+    using To = decltype(o_tag);
+    BwdArgs<Tz, To> a{g, ck.params(), ptr<const Tz>(Z), ptr<const Tz>(dS), ptr<Tz>(S), ptr<Tz>(dZ),
+                      ptr<const To>(grad), init_dx ? ptr<To>(dx) : nullptr};
+    sums = run_backward(a);
+  });
+  auto tensor = [](const std::vector<float>& v) {
+    return at::from_blob(const_cast<float*>(v.data()), {static_cast<int64_t>(v.size())}, at::kFloat).clone();
+  };
+  const int64_t r = g.r;
+  at::Tensor d_w_e = tensor(sums[0]).view({3, r}).t().contiguous().view({r, 1, 3});
+  at::Tensor d_w_d = tensor(sums[4]).view({9, r}).t().contiguous().view({r, 1, 3, 3});
+  at::Tensor g_all = tensor(sums[6]);
+  at::Tensor d_up_d_b = g_all - tensor(sums[7]);
+  return {S,     dZ, d_w_e, tensor(sums[2]), tensor(sums[1]), d_w_d, tensor(sums[5]), tensor(sums[3]),
+          g_all, d_up_d_b, dx};
+}
+
+std::string stencil_isa() { return isa_name(active_isa()); }
+
+// Tests pin each compiled variant; only variants this CPU can execute are accepted.
+void set_stencil_isa(const std::string& name) {
+  const Isa best = best_isa();
+  Isa want = best;
+  if (name == "avx512") want = Isa::kAvx512;
+  else if (name == "avx2") want = Isa::kAvx2;
+  else if (name == "baseline") want = Isa::kBase;
+  else TORCH_CHECK(name == "best", "set_stencil_isa: unknown ISA '", name, "' (best, avx512, avx2, baseline)");
+  TORCH_CHECK(static_cast<int>(want) <= static_cast<int>(best), "set_stencil_isa: this CPU cannot run '", name,
+              "' (best is ", isa_name(best), ")");
+  active_isa() = want;
+}
+
+}  // namespace m2clip

@@ -1,0 +1,201 @@
+"""Fused TED adapter for CPU: two GEMMs forward, four backward, one C++ stencil pass each way.
+
+The E and D down projections share one GEMM because down_d(x_t − x_{t−1}) = Z_t − Z_{t−1} + b_d with
+Z = x·W_dᵀ, so the frame difference moves onto the r-wide Z instead of the C-wide x, and the stencil
+(``m2clip_fast._C``) applies b_e, b_d, both depthwise convs and the class-row mask in one pass while
+also writing ``residual + up biases`` into the output buffer that the up GEMM then accumulates into.
+Only x and Z are saved; S = [S_e | S_d] is recomputed by the backward stencil, which in the same pass
+produces dZ, every conv / bias gradient, the up-bias sums of the incoming gradient and, when the
+residual is x itself, dx's initial value g (so dx = g + dZ·W_down is one in-place GEMM).
+
+The r-wide temporaries (S, dS, dZ) and the packed weights live in a per-thread workspace that is
+reused across calls: on Linux a fresh multi-MB tensor is faulted in page by page, which costs more
+than the stencil itself. ``release_workspace()`` frees it.
+
+bf16: with bfloat16 inputs, or under ``torch.autocast("cpu", dtype=torch.bfloat16)``, the GEMMs run
+in bf16 (MKL/oneDNN accumulate in fp32) and the stencil accumulates in fp32; the output keeps the
+dtype of ``residual`` like the reference's ``residual + update``.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Optional, Tuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+try:
+    from m2clip_fast import _C
+    _IMPORT_ERROR: Optional[BaseException] = None
+except ImportError as exc:  # not built (no compiler at install time, or M2CLIP_NO_EXT=1)
+    _C = None
+    _IMPORT_ERROR = exc
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+class _Workspace(threading.local):
+    """Scratch tensors that never escape a forward or backward call, one set per thread."""
+
+    def __init__(self):
+        self.buffers = {}
+
+    def get(self, name: str, shape: Tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        numel = shape[0] * shape[1]
+        buf = self.buffers.get((name, dtype))
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype)
+            self.buffers[(name, dtype)] = buf
+        return buf[:numel].view(shape)
+
+
+_WORKSPACE = _Workspace()
+
+
+def release_workspace() -> None:
+    """Free this thread's cached scratch tensors (about 3 · B·T·L · 2r elements plus the packed weights)."""
+    _WORKSPACE.buffers.clear()
+
+
+def _packed(name: str, parts, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """[W_e; W_d] (dim 0) or [W_ue | W_ud] (dim 1) in the GEMM dtype, written into the workspace."""
+    a, b = parts
+    shape = (a.shape[0] + b.shape[0], a.shape[1]) if dim == 0 else (a.shape[0], a.shape[1] + b.shape[1])
+    out = _WORKSPACE.get(name, shape, dtype)
+    with torch.no_grad():
+        return torch.cat([a.detach().to(dtype), b.detach().to(dtype)], dim, out=out)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the GEMMs run in: bf16 under CPU bf16 autocast, else x's own dtype."""
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+        return torch.bfloat16
+    return x.dtype
+
+
+def supports(x: torch.Tensor) -> Optional[str]:
+    """None if the fused CPU path can run on x, else the reason it cannot."""
+    if _C is None:
+        return f"m2clip_fast._C is not built ({_IMPORT_ERROR})"
+    if x.device.type != "cpu":
+        return f"tensor is on {x.device}, not the CPU"
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.bfloat16:
+        return f"CPU autocast to {torch.get_autocast_dtype('cpu')} (only bfloat16 is fused)"
+    if x.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {x.dtype} (fused: float32, bfloat16)"
+    return None
+
+
+def _check(x: torch.Tensor, residual: torch.Tensor, weights: Tuple[torch.Tensor, ...], num_frames: int,
+           h: int, w: int) -> None:
+    reason = supports(x)
+    if reason is not None:
+        raise RuntimeError(f"ted_adapter_cpu cannot run: {reason}")
+    if x.dim() != 3 or x.shape[1] != 1 + h * w:
+        raise ValueError(f"x must be (B*T, 1+h*w, C) with h*w = {h}*{w}, got {tuple(x.shape)}")
+    if num_frames < 1 or x.shape[0] % num_frames:
+        raise ValueError(f"batch dimension {x.shape[0]} is not a multiple of num_frames={num_frames}")
+    if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+        raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x "
+                         f"{tuple(x.shape)} {x.dtype} on {x.device}")
+    down_e_w, conv_e_w, up_e_w, down_d_w, conv_d_w, up_d_w = weights
+    r, c = down_e_w.shape
+    expected = {"down_e_w": (r, c), "conv_e_w": (r, 1, 3), "up_e_w": (c, r), "down_d_w": (r, c),
+                "conv_d_w": (r, 1, 3, 3), "up_d_w": (c, r)}
+    for name, t in zip(expected, weights):
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {expected[name]} "
+                             f"(C={c}, r={r}; the fused kernel covers kernel size 3 only)")
+    if c != x.shape[2]:
+        raise ValueError(f"down_e_w expects C={c}, tokens have C={x.shape[2]}")
+
+
+class TEDAdapterCPUFunction(torch.autograd.Function):
+    """Autograd node of the fused CPU adapter; saves x (in the GEMM dtype) and Z, nothing C-sized else.
+
+    ``residual=None`` means the residual is x itself: its gradient g is then folded into dx inside
+    the dx GEMM instead of autograd adding two C-sized tensors afterwards.
+    """
+
+    @staticmethod
+    def forward(ctx, x, residual, down_e_w, down_e_b, conv_e_w, conv_e_b, up_e_w, up_e_b, down_d_w, down_d_b,
+                conv_d_w, conv_d_b, up_d_w, up_d_b, num_frames, h, w, dtype):
+        channels = x.shape[-1]
+        with torch.autocast("cpu", enabled=False):
+            x2 = x.reshape(-1, channels).contiguous()
+            res2 = x2 if residual is None else residual.reshape(-1, channels).contiguous()
+            xg = x2.to(dtype)
+            z = torch.mm(xg, _packed("w_down", (down_e_w, down_d_w), 0, dtype).t())
+            s, out = _C.ted_stencil_forward(z, res2, down_e_b, conv_e_w, conv_e_b, down_d_b, conv_d_w, conv_d_b,
+                                            up_e_b, up_d_b, num_frames, h, w, _WORKSPACE.get("s", z.shape, dtype))
+            w_up = _packed("w_up", (up_e_w, up_d_w), 1, dtype)
+            if out.dtype == dtype:
+                torch.addmm(out, s, w_up.t(), out=out)
+            else:  # fp32 residual under bf16 autocast: ATen has no bf16 × bf16 → fp32 GEMM on CPU
+                out += torch.mm(s, w_up.t())
+        ctx.save_for_backward(xg, z, down_e_w, down_e_b, conv_e_w, conv_e_b, up_e_w, down_d_w, down_d_b,
+                              conv_d_w, conv_d_b, up_d_w)
+        ctx.geometry = (num_frames, h, w)
+        ctx.residual_is_x = residual is None
+        ctx.x_dtype = x.dtype
+        return out.view(x.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        (xg, z, down_e_w, down_e_b, conv_e_w, conv_e_b, up_e_w, down_d_w, down_d_b, conv_d_w, conv_d_b,
+         up_d_w) = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dtype, r, channels = z.dtype, down_e_w.shape[0], grad_out.shape[-1]
+        with torch.autocast("cpu", enabled=False):
+            g = grad_out.reshape(-1, channels).contiguous()
+            gg = g.to(dtype)
+            ds = torch.mm(gg, _packed("w_up", (up_e_w, up_d_w), 1, dtype), out=_WORKSPACE.get("ds", z.shape, dtype))
+            fold = ctx.residual_is_x and need[0] and g.dtype == dtype
+            (s, dz, d_conv_e_w, d_conv_e_b, d_down_e_b, d_conv_d_w, d_conv_d_b, d_down_d_b, d_up_e_b, d_up_d_b,
+             dx) = _C.ted_stencil_backward(z, ds, g, down_e_b, conv_e_w, conv_e_b, down_d_b, conv_d_w, conv_d_b,
+                                           *ctx.geometry, fold, _WORKSPACE.get("s", z.shape, dtype),
+                                           _WORKSPACE.get("dz", z.shape, dtype))
+            d_up_e_w = d_up_d_w = d_down_e_w = d_down_d_w = None
+            if need[6] or need[12]:
+                d_up = torch.mm(gg.t(), s)
+                d_up_e_w, d_up_d_w = d_up[:, :r], d_up[:, r:]
+            if need[0]:
+                w_down = _packed("w_down", (down_e_w, down_d_w), 0, dtype)
+                if fold:
+                    torch.addmm(dx, dz, w_down, out=dx)
+                else:
+                    dx = torch.mm(dz, w_down).to(ctx.x_dtype)
+                    if ctx.residual_is_x:
+                        dx = dx + g
+                dx = dx.view(grad_out.shape)
+            else:
+                dx = None
+            if need[2] or need[8]:
+                d_down = torch.mm(dz.t(), xg)
+                d_down_e_w, d_down_d_w = d_down[:r], d_down[r:]
+        d_residual = grad_out if need[1] else None
+
+        def cast(grad, like):
+            return None if grad is None else grad.to(like.dtype)
+
+        return (dx, d_residual, cast(d_down_e_w, down_e_w), cast(d_down_e_b, down_e_b), cast(d_conv_e_w, conv_e_w),
+                cast(d_conv_e_b, conv_e_b), cast(d_up_e_w, up_e_w), cast(d_up_e_b, up_e_w),
+                cast(d_down_d_w, down_d_w), cast(d_down_d_b, down_d_b), cast(d_conv_d_w, conv_d_w),
+                cast(d_conv_d_b, conv_d_b), cast(d_up_d_w, up_d_w), cast(d_up_d_b, up_d_w), None, None, None, None)
+
+
+def ted_adapter_cpu(x, residual, down_e_w, down_e_b, conv_e_w, conv_e_b, up_e_w, up_e_b, down_d_w, down_d_b,
+                    conv_d_w, conv_d_b, up_d_w, up_d_b, num_frames: int, h: int, w: int) -> torch.Tensor:
+    """out = residual + E(x) + [0; D(x)] (see ``TEDAdapter``) with the fused CPU kernels.
+
+    x, residual: (B·T, 1+h·w, C), same dtype (float32 or bfloat16); ``residual`` may be x itself.
+    Weights as in ``TEDAdapter``'s state_dict, kernel size 3. bf16 GEMMs with bf16 x or under
+    ``torch.autocast("cpu", dtype=torch.bfloat16)``. Differentiable once (no double backward).
+    """
+    if residual is None:
+        residual = x
+    _check(x, residual, (down_e_w, conv_e_w, up_e_w, down_d_w, conv_d_w, up_d_w), num_frames, h, w)
+    return TEDAdapterCPUFunction.apply(
+        x, None if residual is x else residual, down_e_w, down_e_b, conv_e_w, conv_e_b, up_e_w, up_e_b,
+        down_d_w, down_d_b, conv_d_w, conv_d_b, up_d_w, up_d_b, num_frames, h, w, compute_dtype(x))
