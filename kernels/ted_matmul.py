@@ -8,13 +8,14 @@ makes over the (M, C) output (two bias adds, a row-masked add, the residual add)
 Why the stencil is NOT fused into the A-operand load (bytes model, ViT-B/16, 8 clips × 8 frames:
 M = 12,608 rows, K = 2r = 768, N = C = 768, bf16, H100 SXM):
   * materialised S (ted_stencil.py): the stencil streams Z in and S out, 2 × 19.4 MB ≈ 39 MB of
-    HBM ≈ 13 µs at ~3 TB/s; this GEMM then reads S like any A operand, via cp.async/TMA into shared
-    memory (15 GFLOP ≈ 25 µs at ~600 TFLOP/s).
+    HBM ≈ 13 µs at ~3 TB/s; this GEMM then reads S like any A operand, staged into shared memory
+    by the software pipeline straight to wgmma (15 GFLOP ≈ 25 µs at ~600 TFLOP/s).
   * fused: every A element would be rebuilt from 3 (E half) or 18 (D half, 9 taps × 2 frames)
     shifted Z loads, i.e. 10.5 loads on average, by EVERY one of the N / BLOCK_N = 6 column-tile
-    programs that need it: ~63 × 2 B per A element ≈ 2.4 GB through L1/L2 instead of ~0.1 GB,
-    ≈ 120 µs even at ~20 TB/s of aggregate L1/L2 bandwidth, and the operand has to pass through
-    registers for the arithmetic, which stalls the MMA pipeline.  Recompute only pays if one
+    programs that need it: 63 × 2 B × 9.7 M A elements ≈ 1.2 GB through L1/L2 instead of 0.12 GB,
+    ≈ 60 µs even at ~20 TB/s of aggregate L1/L2 bandwidth (vs the 13 µs above, and the GEMM is
+    then load-bound: ~60 µs against ~38 µs for stencil + GEMM), and the operand has to pass
+    through registers for the arithmetic, which stalls the MMA pipeline.  Recompute only pays if one
     program owned all N columns; a 64 × 768 fp32 accumulator (192 KB) does not fit an SM's
     256 KB register file next to the operand tiles.
 So S is written once (cost ~13 µs) and this kernel keeps only the epilogue fusion.
@@ -36,17 +37,18 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 def _configs():
     if _INTERPRET:  # the interpreter's autotuner accepts a single config only
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
-    # Hopper-sized tiles for K = 2r ∈ [256, 1024] and N = C ∈ {512, 768, 1024}; 3–4 stages hide
-    # the operand latency, the 64-row tiles cover small batches (M = B·T·197 is a few thousand).
-    cfg = lambda bm, bn, bk, w, s: triton.Config(  # noqa: E731
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    # Hopper-sized tiles for K = 2r ∈ [256, 1024] and N = C ∈ {512, 768, 1024}; 64-row tiles cover
+    # small batches (M = B·T·197 is a few thousand). All compile to wgmma on sm_90 without spills;
+    # 128×256 (8 warps) and 128×128 (4 warps) were dropped: ptxas spilled 1.2 KB/thread there.
+    cfg = lambda bm, bn, w, s: triton.Config(  # noqa: E731
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=w, num_stages=s)
     return [
-        cfg(128, 128, 64, 8, 3),
-        cfg(128, 256, 64, 8, 3),
-        cfg(256, 128, 64, 8, 3),
-        cfg(128, 128, 32, 4, 4),
-        cfg(64, 128, 64, 4, 4),
-        cfg(64, 64, 64, 4, 4),
+        cfg(128, 128, 8, 3),
+        cfg(128, 128, 8, 4),
+        cfg(64, 256, 8, 3),
+        cfg(128, 64, 4, 4),
+        cfg(64, 128, 4, 4),
+        cfg(64, 64, 4, 4),
     ]
 
 

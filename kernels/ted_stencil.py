@@ -51,14 +51,14 @@ def _configs():
     # number of (slow, Python-level) program instances low while still exercising masking.
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BLOCK_M": 64, "BLOCK_R": 16}, num_warps=4)]
-    # Memory-bound stencil: 32–64 channels × 2 B = 64–128 B per row segment keeps each warp's
-    # load one or two full sectors; 32–64 rows bound the ~20 live fp32 tap tiles of the backward
-    # within the register file at 4–8 warps.
+    # Memory-bound stencil: 64–128 channels × 2 B per row segment = one or two full 128-B lines
+    # per warp load. Per-thread footprint checked by compiling for sm_90 (ptxas, no spills in
+    # either direction): forward 64–105 registers, backward 141–247, all at 8 warps.
     return [
-        triton.Config({"BLOCK_M": 32, "BLOCK_R": 64}, num_warps=4),
+        triton.Config({"BLOCK_M": 32, "BLOCK_R": 64}, num_warps=8),
+        triton.Config({"BLOCK_M": 16, "BLOCK_R": 128}, num_warps=8),
         triton.Config({"BLOCK_M": 64, "BLOCK_R": 64}, num_warps=8),
         triton.Config({"BLOCK_M": 32, "BLOCK_R": 128}, num_warps=8),
-        triton.Config({"BLOCK_M": 64, "BLOCK_R": 32}, num_warps=4),
     ]
 
 
@@ -80,8 +80,7 @@ def _grid_ok(ok, gi, gj, di, dj, H, W):
 
 
 @triton.jit
-def _diff_tap(z_ptr, rows, t, gi, gj, patch_ok, chans, chan_ok, bias_dd, L, H, W, R, stride,
-              DI: tl.constexpr, DJ: tl.constexpr):
+def _diff_tap(z_ptr, rows, t, gi, gj, patch_ok, chans, chan_ok, bias_dd, L, H, W, R, stride, DI, DJ):
     """Y at grid neighbour (DI−1, DJ−1) of every row: Z_d,t − Z_d,t−1 + b_d (b_d at t = 0), 0 off-grid."""
     inside = _grid_ok(patch_ok, gi, gj, DI - 1, DJ - 1, H, W)
     shift = (DI - 1) * W + (DJ - 1)  # row-major grid: a neighbour is a fixed row offset, same frame
@@ -95,18 +94,89 @@ def _diff_tap(z_ptr, rows, t, gi, gj, patch_ok, chans, chan_ok, bias_dd, L, H, W
 def _conv3x3_transposed(ds_ptr, rows, gi, gj, ok, chans, chan_ok, wd_ptr, H, W, R, stride):
     """dY of every row: Σ_{i,j} w_d[i,j] · dS_d at grid neighbour (1−i, 1−j), same frame."""
     acc = tl.zeros((rows.shape[0], chans.shape[0]), dtype=tl.float32)
-    for di in tl.static_range(3):
-        for dj in tl.static_range(3):
-            inside = _grid_ok(ok, gi, gj, 1 - di, 1 - dj, H, W)
-            ds = _tap(ds_ptr, rows, (1 - di) * W + (1 - dj), R, chans, inside, chan_ok, stride)
-            wk = tl.load(wd_ptr + chans * 9 + (di * 3 + dj), mask=chan_ok, other=0.0).to(tl.float32)
-            acc += wk[None, :] * ds
+    for tap in range(9):
+        di = tap // 3
+        dj = tap - di * 3
+        inside = _grid_ok(ok, gi, gj, 1 - di, 1 - dj, H, W)
+        ds = _tap(ds_ptr, rows, (1 - di) * W + (1 - dj), R, chans, inside, chan_ok, stride)
+        wk = tl.load(wd_ptr + chans * 9 + tap, mask=chan_ok, other=0.0).to(tl.float32)
+        acc += wk[None, :] * ds
     return acc
 
 
 @triton.jit
 def _slot(acc, slots, k, per_chan):
     return acc + tl.where(slots[:, None] == k, per_chan[None, :], 0.0)
+
+
+@triton.jit
+def _e_half(z_ptr, ds_ptr, s_ptr, dz_ptr, acc, slots, rows, row_ok, t, chans, chan_ok, we_ptr, bce_ptr,
+            R, L, T, stride, BACKWARD: tl.constexpr, WRITE_S: tl.constexpr):
+    """One row block of the E half: S_e = conv_T(Z_e) + bias; backward adds dZ_e and its partials."""
+    bias = tl.load(bce_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
+    s_e = tl.zeros((rows.shape[0], chans.shape[0]), dtype=tl.float32) + bias[None, :]
+    if BACKWARD:
+        ds_e = _tap(ds_ptr, rows, 0, 0, chans, row_ok, chan_ok, stride)
+        dz_e = tl.zeros((rows.shape[0], chans.shape[0]), dtype=tl.float32)
+    for k in tl.static_range(3):
+        wk = tl.load(we_ptr + chans * 3 + k, mask=chan_ok, other=0.0).to(tl.float32)
+        z_k = _tap(z_ptr, rows, (k - 1) * L, 0, chans, row_ok & (t + (k - 1) >= 0) & (t + (k - 1) < T),
+                   chan_ok, stride)
+        s_e += wk[None, :] * z_k
+        if BACKWARD:
+            acc = _slot(acc, slots, _SLOT_CONV_E_W + k, tl.sum(ds_e * z_k, axis=0))
+            ds_k = _tap(ds_ptr, rows, (1 - k) * L, 0, chans, row_ok & (t + (1 - k) >= 0) & (t + (1 - k) < T),
+                        chan_ok, stride)
+            dz_e += wk[None, :] * ds_k
+    offs = rows.to(tl.int64)[:, None] * stride + chans[None, :]
+    mask = row_ok[:, None] & chan_ok[None, :]
+    if WRITE_S:
+        tl.store(s_ptr + offs, s_e.to(s_ptr.dtype.element_ty), mask=mask)
+    if BACKWARD:
+        tl.store(dz_ptr + offs, dz_e.to(dz_ptr.dtype.element_ty), mask=mask)
+        acc = _slot(acc, slots, _SLOT_CONV_E_B, tl.sum(ds_e, axis=0))
+        acc = _slot(acc, slots, _SLOT_DOWN_E_B, tl.sum(dz_e, axis=0))
+    return acc
+
+
+@triton.jit
+def _d_half(z_ptr, ds_ptr, s_ptr, dz_ptr, acc, slots, rows, row_ok, t, tok, chans, chan_ok,
+            wd_ptr, bcd_ptr, bdd_ptr, R, L, T, H, W, stride, BACKWARD: tl.constexpr, WRITE_S: tl.constexpr):
+    """One row block of the D half: S_d = conv3×3(Y) + bias on patch rows, 0 on class rows."""
+    is_patch = tok > 0
+    patch_ok = row_ok & is_patch
+    p = tl.where(is_patch, tok - 1, 0)  # keep // on non-negatives (C and numpy round negatives apart)
+    gi = p // W
+    gj = p - gi * W
+    bias_cd = tl.load(bcd_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
+    bias_dd = tl.load(bdd_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
+    s_d = tl.zeros((rows.shape[0], chans.shape[0]), dtype=tl.float32) + bias_cd[None, :]
+    if BACKWARD:
+        ds_d = _tap(ds_ptr, rows, 0, R, chans, patch_ok, chan_ok, stride)
+    # A runtime loop, not static_range: unrolled, the compiler hoists all 18 tap loads and their
+    # 64-bit addresses (sm_90, 32×64 tile, 8 warps: 247 registers/thread, spilling at 64×64);
+    # rolled, the other resident warps keep enough loads in flight.
+    for tap in range(9):
+        wk = tl.load(wd_ptr + chans * 9 + tap, mask=chan_ok, other=0.0).to(tl.float32)
+        y = _diff_tap(z_ptr, rows, t, gi, gj, patch_ok, chans, chan_ok, bias_dd, L, H, W, R, stride,
+                      tap // 3, tap % 3)
+        s_d += wk[None, :] * y
+        if BACKWARD:
+            acc = _slot(acc, slots, _SLOT_CONV_D_W + tap, tl.sum(ds_d * y, axis=0))
+    offs = rows.to(tl.int64)[:, None] * stride + R + chans[None, :]
+    mask = row_ok[:, None] & chan_ok[None, :]
+    if WRITE_S:
+        tl.store(s_ptr + offs, tl.where(is_patch[:, None], s_d, 0.0).to(s_ptr.dtype.element_ty), mask=mask)
+    if BACKWARD:
+        # Y_t depends on Z_t (+) and Z_{t−1} (−); Y_0 = b_d depends on no Z at all.
+        dy_t = _conv3x3_transposed(ds_ptr, rows, gi, gj, patch_ok, chans, chan_ok, wd_ptr, H, W, R, stride)
+        dy_next = _conv3x3_transposed(ds_ptr, rows + L, gi, gj, patch_ok & (t + 1 < T), chans, chan_ok,
+                                      wd_ptr, H, W, R, stride)
+        dz_d = tl.where((t > 0)[:, None], dy_t, 0.0) - dy_next
+        tl.store(dz_ptr + offs, dz_d.to(dz_ptr.dtype.element_ty), mask=mask)
+        acc = _slot(acc, slots, _SLOT_CONV_D_B, tl.sum(ds_d, axis=0))
+        acc = _slot(acc, slots, _SLOT_DOWN_D_B, tl.sum(dy_t, axis=0))
+    return acc
 
 
 @triton.autotune(configs=_configs(), key=["R", "L", "T", "BACKWARD"])
@@ -118,14 +188,15 @@ def _ted_stencil_kernel(
     BACKWARD: tl.constexpr, WRITE_S: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
+    # Axis 1 holds the E channel blocks, then the D channel blocks: a program runs one half only,
+    # so registers are sized by the larger half rather than by both (sm_90, 32×64 tile, 8 warps:
+    # forward 127 → 64, backward 248 → 141 per thread), more resident warps hide the tap loads.
     pid_m = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    stride = 2 * R
-    chans = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    blocks_r = tl.cdiv(R, BLOCK_R)
+    is_d = tl.program_id(1) >= blocks_r
+    chans = (tl.program_id(1) - blocks_r * is_d.to(tl.int32)) * BLOCK_R + tl.arange(0, BLOCK_R)
     chan_ok = chans < R
-    bias_ce = tl.load(bce_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
-    bias_cd = tl.load(bcd_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
-    bias_dd = tl.load(bdd_ptr + chans, mask=chan_ok, other=0.0).to(tl.float32)
+    stride = 2 * R
     slots = tl.arange(0, _NUM_SLOTS)
     acc = tl.zeros((_NUM_SLOTS, BLOCK_R), dtype=tl.float32)
 
@@ -137,63 +208,19 @@ def _ted_stencil_kernel(
         frame = rows // L
         tok = rows - frame * L
         t = frame % T
-        is_patch = tok > 0
-        patch_ok = row_ok & is_patch
-        p = tl.where(is_patch, tok - 1, 0)  # keep // and % on non-negatives (C vs numpy semantics)
-        gi = p // W
-        gj = p - gi * W
-        out_offs = rows.to(tl.int64)[:, None] * stride + chans[None, :]
-        out_mask = row_ok[:, None] & chan_ok[None, :]
-
-        # ---- E half: temporal conv over frames of the same token ----
-        s_e = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32) + bias_ce[None, :]
-        if BACKWARD:
-            ds_e = _tap(ds_ptr, rows, 0, 0, chans, row_ok, chan_ok, stride)
-            dz_e = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k in tl.static_range(3):
-            wk = tl.load(we_ptr + chans * 3 + k, mask=chan_ok, other=0.0).to(tl.float32)
-            z_k = _tap(z_ptr, rows, (k - 1) * L, 0, chans,
-                       row_ok & (t + (k - 1) >= 0) & (t + (k - 1) < T), chan_ok, stride)
-            s_e += wk[None, :] * z_k
-            if BACKWARD:
-                acc = _slot(acc, slots, _SLOT_CONV_E_W + k, tl.sum(ds_e * z_k, axis=0))
-                ds_k = _tap(ds_ptr, rows, (1 - k) * L, 0, chans,
-                            row_ok & (t + (1 - k) >= 0) & (t + (1 - k) < T), chan_ok, stride)
-                dz_e += wk[None, :] * ds_k
-
-        # ---- D half: frame difference, then 3×3 conv over the grid (patch rows only) ----
-        s_d = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32) + bias_cd[None, :]
-        if BACKWARD:
-            ds_d = _tap(ds_ptr, rows, 0, R, chans, patch_ok, chan_ok, stride)
-        for di in tl.static_range(3):
-            for dj in tl.static_range(3):
-                wk = tl.load(wd_ptr + chans * 9 + (di * 3 + dj), mask=chan_ok, other=0.0).to(tl.float32)
-                y = _diff_tap(z_ptr, rows, t, gi, gj, patch_ok, chans, chan_ok, bias_dd, L, H, W, R, stride,
-                              di, dj)
-                s_d += wk[None, :] * y
-                if BACKWARD:
-                    acc = _slot(acc, slots, _SLOT_CONV_D_W + di * 3 + dj, tl.sum(ds_d * y, axis=0))
-        s_d = tl.where(is_patch[:, None], s_d, 0.0)
-
-        if WRITE_S:
-            tl.store(s_ptr + out_offs, s_e.to(s_ptr.dtype.element_ty), mask=out_mask)
-            tl.store(s_ptr + out_offs + R, s_d.to(s_ptr.dtype.element_ty), mask=out_mask)
-        if BACKWARD:
-            # Y_t depends on Z_t (+) and Z_{t−1} (−); Y_0 = b_d depends on no Z at all.
-            dy_t = _conv3x3_transposed(ds_ptr, rows, gi, gj, patch_ok, chans, chan_ok, wd_ptr, H, W, R, stride)
-            dy_next = _conv3x3_transposed(ds_ptr, rows + L, gi, gj, patch_ok & (t + 1 < T), chans, chan_ok,
-                                          wd_ptr, H, W, R, stride)
-            dz_d = tl.where((t > 0)[:, None], dy_t, 0.0) - dy_next
-            tl.store(dz_ptr + out_offs, dz_e.to(dz_ptr.dtype.element_ty), mask=out_mask)
-            tl.store(dz_ptr + out_offs + R, dz_d.to(dz_ptr.dtype.element_ty), mask=out_mask)
-            acc = _slot(acc, slots, _SLOT_CONV_E_B, tl.sum(ds_e, axis=0))
-            acc = _slot(acc, slots, _SLOT_DOWN_E_B, tl.sum(dz_e, axis=0))
-            acc = _slot(acc, slots, _SLOT_CONV_D_B, tl.sum(ds_d, axis=0))
-            acc = _slot(acc, slots, _SLOT_DOWN_D_B, tl.sum(dy_t, axis=0))
+        if is_d:
+            acc = _d_half(z_ptr, ds_ptr, s_ptr, dz_ptr, acc, slots, rows, row_ok, t, tok, chans, chan_ok,
+                          wd_ptr, bcd_ptr, bdd_ptr, R, L, T, H, W, stride, BACKWARD, WRITE_S)
+        else:
+            acc = _e_half(z_ptr, ds_ptr, s_ptr, dz_ptr, acc, slots, rows, row_ok, t, chans, chan_ok, we_ptr, bce_ptr,
+                          R, L, T, stride, BACKWARD, WRITE_S)
 
     if BACKWARD:
+        # The E and D programs of a channel block share its partial rows: each writes only its
+        # own slots (E: 0‥4, D: 5‥15), or the later store would zero the other's sums.
+        own = (slots >= _SLOT_CONV_D_W) == is_d
         part_offs = (pid_m * _NUM_SLOTS + slots)[:, None].to(tl.int64) * R + chans[None, :]
-        tl.store(part_ptr + part_offs, acc, mask=chan_ok[None, :])
+        tl.store(part_ptr + part_offs, acc, mask=own[:, None] & chan_ok[None, :])
 
 
 def _stencil_params(conv_e_w, conv_e_b, conv_d_w, conv_d_b, down_d_b):
@@ -221,7 +248,7 @@ def ted_stencil_forward(z: torch.Tensor, conv_e_w: torch.Tensor, conv_e_b: torch
     params = _stencil_params(conv_e_w, conv_e_b, conv_d_w, conv_d_b, down_d_b)
     s = torch.empty_like(z)
     m = z.shape[0]
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, meta["BLOCK_R"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), 2 * triton.cdiv(r, meta["BLOCK_R"]))  # noqa: E731
     # ds/dz/partials are never touched when BACKWARD is off; z stands in for the pointers.
     _ted_stencil_kernel[grid](z, z, s, z, z, *params, m, r, 1 + h * w, num_frames, h, w,
                               BACKWARD=False, WRITE_S=True)
@@ -247,7 +274,7 @@ def ted_stencil_backward(z: torch.Tensor, ds: torch.Tensor, conv_e_w: torch.Tens
     s = torch.empty_like(z) if recompute_s else dz  # dz: a valid pointer never written through
     programs = max(1, min(triton.cdiv(m, 64), _MAX_BWD_ROW_PROGRAMS))
     partials = torch.empty((programs, _NUM_SLOTS.value, r), device=z.device, dtype=torch.float32)
-    grid = lambda meta: (programs, triton.cdiv(r, meta["BLOCK_R"]))  # noqa: E731
+    grid = lambda meta: (programs, 2 * triton.cdiv(r, meta["BLOCK_R"]))  # noqa: E731
     _ted_stencil_kernel[grid](z, ds, s, dz, partials, *params, m, r, 1 + h * w, num_frames, h, w,
                               BACKWARD=True, WRITE_S=recompute_s)
     total = partials.sum(0)
