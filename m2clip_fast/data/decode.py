@@ -61,7 +61,8 @@ class DecodeStats:
     """Counters a caller may pass to the decoding functions; they are incremented in place.
 
     ``frames_decoded`` counts every frame the codec produced (including those decoded only as
-    references on the way to a wanted frame), ``frames_returned`` the frames handed back,
+    references on the way to a wanted frame; unwanted non-reference frames are skipped by the
+    codec and not counted), ``frames_returned`` the frames handed back,
     ``seeks`` the container seeks, ``seek_retries`` seeks that landed past the wanted keyframe and
     were redone earlier, ``index_builds`` the indexes built (cache misses), ``full_decodes`` the
     calls that had to fall back to decoding the whole video.
@@ -414,8 +415,12 @@ class _SparseDecoder:
         # seek() also flushes the codec, so no frame from before the jump comes out after it
         self.container.seek(int(seek_ts), stream=self.stream, backward=True, any_frame=False)
         self._count("seeks")
+        ctx = self.stream.codec_context
         try:
             for packet in self.container.demux(self.stream):
+                # a non-reference frame (most B-frames) that is not wanted can be dropped by the
+                # codec unseen: nothing depends on it. A frame's pts is its packet's pts.
+                ctx.skip_frame = "DEFAULT" if packet.pts is None or packet.pts in self.wanted_pts else "NONREF"
                 for frame in packet.decode():
                     self._count("frames_decoded")
                     idx = self.pts_to_idx.get(frame.pts)
@@ -453,6 +458,7 @@ class _SparseDecoder:
         """RGB arrays (H, W, 3) uint8 for the sorted unique frame indices ``wanted``."""
         got: Dict[int, np.ndarray] = {}
         wanted_set = set(int(i) for i in wanted)
+        self.wanted_pts = {int(self.index.pts[i]) for i in wanted_set}
         frames: Optional[Iterator] = None
         pos = -1  # highest presentation index the decoder has produced since the last seek
         floor = 0  # below this, frames after a seek are open-GOP leading frames: unusable

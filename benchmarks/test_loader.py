@@ -1,0 +1,98 @@
+"""Clip decoding throughput: our sparse decoder vs whole-video decoding (the official loader).
+
+Measurements, not pass/fail timing tests: every benchmark asserts only that the frames are right
+(equal to the whole-video decode). Videos: 30 s at 25 fps (750 frames), 320x240, written once per
+session by our own encoder as H.264 .mp4 (2 B-frames) and MPEG-4 Part 2 .avi, with short (25
+frames) and long (250 frames) keyframe intervals. Sampling: dense 8 frames x stride 16 and
+8-segment uniform (TSN), training mode (random offsets, a fresh index set every round).
+
+"ours" = ``decode_frames`` with a cold index cache (the index is rebuilt every call, as for a
+dataset too large for the cache); "baseline" = ``decode_all_frames(path, indices)``: decode every
+frame, sort by pts, convert the sampled ones to RGB — what the official M²-CLIP loader does. Both
+use one codec thread, as in a DataLoader worker. A summary table (clips/s, ratio) is printed at
+the end: ``python -m pytest benchmarks/test_loader.py``.
+"""
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from m2clip_fast.data import clear_index_cache, decode_all_frames, decode_frames, num_frames
+from m2clip_fast.data.sampling import dense_indices, uniform_indices
+from m2clip_fast.data.synthetic import textured_frames, write_video
+
+FPS, SECONDS, WIDTH, HEIGHT = 25, 30, 320, 240
+VIDEOS = {  # name -> (codec, extension, keyframe interval)
+    "h264-gop25": ("h264", ".mp4", 25),
+    "h264-gop250": ("h264", ".mp4", 250),
+    "mpeg4avi-gop25": ("mpeg4", ".avi", 25),
+    "mpeg4avi-gop250": ("mpeg4", ".avi", 250),
+}
+SAMPLINGS = {
+    "dense8x16": lambda n, rng: dense_indices(n, 8, 16, train=True, rng=rng)[0],
+    "uniform8": lambda n, rng: uniform_indices(n, 8, train=True, rng=rng)[0],
+}
+TARGETS = {("dense8x16", "gop25"): 3.0, ("dense8x16", "gop250"): 3.0, ("uniform8", "gop25"): 3.0,
+           ("uniform8", "gop250"): 1.0}
+ROUNDS = {"ours": 6, "baseline": 3}
+_results = {}
+
+
+@pytest.fixture(scope="session")
+def videos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loader_bench")
+    frames = textured_frames(FPS * SECONDS, HEIGHT, WIDTH, seed=0)
+    return {name: write_video(root / f"{name}{ext}", frames, fps=FPS, codec=codec, gop=gop)
+            for name, (codec, ext, gop) in VIDEOS.items()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def summary(request):
+    yield
+    reporter = request.config.pluginmanager.getplugin("terminalreporter")
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    if reporter is None or not _results:
+        return
+    lines = ["", f"{'variant':<34}{'ours clips/s':>13}{'baseline clips/s':>18}{'ratio':>8}{'target':>8}"]
+    for (video, sampling) in [(v, s) for v in VIDEOS for s in SAMPLINGS]:
+        ours, base = _results.get((video, sampling, "ours")), _results.get((video, sampling, "baseline"))
+        if ours is None or base is None:
+            continue
+        target = TARGETS[(sampling, video.split("-")[1])]
+        lines.append(f"{video + ' ' + sampling:<34}{ours:>13.2f}{base:>18.2f}{ours / base:>7.1f}x"
+                     f"{target:>7.0f}x")
+    # fixture teardown runs under output capture; print straight to the terminal
+    with capture.global_and_fixture_disabled():
+        for line in lines:
+            reporter.write_line(line)
+
+
+@pytest.mark.parametrize("method", ["ours", "baseline"])
+@pytest.mark.parametrize("sampling", list(SAMPLINGS))
+@pytest.mark.parametrize("video", list(VIDEOS))
+def test_clip_decoding(benchmark, videos, video, sampling, method):
+    path = videos[video]
+    n = num_frames(path)
+    assert n == FPS * SECONDS
+    rng = np.random.default_rng(zlib.crc32(f"{video}/{sampling}".encode()))
+    last = {}
+
+    def setup():
+        clear_index_cache()
+        last["idx"] = SAMPLINGS[sampling](n, rng)
+        return (last["idx"],), {}
+
+    def ours(idx):
+        return decode_frames(path, idx, threads=1)
+
+    def baseline(idx):
+        return decode_all_frames(path, idx, threads=1)
+
+    fn = ours if method == "ours" else baseline
+    out = benchmark.pedantic(fn, setup=setup, rounds=ROUNDS[method], iterations=1)
+    assert out.shape == (8, HEIGHT, WIDTH, 3) and out.dtype == torch.uint8
+    if method == "ours":  # the oracle: the same frames from a whole-video decode
+        assert torch.equal(out, decode_all_frames(path, last["idx"], threads=1))
+    if benchmark.stats is not None:
+        _results[(video, sampling, method)] = 1.0 / benchmark.stats.stats.mean
