@@ -1,0 +1,89 @@
+"""Comparison baselines for the adapter benchmarks (not used by the library).
+
+``OfficialStyleTEDAdapter`` computes the TED adapter the way the official M²-CLIP release does —
+an index gather for the previous frame, ``permute(...).contiguous()`` round trips around a
+depthwise Conv1d over T (E branch) and a depthwise Conv3d with kernel (1, 3, 3) (D branch), the
+D update added to the patch rows — and keeps the official parameter names (``fc1``, ``conv``,
+``fc2``, ``offset_adapter.*``), so ``m2clip_fast.convert`` maps its state to ours. Unlike the
+release it is out of place (no ``x[:, 1:] += ...``), so autograd can differentiate it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from m2clip_fast.adapters import TEDAdapter
+from m2clip_fast.convert import to_official_adapter
+
+
+class OffsetBranch(nn.Module):
+    """The D branch under the official names: fc1 → Conv3d (1, k, k) on (B, r, T, h, w) → fc2."""
+
+    def __init__(self, dim: int, bottleneck: int, spatial_kernel: int = 3):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, bottleneck)
+        self.conv = nn.Conv3d(bottleneck, bottleneck, (1, spatial_kernel, spatial_kernel),
+                              padding=(0, spatial_kernel // 2, spatial_kernel // 2), groups=bottleneck)
+        self.fc2 = nn.Linear(bottleneck, dim)
+
+    def forward(self, x: torch.Tensor, frames: int, grid: Tuple[int, int]) -> torch.Tensor:
+        bt, length, dim = x.shape
+        batch, (h, w), r = bt // frames, grid, self.conv.in_channels
+        patches = x[:, 1:, :].reshape(batch, frames, length - 1, dim)
+        previous = [0] + list(range(frames - 1))  # frame 0 is its own predecessor: difference 0
+        offset = self.fc1(patches - patches[:, previous])
+        offset = offset.view(batch, frames, h, w, r).permute(0, 4, 1, 2, 3).contiguous()
+        offset = self.conv(offset)
+        offset = offset.permute(0, 2, 3, 4, 1).contiguous().view(bt, length - 1, r)
+        return self.fc2(offset)
+
+
+class OfficialStyleTEDAdapter(nn.Module):
+    """Official-style eager TED adapter: out = residual + E(x) + [0; D(x)] (see module docstring)."""
+
+    def __init__(self, dim: int, bottleneck: int, num_frames: int, grid: Optional[Tuple[int, int]] = None,
+                 temporal_kernel: int = 3, spatial_kernel: int = 3):
+        super().__init__()
+        self.num_frames, self.grid = num_frames, grid
+        self.fc1 = nn.Linear(dim, bottleneck)
+        self.conv = nn.Conv1d(bottleneck, bottleneck, temporal_kernel, padding=temporal_kernel // 2,
+                              groups=bottleneck)
+        self.fc2 = nn.Linear(bottleneck, dim)
+        self.offset_adapter = OffsetBranch(dim, bottleneck, spatial_kernel)
+
+    @classmethod
+    def from_ted(cls, ted: TEDAdapter, check: bool = True) -> "OfficialStyleTEDAdapter":
+        """A copy of ``ted`` (both branches on) in official form; ``check`` asserts both compute the same."""
+        if not (ted.enhance and ted.difference):
+            raise ValueError("the official adapter always has both branches")
+        p = ted.down_e.weight
+        model = cls(ted.dim, ted.bottleneck, ted.num_frames, ted.grid, ted.temporal_kernel, ted.spatial_kernel)
+        model = model.to(device=p.device, dtype=p.dtype)
+        model.load_state_dict(to_official_adapter(ted.state_dict()))
+        if check:
+            h, w = ted.grid or (2, 2)
+            probe = torch.randn(2 * ted.num_frames, 1 + h * w, ted.dim, device=p.device, dtype=p.dtype)
+            with torch.no_grad():
+                ours, theirs = ted(probe), model(probe)
+            scale = ours.abs().max().item() + 1e-6
+            err = (ours - theirs).abs().max().item()
+            assert err <= 1e-4 * scale, f"official-style copy differs from the TEDAdapter: max error {err:.3g}"
+        return model
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        bt, length, dim = x.shape
+        frames = self.num_frames
+        batch, r = bt // frames, self.conv.in_channels
+        side = round(math.sqrt(length - 1))
+        grid = self.grid or (side, side)
+        offset = self.offset_adapter(x, frames, grid)
+        e = self.fc1(x)
+        e = e.view(batch, frames, length, r).permute(0, 2, 3, 1).contiguous().view(batch * length, r, frames)
+        e = self.conv(e)
+        e = e.permute(0, 2, 1).contiguous().view(batch, length, frames, r)
+        e = e.permute(0, 2, 1, 3).contiguous().view(bt, length, r)
+        out = (x if residual is None else residual) + self.fc2(e)
+        return torch.cat([out[:, :1], out[:, 1:] + offset], dim=1)

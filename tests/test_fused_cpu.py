@@ -1,0 +1,332 @@
+"""FusedTEDAdapter on the C++ CPU path against the reference TEDAdapter.
+
+Everything except the missing-extension notice runs the real extension; those tests are skipped,
+with the reason, only when ``m2clip_fast._C`` is not built.
+"""
+import warnings
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from m2clip_fast import fused, ted_cpu
+from m2clip_fast.adapters import TEDAdapter
+from m2clip_fast.fused import FusedTEDAdapter, extension_available
+
+needs_ext = pytest.mark.skipif(
+    not extension_available(),
+    reason="m2clip_fast._C is not built (pip install --no-build-isolation -e .); the CPU fused path cannot run",
+)
+
+FP32_TOL = 1e-5  # relative to the tensor's largest magnitude; fused and reference differ only in fp32 rounding
+
+
+def randomised(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter random and O(1)-scaled, so no gradient is trivially zero (fresh convs are zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            scale = p.shape[1] ** -0.5 if p.dim() == 2 else 0.5
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * scale)
+    return module
+
+
+def pair(dim, r, frames, grid, seed=0, **kw):
+    ref = randomised(TEDAdapter(dim, r, frames, grid=grid), seed)
+    fast = FusedTEDAdapter(dim, r, frames, grid=grid, backend="cpu", **kw)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def tokens(batch, frames, grid, dim, seed=1, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch * frames, 1 + grid[0] * grid[1], dim, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def run(module, x, grad, residual=None, frames=None):
+    """Output and every gradient (x, residual if given, all parameters) of one forward + backward."""
+    x = x.detach().clone().requires_grad_()
+    res = None if residual is None else residual.detach().clone().requires_grad_()
+    module.zero_grad(set_to_none=True)
+    out = module(x, num_frames=frames, residual=res)
+    out.backward(grad.to(out.dtype))
+    grads = {"x": x.grad, **({"residual": res.grad} if res is not None else {})}
+    grads.update({name: p.grad for name, p in module.named_parameters()})
+    return out.detach(), grads
+
+
+def assert_scaled_close(got, want, tol, what):
+    assert got is not None, f"{what}: no gradient"
+    assert got.shape == want.shape and got.dtype == want.dtype, f"{what}: {got.shape}/{got.dtype} vs {want.shape}/{want.dtype}"
+    scale = want.abs().max().item()
+    assert scale > 0, f"{what}: reference is all zero, the comparison would prove nothing"
+    err = (got.double() - want.double()).abs().max().item()
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} × {scale:.3g}"
+
+
+CASES = [  # batch, frames, grid, C, r, separate residual
+    (1, 1, (7, 7), 72, 13, False),
+    (2, 2, (6, 10), 100, 37, True),
+    (1, 3, (7, 7), 64, 384, False),
+    (2, 8, (14, 14), 96, 24, False),
+    (1, 16, (6, 10), 40, 17, True),
+    (2, 8, (7, 7), 200, 384, True),
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("batch,frames,grid,dim,r,separate", CASES)
+def test_forward_and_every_gradient_match_reference_fp32(batch, frames, grid, dim, r, separate):
+    ref, fast = pair(dim, r, frames, grid)
+    x = tokens(batch, frames, grid, dim)
+    residual = tokens(batch, frames, grid, dim, seed=2) if separate else None
+    grad = tokens(batch, frames, grid, dim, seed=3)
+    assert fast.select_backend(x) == "cpu"
+    out_ref, grads_ref = run(ref, x, grad, residual)
+    out, grads = run(fast, x, grad, residual)
+    assert_scaled_close(out, out_ref, FP32_TOL, "output")
+    assert grads.keys() == grads_ref.keys() and len(grads) == 13 + separate
+    for name in grads_ref:
+        if frames == 1 and name == "down_d.weight":  # one frame: every difference is 0, so is this gradient
+            assert torch.count_nonzero(grads_ref[name]) == 0 and torch.count_nonzero(grads[name]) == 0
+            continue
+        assert_scaled_close(grads[name], grads_ref[name], FP32_TOL, f"grad {name}")
+
+
+@pytest.fixture
+def pinned_isa():
+    """Pins the stencil to one compiled ISA variant for the test, then restores the best."""
+    pinned = []
+
+    def pin(name):
+        try:
+            ted_cpu._C.set_stencil_isa(name)
+        except RuntimeError as exc:
+            pytest.skip(f"this CPU cannot run the {name} variant: {exc}")
+        pinned.append(name)
+
+    yield pin
+    if pinned:
+        ted_cpu._C.set_stencil_isa("best")
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+def test_every_isa_variant_matches_reference(isa, pinned_isa):
+    pinned_isa(isa)
+    assert ted_cpu._C.stencil_isa() == isa
+    grid, dim, r, frames = (6, 10), 70, 45, 3  # r and C leave lane tails for every vector width
+    ref, fast = pair(dim, r, frames, grid, seed=4)
+    x, grad = tokens(2, frames, grid, dim, seed=5), tokens(2, frames, grid, dim, seed=6)
+    out_ref, grads_ref = run(ref, x, grad)
+    out, grads = run(fast, x, grad)
+    assert_scaled_close(out, out_ref, FP32_TOL, "output")
+    for name in grads_ref:
+        assert_scaled_close(grads[name], grads_ref[name], FP32_TOL, f"grad {name}")
+
+
+@needs_ext
+def test_non_contiguous_input_and_num_frames_override():
+    grid, dim, r = (7, 7), 48, 16
+    ref, fast = pair(dim, r, 8, grid)  # built for 8 frames, called with 4
+    x = tokens(2, 4, grid, dim).transpose(0, 1).contiguous().transpose(0, 1)
+    assert not x.is_contiguous()
+    grad = tokens(2, 4, grid, dim, seed=7)
+    out_ref, grads_ref = run(ref, x, grad, frames=4)
+    out, grads = run(fast, x, grad, frames=4)
+    assert_scaled_close(out, out_ref, FP32_TOL, "output")
+    for name in grads_ref:
+        assert_scaled_close(grads[name], grads_ref[name], FP32_TOL, f"grad {name}")
+
+
+@needs_ext
+def test_partially_frozen_gradients():
+    """Only what needs a gradient gets one (the GEMMs for the rest are skipped) and it is right."""
+    grid, dim, r, frames = (7, 7), 64, 32, 4
+    ref, fast = pair(dim, r, frames, grid)
+    for module in (ref, fast):
+        for name, p in module.named_parameters():
+            p.requires_grad_(name.startswith("conv"))
+    x, grad = tokens(1, frames, grid, dim), tokens(1, frames, grid, dim, seed=8)
+    grads = []
+    for module in (ref, fast):
+        module.zero_grad(set_to_none=True)
+        module(x).backward(grad)
+        grads.append({n: p.grad for n, p in module.named_parameters()})
+    for name, g in grads[0].items():
+        if name.startswith("conv"):
+            assert_scaled_close(grads[1][name], g, FP32_TOL, f"grad {name}")
+        else:
+            assert g is None and grads[1][name] is None
+
+
+def bf16_errors(module_fp64, candidate, reference_bf16, x, grad, autocast):
+    """Max errors vs fp64 of the candidate and of PyTorch's own bf16 reference, per tensor."""
+    out64, grads64 = run(module_fp64, x.double(), grad.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out_c, grads_c = run(candidate, x, grad)
+        out_r, grads_r = run(reference_bf16, x, grad)
+    assert out_c.dtype == out_r.dtype
+    rows = [("output", out_c, out_r, out64)]
+    rows += [(f"grad {n}", grads_c[n], grads_r[n], grads64[n]) for n in grads64]
+    for name, c, r_, want in rows:
+        assert c.dtype == r_.dtype, f"{name}: {c.dtype} vs reference {r_.dtype}"
+        yield name, (c.double() - want).abs().max().item(), (r_.double() - want).abs().max().item(), \
+            want.abs().max().item()
+
+
+@needs_ext
+@pytest.mark.parametrize("mode", ["autocast", "bf16_weights_and_inputs"])
+def test_bf16_error_within_twice_pytorch_bf16_error(mode):
+    """flash-attention's criterion: |fused − fp64| ≤ 2·|PyTorch bf16 − fp64| + a small atol."""
+    grid, dim, r, frames = (7, 7), 96, 48, 4
+    ref, fast = pair(dim, r, frames, grid, seed=9)
+    ref64 = TEDAdapter(dim, r, frames, grid=grid).double()
+    x, grad = tokens(2, frames, grid, dim, seed=10), tokens(2, frames, grid, dim, seed=11)
+    if mode == "bf16_weights_and_inputs":
+        ref, fast = ref.bfloat16(), fast.bfloat16()
+        x, grad = x.bfloat16(), grad.bfloat16()
+    ref64.load_state_dict({k: v.double() for k, v in ref.state_dict().items()})
+    assert fast.select_backend(x) == "cpu"
+    for name, err, err_ref, scale in bf16_errors(ref64, fast, ref, x, grad, autocast=mode == "autocast"):
+        assert err <= 2 * err_ref + 1e-3 * scale, f"{name}: fused error {err:.3g}, PyTorch bf16 error {err_ref:.3g}"
+
+
+def saved_activation_bytes(module, x):
+    """Bytes of the distinct storages autograd saves for backward, parameters excluded (they live anyway)."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x.detach().clone().requires_grad_())
+    return sum(saved.values())
+
+
+@needs_ext
+@pytest.mark.parametrize("autocast", [False, True])
+def test_saved_tensors_are_only_x_and_z(autocast):
+    grid, dim, r, frames = (7, 7), 128, 64, 4
+    ref, fast = pair(dim, r, frames, grid)
+    x = tokens(2, frames, grid, dim)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        fused_bytes = saved_activation_bytes(fast, x)
+        ref_bytes = saved_activation_bytes(ref, x)
+    elem = 2 if autocast else 4
+    budget = x.numel() * elem + x.shape[0] * x.shape[1] * 2 * r * elem  # x and Z in the GEMM dtype
+    assert 0 < fused_bytes <= budget
+    assert ref_bytes > 1.5 * fused_bytes  # the hook does see activations: the reference saves ~4 C-wide tensors
+
+
+def test_state_dict_round_trips_both_ways():
+    ref = randomised(TEDAdapter(40, 12, 4, grid=(3, 5)), 12)
+    fast = FusedTEDAdapter(40, 12, 4, grid=(3, 5))
+    fast.load_state_dict(ref.state_dict())
+    back = TEDAdapter(40, 12, 4, grid=(3, 5))
+    back.load_state_dict(fast.state_dict())
+    assert fast.state_dict().keys() == ref.state_dict().keys() == back.state_dict().keys()
+    for key, value in ref.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value)
+    x = tokens(1, 4, (3, 5), 40)
+    with torch.no_grad():
+        assert_scaled_close(fast(x), ref(x), FP32_TOL, "output after loading")
+
+
+def test_reference_backend_is_silent_and_exact():
+    ref = randomised(TEDAdapter(32, 8, 2, grid=(3, 3)), 13)
+    slow = FusedTEDAdapter(32, 8, 2, grid=(3, 3), backend="reference")
+    slow.load_state_dict(ref.state_dict())
+    x = tokens(1, 2, (3, 3), 32)
+    assert slow.select_backend(x) == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(slow(x), ref(x))
+
+
+def test_missing_extension_warns_once_and_falls_back(monkeypatch):
+    monkeypatch.setattr(ted_cpu, "_C", None)
+    monkeypatch.setattr(fused, "_NOTICES_SHOWN", set())
+    assert not extension_available()
+    ref = randomised(TEDAdapter(32, 8, 2, grid=(3, 3)), 14)
+    auto = FusedTEDAdapter(32, 8, 2, grid=(3, 3))
+    auto.load_state_dict(ref.state_dict())
+    x = tokens(1, 2, (3, 3), 32)
+    with pytest.warns(RuntimeWarning, match="m2clip_fast._C not built") as record:
+        out = auto(x)
+    assert len(record) == 1 and "\n" not in str(record[0].message)
+    assert torch.equal(out, ref(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second call must not warn again
+        auto(x)
+    explicit = FusedTEDAdapter(32, 8, 2, grid=(3, 3), backend="cpu")
+    with pytest.raises(RuntimeError, match="not built"):
+        explicit(x)
+
+
+@needs_ext
+@pytest.mark.parametrize("kw", [dict(enhance=False), dict(difference=False), dict(spatial_kernel=5),
+                                dict(temporal_kernel=1)])
+def test_uncovered_configurations_use_reference(kw):
+    ref = randomised(TEDAdapter(32, 8, 3, grid=(4, 4), **kw), 15)
+    fast = FusedTEDAdapter(32, 8, 3, grid=(4, 4), backend="cpu", **kw)
+    fast.load_state_dict(ref.state_dict())
+    x = tokens(1, 3, (4, 4), 32)
+    assert fast.select_backend(x) == "reference"
+    assert torch.equal(fast(x), ref(x))
+
+
+@needs_ext
+def test_float64_input_uses_reference():
+    ref, fast = pair(32, 8, 2, (3, 3))
+    ref, fast = ref.double(), fast.double()
+    x = tokens(1, 2, (3, 3), 32, dtype=torch.float64)
+    assert fast.select_backend(x) == "reference"
+    assert torch.equal(fast(x), ref(x))
+
+
+@needs_ext
+def test_forward_mode_ad_uses_reference():
+    ref, fast = pair(32, 8, 2, (3, 3))
+    x, tangent = tokens(1, 2, (3, 3), 32), tokens(1, 2, (3, 3), 32, seed=16)
+    jvps = []
+    for module in (ref, fast):
+        with fwAD.dual_level():
+            dual = fwAD.make_dual(x, tangent)
+            jvps.append(fwAD.unpack_dual(module(dual)).tangent)
+    assert torch.equal(jvps[0], jvps[1])
+
+
+@needs_ext
+def test_double_backward_raises():
+    _, fast = pair(32, 8, 2, (3, 3))
+    x = tokens(1, 2, (3, 3), 32).requires_grad_()
+    (gx,) = torch.autograd.grad(fast(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()
+
+
+@needs_ext
+def test_functional_entry_point_validates_inputs():
+    ref, _ = pair(32, 8, 2, (3, 3))
+    p = dict(ref.named_parameters())
+    args = [p[k] for k in ("down_e.weight", "down_e.bias", "conv_e.weight", "conv_e.bias", "up_e.weight",
+                           "up_e.bias", "down_d.weight", "down_d.bias", "conv_d.weight", "conv_d.bias",
+                           "up_d.weight", "up_d.bias")]
+    x = tokens(1, 2, (3, 3), 32)
+    with torch.no_grad():
+        assert_scaled_close(ted_cpu.ted_adapter_cpu(x, x, *args, 2, 3, 3), ref(x), FP32_TOL, "functional output")
+        with pytest.raises(ValueError, match="residual"):
+            ted_cpu.ted_adapter_cpu(x, x[:, :5], *args, 2, 3, 3)
+        with pytest.raises(ValueError, match="1\\+h\\*w"):
+            ted_cpu.ted_adapter_cpu(x, x, *args, 2, 2, 3)
+        with pytest.raises(ValueError, match="num_frames"):
+            ted_cpu.ted_adapter_cpu(x, x, *args, 3, 3, 3)
+        bad = list(args)
+        bad[8] = torch.zeros(8, 1, 5, 5)
+        with pytest.raises(ValueError, match="kernel size 3"):
+            ted_cpu.ted_adapter_cpu(x, x, *bad, 2, 3, 3)
