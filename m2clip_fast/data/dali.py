@@ -51,7 +51,6 @@ class DALIUnavailableError(ImportError):
 
 def _dali():
     try:
-        import nvidia.dali as dali  # noqa: F401
         from nvidia.dali import fn, pipeline_def, types
     except ImportError as exc:
         raise DALIUnavailableError(f"backend 'dali' needs NVIDIA DALI, which is not importable "

@@ -405,6 +405,7 @@ class _SparseDecoder:
         self.container, self.stream, self.index, self.path = container, stream, index, path
         self.stats = stats
         self.pts_to_idx = {int(p): i for i, p in enumerate(index.pts)}
+        self.wanted_pts: set = set()
 
     def _count(self, name: str) -> None:
         if self.stats is not None:
