@@ -40,7 +40,8 @@ def _kernels_interpreted() -> bool:
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(ted_stencil._ted_stencil_kernel.fn, InterpretedFunction) and isinstance(tl.sum, InterpretedFunction)
+    kernel = ted_stencil._ted_stencil_kernel.fn
+    return isinstance(kernel, InterpretedFunction) and isinstance(tl.sum, InterpretedFunction)
 
 
 def triton_available() -> bool:
@@ -54,9 +55,14 @@ def triton_available() -> bool:
     return _kernels_interpreted()
 
 
-def _device_guard(t: torch.Tensor):
+@contextlib.contextmanager
+def _kernel_scope(t: torch.Tensor):
     # Triton launches on the current CUDA device; tensors on another GPU need it switched.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    # Autocast is off inside: precision follows x.dtype (the Triton GEMM requires matching
+    # operand dtypes), where autocast would turn the cuBLAS GEMMs' outputs bf16 under fp32 x.
+    with torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext():
+        with torch.autocast(device_type=t.device.type, enabled=False):
+            yield
 
 
 def _check_params(c: int, p: dict) -> int:
@@ -84,7 +90,7 @@ class TEDTritonFunction(torch.autograd.Function):
         m = bt * length
         r = down_e_w.shape[0]
         dt = x.dtype
-        with _device_guard(x):
+        with _kernel_scope(x):
             x2d = x.reshape(m, c).contiguous()
             w_down = torch.cat([down_e_w, down_d_w]).to(dt)
             b_down = torch.cat([down_e_b, torch.zeros_like(down_d_b)]).to(dt)
@@ -115,7 +121,7 @@ class TEDTritonFunction(torch.autograd.Function):
         m = bt * length
         dt = x.dtype
         grads = dict.fromkeys(("x", "residual") + _PARAM_NAMES)
-        with _device_guard(x):
+        with _kernel_scope(x):
             g = grad_out.reshape(m, c).contiguous()
             if need["up_e_b"]:
                 grads["up_e_b"] = g.sum(0, dtype=torch.float32)

@@ -270,6 +270,36 @@ def test_partial_requires_grad(trainable):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
 
 
+def test_autocast_does_not_change_precision_policy():
+    """Under a caller's autocast (the model runs its entry points in one) the op still computes in
+    x.dtype: fp32 tokens give the fp32 result and fp32 gradients, not a bf16-GEMM approximation."""
+    batch, frames, h, w, c, r = 1, 2, 2, 3, 40, 17
+    adapter = make_adapter(c, r, frames, h, w)
+    x = make_tokens(batch, frames, h, w, c)
+    grad_out = torch.randn_like(x)
+    plain = run_triton(adapter, x, x, grad_out, frames, h, w, torch.float32, same_residual=True)
+    with torch.autocast(device_type=DEVICE, dtype=torch.bfloat16):
+        cast = run_triton(adapter, x, x, grad_out, frames, h, w, torch.float32, same_residual=True)
+    for name, a, b in zip(NAMES, cast, plain):
+        if a is not None:
+            assert a.dtype == torch.float32, name
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * b.abs().max().item(), msg=name)
+
+
+def test_residual_is_x_folds_its_gradient_into_dx(monkeypatch):
+    """x passed as its own residual: backward returns dx + g through one addmm, none for residual."""
+    batch, frames, h, w, c, r = 1, 2, 2, 3, 40, 17
+    adapter = make_adapter(c, r, frames, h, w).float()
+    params = [dict(adapter.named_parameters())[n].detach() for n in PARAMS]
+    x = make_tokens(batch, frames, h, w, c).float().requires_grad_()
+    seen = []
+    backward = ted.TEDTritonFunction.backward
+    monkeypatch.setattr(ted.TEDTritonFunction, "backward",
+                        staticmethod(lambda ctx, g: seen.append(backward(ctx, g)) or seen[-1]))
+    ted.ted_adapter_triton(x, x, *params, frames, h, w).sum().backward()
+    assert seen and seen[0][1] is None and seen[0][0] is not None
+
+
 def test_rejects_inconsistent_inputs():
     frames, h, w, c, r = 2, 2, 3, 40, 17
     adapter = make_adapter(c, r, frames, h, w).float()
