@@ -15,7 +15,8 @@ the cost of a store — cheaper than a second pass that re-reads Z. Per-channel 
 (conv_e w/b, b_e, conv_d w/b, b_d) are reduced over rows inside each program and written as
 per-program partials: deterministic, no atomics, one tiny torch sum afterwards.
 
-Launch grid: axis 0 walks row blocks, axis 1 channel blocks. A (BLOCK_M × BLOCK_R) tile reads
+Launch grid: axis 0 walks row blocks, axis 1 channel blocks of the E half then of the D half
+(one half per program keeps registers low, see the kernel). A (BLOCK_M × BLOCK_R) tile reads
 channel-contiguous rows (coalesced), and every neighbour tap is the same tile shifted by a whole
 number of rows (±L for frames, ±1/±w inside the grid), so the 3 + 18 taps of a tile hit L1/L2
 after the first touch: the kernel streams Z (and dS) from HBM about once. Axis 0 is the fastest

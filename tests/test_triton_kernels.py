@@ -205,6 +205,23 @@ def test_stencil_forward_matches_reference_convs(frames, h, w, r):
     torch.testing.assert_close(s[:, r:], s_d, rtol=1e-5, atol=1e-5)
 
 
+def test_stencil_backward_row_loop_matches_one_block_per_program(monkeypatch):
+    """Backward programs walk several row blocks when rows outnumber them (always, at scale);
+    one program walking all blocks must give the same dZ, S and reduced gradients."""
+    frames, h, w, r = 3, 4, 5, 17
+    g = torch.Generator().manual_seed(4)
+    rows = 2 * frames * (1 + h * w)
+    z, ds = (torch.randn(rows, 2 * r, generator=g).to(DEVICE) for _ in range(2))
+    params = [torch.randn(shape, generator=g).to(DEVICE) for shape in [(r, 1, 3), (r,), (r, 1, 3, 3), (r,), (r,)]]
+    wide = ted_stencil.ted_stencil_backward(z, ds, *params, frames, h, w)
+    monkeypatch.setattr(ted_stencil, "_MAX_BWD_ROW_PROGRAMS", 1)
+    looped = ted_stencil.ted_stencil_backward(z, ds, *params, frames, h, w)
+    torch.testing.assert_close(looped[0], wide[0])
+    torch.testing.assert_close(looped[1], wide[1])
+    for name in wide[2]:
+        torch.testing.assert_close(looped[2][name], wide[2][name], rtol=1e-5, atol=1e-4, msg=name)
+
+
 def test_up_projection_epilogue_with_strided_residual():
     """Class rows get b_ue only, patch rows b_ue + b_ud; residual read through its own strides."""
     tokens, rows, k, n = 7, 7 * 11, 34, 72
