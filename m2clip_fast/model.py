@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .adapters import TEDAdapter, TemporalAdapter, TextAdapter
+from .attention import set_attention_backend
 from .heads import (HEADS, MLMHead, VisualClassifier, cmc_loss, cmlm_loss, kl_contrastive_loss, vc_loss)
 from .presets import TINY_BACKBONE, M2CLIPConfig, resolve_config
 from .text import (PromptTokenizer, humanize, label_words, load_class_names, mask_label_words)
@@ -448,7 +449,9 @@ def create_model(preset_or_config: Union[str, M2CLIPConfig] = "k400_b16_8f", pre
     names = load_class_names(config.class_names)
     clip = load_clip(config.backbone, pretrained, config.quick_gelu)
     tokenizer = open_clip.get_tokenizer(config.backbone)
-    return M2CLIP(clip, config, tokenizer, names)
+    model = M2CLIP(clip, config, tokenizer, names)
+    set_attention_backend(model, config.attention)  # vision, text and the CMLM cross-attention block
+    return model
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

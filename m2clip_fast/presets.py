@@ -44,6 +44,7 @@ class M2CLIPConfig:
     ted_enhance: bool = True
     ted_difference: bool = True
     fused: bool = True
+    attention: str = "sdpa"  # "sdpa" | "xformers" (CUDA) | "math" | "torch" (nn.MultiheadAttention as is)
     # per-frame temporal adapter on projected class embeddings (official ``t_adapter``)
     temporal_adapter: bool = True
     # text adapters
