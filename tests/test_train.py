@@ -11,7 +11,7 @@ import torch
 
 from m2clip_fast import create_model
 from m2clip_fast.data import DatasetError
-from m2clip_fast.data.synthetic import make_dataset, write_broken_video
+from m2clip_fast.data.synthetic import write_broken_video
 from m2clip_fast.train import lr_factor, main as train_main, param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,11 +19,9 @@ SMALL = ["--set", "num_frames=4", "ted_bottleneck=8", "text_bottleneck=8", "trai
          "train.warmup_epochs=0.5"]
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synthetic")
-    make_dataset(out, per_class=2, val_per_class=1, frames=8, size=32, seed=3)
-    return out
+@pytest.fixture
+def dataset(synthetic_dataset):
+    return synthetic_dataset
 
 
 def base_args(dataset, out, *extra):
