@@ -1,4 +1,4 @@
-"""Comparison baselines for the adapter benchmarks (not used by the library).
+"""Comparison baselines and measurement helpers for the adapter benchmarks (not used by the library).
 
 ``OfficialStyleTEDAdapter`` computes the TED adapter the way the official M²-CLIP release does —
 an index gather for the previous frame, ``permute(...).contiguous()`` round trips around a
@@ -10,7 +10,7 @@ release it is out of place (no ``x[:, 1:] += ...``), so autograd can differentia
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -87,3 +87,21 @@ class OfficialStyleTEDAdapter(nn.Module):
         e = e.permute(0, 2, 1, 3).contiguous().view(bt, length, r)
         out = (x if residual is None else residual) + self.fc2(e)
         return torch.cat([out[:, :1], out[:, 1:] + offset], dim=1)
+
+
+def saved_storages(run: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> Dict[int, int]:
+    """{storage address: bytes} of what autograd saves for backward during run(), through
+    saved_tensors_hooks; storages of ``exclude`` (the parameters, which live anyway) are left out and
+    a storage saved twice counts once."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    saved: Dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return saved

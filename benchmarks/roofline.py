@@ -60,21 +60,24 @@ def dwconv(fwd: Trace, bwd: Trace, n: int, taps: int, name: str) -> None:
     bwd.op(f"{name} dW", 2 * n, 0, 2 * taps * n)
 
 
+def branch(fwd: Trace, bwd: Trace, rows: int, taps: int, names: Tuple[str, ...]) -> None:
+    """down linear → a materialised permute → depthwise conv → the permutes back → up linear."""
+    down, conv, up, before, *after = names
+    linear(fwd, bwd, rows, C, R, down)
+    copy(fwd, bwd, rows * R, before)
+    dwconv(fwd, bwd, rows * R, taps, conv)
+    for name in after:
+        copy(fwd, bwd, rows * R, name)
+    linear(fwd, bwd, rows, R, C, up)
+
+
 def eager_reference() -> Tuple[Trace, Trace]:
     fwd, bwd = Trace(), Trace()
-    linear(fwd, bwd, M, C, R, "down_e")
-    copy(fwd, bwd, M * R, "E to (B·L, r, T)")
-    dwconv(fwd, bwd, M * R, 3, "conv_e")
-    copy(fwd, bwd, M * R, "E back to tokens")
-    linear(fwd, bwd, M, R, C, "up_e")
+    branch(fwd, bwd, M, 3, ("down_e", "conv_e", "up_e", "E to (B·L, r, T)", "E back to tokens"))
     fwd.op("previous frames (cat)", MP * C, MP * C)
     fwd.op("frame difference (sub)", 2 * MP * C, MP * C)
     bwd.op("difference grad: neg + slice-adds into x", 3 * MP * C, 2 * MP * C + M * C)
-    linear(fwd, bwd, MP, C, R, "down_d")
-    copy(fwd, bwd, MP * R, "D to (BT, r, h, w)")
-    dwconv(fwd, bwd, MP * R, 9, "conv_d")
-    copy(fwd, bwd, MP * R, "D back to tokens (up_d input)")
-    linear(fwd, bwd, MP, R, C, "up_d")
+    branch(fwd, bwd, MP, 9, ("down_d", "conv_d", "up_d", "D to (BT, r, h, w)", "D back to tokens (up_d input)"))
     fwd.op("pad class row", MP * C, M * C)
     bwd.op("pad grad (slice copy)", MP * C, MP * C)
     fwd.op("E + D update", 2 * M * C, M * C)
@@ -88,17 +91,10 @@ def official_style() -> Tuple[Trace, Trace]:
     fwd.op("previous frames (gather)", MP * C, MP * C)
     fwd.op("frame difference (sub)", 2 * MP * C, MP * C)
     bwd.op("difference grad: neg, index_add, slice into x", 4 * MP * C, 3 * MP * C + M * C)
-    linear(fwd, bwd, MP, C, R, "offset fc1")
-    copy(fwd, bwd, MP * R, "permute(0,4,1,2,3).contiguous()")
-    dwconv(fwd, bwd, MP * R, 9, "Conv3d (1,3,3)")
-    copy(fwd, bwd, MP * R, "permute(0,2,3,4,1).contiguous()")
-    linear(fwd, bwd, MP, R, C, "offset fc2")
-    linear(fwd, bwd, M, C, R, "fc1")
-    copy(fwd, bwd, M * R, "permute(0,2,3,1).contiguous()")
-    dwconv(fwd, bwd, M * R, 3, "Conv1d over T")
-    copy(fwd, bwd, M * R, "permute(0,2,1).contiguous()")
-    copy(fwd, bwd, M * R, "permute(0,2,1,3).contiguous()")
-    linear(fwd, bwd, M, R, C, "fc2")
+    branch(fwd, bwd, MP, 9, ("offset fc1", "Conv3d (1,3,3)", "offset fc2", "permute(0,4,1,2,3).contiguous()",
+                             "permute(0,2,3,4,1).contiguous()"))
+    branch(fwd, bwd, M, 3, ("fc1", "Conv1d over T", "fc2", "permute(0,2,3,1).contiguous()",
+                            "permute(0,2,1).contiguous()", "permute(0,2,1,3).contiguous()"))
     fwd.op("residual + E", 2 * M * C, M * C)
     fwd.op("patch rows + D", 2 * MP * C, MP * C)
     fwd.op("cat class row", M * C, M * C)

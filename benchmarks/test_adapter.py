@@ -22,13 +22,13 @@ import contextlib
 import copy
 import sys
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional
 
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baselines import OfficialStyleTEDAdapter  # noqa: E402
+from baselines import OfficialStyleTEDAdapter, saved_storages  # noqa: E402
 
 from m2clip_fast.adapters import TEDAdapter  # noqa: E402
 from m2clip_fast.fused import FusedTEDAdapter, extension_available  # noqa: E402
@@ -47,22 +47,6 @@ def randomised(module: TEDAdapter, seed: int = 0) -> TEDAdapter:
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * (p.shape[1] ** -0.5 if p.dim() == 2 else 0.5))
     return module
-
-
-def saved_bytes(run: Callable[[], torch.Tensor], params) -> Dict[str, int]:
-    """Bytes of the distinct storages autograd saves during run(), parameters excluded; and of the input x's."""
-    skip = {p.untyped_storage().data_ptr() for p in params}
-    saved: Dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run()
-    return saved
 
 
 class ModuleRunner:
@@ -100,7 +84,7 @@ class ModuleRunner:
 
     def saved(self):
         x_ptr = self.x.untyped_storage().data_ptr()
-        saved = saved_bytes(self.forward, self.params)
+        saved = saved_storages(self.forward, self.params)
         return sum(saved.values()), sum(v for k, v in saved.items() if k != x_ptr)
 
 

@@ -43,7 +43,7 @@ _results = {}
 def videos(tmp_path_factory):
     root = tmp_path_factory.mktemp("loader_bench")
     frames = textured_frames(FPS * SECONDS, HEIGHT, WIDTH, seed=0)
-    return {name: write_video(root / f"{name}{ext}", frames, fps=FPS, codec=codec, gop=gop)
+    return {name: write_video(root / f"{name}{ext}", frames, fps=FPS, codec=codec, gop=gop, threads=0)
             for name, (codec, ext, gop) in VIDEOS.items()}
 
 

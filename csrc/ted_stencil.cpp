@@ -137,21 +137,39 @@ struct FwdArgs {
   const float* bias_patch;  // b_ue + b_ud
 };
 
+// The E branch at frame t, channel block c: its taps, biases, and the neighbour frames' offsets.
+// Out-of-range neighbours point at the centre row and are scaled by 0: branch-free and in bounds.
+template <int W>
+struct TemporalTaps {
+  using F = typename Vec<W>::F;
+  F be, cb, w0, w1, w2;
+  float fm, fp;        // 1 where frame t−1 / t+1 exists, else 0
+  int64_t om, op;      // element offsets of frames t−1 / t+1
+  int64_t row0, rows;  // first row and count of the unit's tokens at frame t
+  M2_INLINE TemporalTaps(const Geometry& g, const Params& P, const Unit& u, int64_t t, int64_t c)
+      : be(vload<W>(P.b_e + c)), cb(vload<W>(P.cb_e + c)), w0(vload<W>(P.w_e + c)),
+        w1(vload<W>(P.w_e + g.r + c)), w2(vload<W>(P.w_e + 2 * g.r + c)), fm(t > 0 ? 1.f : 0.f),
+        fp(t + 1 < g.T ? 1.f : 0.f), om(t > 0 ? -g.L * 2 * g.r : 0), op(t + 1 < g.T ? g.L * 2 * g.r : 0),
+        row0((u.b * g.T + t) * g.L + u.first_token(g)), rows(u.tokens(g)) {}
+  // Y at frames t−1, t, t+1 (zero outside the clip) for the row at z.
+  template <typename Tz>
+  M2_INLINE void inputs(const Tz* z, F& y0, F& y1, F& y2) const {
+    y0 = fm * (vload<W>(z + om) + be);
+    y1 = vload<W>(z) + be;
+    y2 = fp * (vload<W>(z + op) + be);
+  }
+};
+
 template <int W, typename Tz>
 M2_INLINE void e_forward(const Geometry& g, const Params& P, const Tz* Z, Tz* S, const Unit& u, int64_t t,
                          int64_t c) {
   using F = typename Vec<W>::F;
-  const int64_t stride = 2 * g.r, frame = g.L * stride;
-  const F be = vload<W>(P.b_e + c), cb = vload<W>(P.cb_e + c);
-  const F w0 = vload<W>(P.w_e + c), w1 = vload<W>(P.w_e + g.r + c), w2 = vload<W>(P.w_e + 2 * g.r + c);
-  // Out-of-range taps read the centre row and are scaled by 0: branch-free and in bounds.
-  const float fm = t > 0 ? 1.f : 0.f, fp = t + 1 < g.T ? 1.f : 0.f;
-  const int64_t om = t > 0 ? -frame : 0, op = t + 1 < g.T ? frame : 0;
-  const int64_t row0 = (u.b * g.T + t) * g.L + u.first_token(g);
-  for (int64_t k = 0; k < u.tokens(g); ++k) {
-    const Tz* z = Z + (row0 + k) * stride + c;
-    const F y0 = fm * (vload<W>(z + om) + be), y1 = vload<W>(z) + be, y2 = fp * (vload<W>(z + op) + be);
-    vstore<W>(S + (row0 + k) * stride + c, cb + w0 * y0 + w1 * y1 + w2 * y2);
+  const TemporalTaps<W> e(g, P, u, t, c);
+  for (int64_t k = 0; k < e.rows; ++k) {
+    const int64_t off = (e.row0 + k) * 2 * g.r + c;
+    F y0, y1, y2;
+    e.inputs(Z + off, y0, y1, y2);
+    vstore<W>(S + off, e.cb + e.w0 * y0 + e.w1 * y1 + e.w2 * y2);
   }
 }
 
@@ -273,25 +291,21 @@ template <int W, typename Tz>
 M2_INLINE void e_backward(const Geometry& g, const Params& P, const Tz* Z, const Tz* dS, Tz* S, Tz* dZ,
                           Partials& pt, const Unit& u, int64_t t, int64_t c) {
   using F = typename Vec<W>::F;
-  const int64_t stride = 2 * g.r, frame = g.L * stride;
-  const F be = vload<W>(P.b_e + c), cb = vload<W>(P.cb_e + c);
-  const F w0 = vload<W>(P.w_e + c), w1 = vload<W>(P.w_e + g.r + c), w2 = vload<W>(P.w_e + 2 * g.r + c);
-  const float fm = t > 0 ? 1.f : 0.f, fp = t + 1 < g.T ? 1.f : 0.f;
-  const int64_t om = t > 0 ? -frame : 0, op = t + 1 < g.T ? frame : 0;
-  const int64_t row0 = (u.b * g.T + t) * g.L + u.first_token(g);
+  const TemporalTaps<W> e(g, P, u, t, c);
   F dw0 = vzero<W>(), dw1 = vzero<W>(), dw2 = vzero<W>(), dbe = vzero<W>(), dcb = vzero<W>();
-  for (int64_t k = 0; k < u.tokens(g); ++k) {
-    const int64_t off = (row0 + k) * stride + c;
-    const Tz *z = Z + off, *ds = dS + off;
-    const F y0 = fm * (vload<W>(z + om) + be), y1 = vload<W>(z) + be, y2 = fp * (vload<W>(z + op) + be);
+  for (int64_t k = 0; k < e.rows; ++k) {
+    const int64_t off = (e.row0 + k) * 2 * g.r + c;
+    const Tz* ds = dS + off;
+    F y0, y1, y2;
+    e.inputs(Z + off, y0, y1, y2);
     const F d = vload<W>(ds);
-    vstore<W>(S + off, cb + w0 * y0 + w1 * y1 + w2 * y2);
+    vstore<W>(S + off, e.cb + e.w0 * y0 + e.w1 * y1 + e.w2 * y2);
     dw0 += d * y0;
     dw1 += d * y1;
     dw2 += d * y2;
     dcb += d;
     // Y[t] feeds S[t+1] through tap 0, S[t] through tap 1 and S[t−1] through tap 2.
-    const F dy = w0 * (fp * vload<W>(ds + op)) + w1 * d + w2 * (fm * vload<W>(ds + om));
+    const F dy = e.w0 * (e.fp * vload<W>(ds + e.op)) + e.w1 * d + e.w2 * (e.fm * vload<W>(ds + e.om));
     vstore<W>(dZ + off, dy);
     dbe += dy;
   }

@@ -119,13 +119,15 @@ class TEDAdapterCPUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, down_e_w, down_e_b, conv_e_w, conv_e_b, up_e_w, up_e_b, down_d_w, down_d_b,
-                conv_d_w, conv_d_b, up_d_w, up_d_b, num_frames, h, w, dtype):
+                conv_d_w, conv_d_b, up_d_w, up_d_b, num_frames, h, w, dtype, for_backward):
         channels = x.shape[-1]
         with torch.autocast("cpu", enabled=False):
             x2 = x.reshape(-1, channels).contiguous()
             res2 = x2 if residual is None else residual.reshape(-1, channels).contiguous()
             xg = x2.to(dtype)
-            z = torch.mm(xg, _packed("w_down", (down_e_w, down_d_w), 0, dtype).t())
+            # Z is saved for backward; without one (inference) it is scratch like S.
+            z_out = None if for_backward else _WORKSPACE.get("z", (x2.shape[0], 2 * down_e_w.shape[0]), dtype)
+            z = torch.mm(xg, _packed("w_down", (down_e_w, down_d_w), 0, dtype).t(), out=z_out)
             s, out = _C.ted_stencil_forward(z, res2, down_e_b, conv_e_w, conv_e_b, down_d_b, conv_d_w, conv_d_b,
                                             up_e_b, up_d_b, num_frames, h, w, _WORKSPACE.get("s", z.shape, dtype))
             w_up = _packed("w_up", (up_e_w, up_d_w), 1, dtype)
@@ -133,11 +135,12 @@ class TEDAdapterCPUFunction(torch.autograd.Function):
                 torch.addmm(out, s, w_up.t(), out=out)
             else:  # fp32 residual under bf16 autocast: ATen has no bf16 × bf16 → fp32 GEMM on CPU
                 out += torch.mm(s, w_up.t())
-        ctx.save_for_backward(xg, z, down_e_w, down_e_b, conv_e_w, conv_e_b, up_e_w, down_d_w, down_d_b,
-                              conv_d_w, conv_d_b, up_d_w)
-        ctx.geometry = (num_frames, h, w)
-        ctx.residual_is_x = residual is None
-        ctx.x_dtype = x.dtype
+        if for_backward:
+            ctx.save_for_backward(xg, z, down_e_w, down_e_b, conv_e_w, conv_e_b, up_e_w, down_d_w, down_d_b,
+                                  conv_d_w, conv_d_b, up_d_w)
+            ctx.geometry = (num_frames, h, w)
+            ctx.residual_is_x = residual is None
+            ctx.x_dtype = x.dtype
         return out.view(x.shape)
 
     @staticmethod
@@ -182,7 +185,7 @@ class TEDAdapterCPUFunction(torch.autograd.Function):
         return (dx, d_residual, cast(d_down_e_w, down_e_w), cast(d_down_e_b, down_e_b), cast(d_conv_e_w, conv_e_w),
                 cast(d_conv_e_b, conv_e_b), cast(d_up_e_w, up_e_w), cast(d_up_e_b, up_e_w),
                 cast(d_down_d_w, down_d_w), cast(d_down_d_b, down_d_b), cast(d_conv_d_w, conv_d_w),
-                cast(d_conv_d_b, conv_d_b), cast(d_up_d_w, up_d_w), cast(d_up_d_b, up_d_w), None, None, None, None)
+                cast(d_conv_d_b, conv_d_b), cast(d_up_d_w, up_d_w), cast(d_up_d_b, up_d_w), None, None, None, None, None)
 
 
 def ted_adapter_cpu(x, residual, down_e_w, down_e_b, conv_e_w, conv_e_b, up_e_w, up_e_b, down_d_w, down_d_b,
@@ -196,6 +199,8 @@ def ted_adapter_cpu(x, residual, down_e_w, down_e_b, conv_e_w, conv_e_b, up_e_w,
     if residual is None:
         residual = x
     _check(x, residual, (down_e_w, conv_e_w, up_e_w, down_d_w, conv_d_w, up_d_w), num_frames, h, w)
+    tensors = (x, residual, down_e_w, down_e_b, conv_e_w, conv_e_b, up_e_w, up_e_b, down_d_w, down_d_b, conv_d_w,
+               conv_d_b, up_d_w, up_d_b)
+    for_backward = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     return TEDAdapterCPUFunction.apply(
-        x, None if residual is x else residual, down_e_w, down_e_b, conv_e_w, conv_e_b, up_e_w, up_e_b,
-        down_d_w, down_d_b, conv_d_w, conv_d_b, up_d_w, up_d_b, num_frames, h, w, compute_dtype(x))
+        x, None if residual is x else residual, *tensors[2:], num_frames, h, w, compute_dtype(x), for_backward)

@@ -3,7 +3,9 @@
 Everything except the missing-extension notice runs the real extension; those tests are skipped,
 with the reason, only when ``m2clip_fast._C`` is not built.
 """
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,9 @@ import torch.autograd.forward_ad as fwAD
 from m2clip_fast import fused, ted_cpu
 from m2clip_fast.adapters import TEDAdapter
 from m2clip_fast.fused import FusedTEDAdapter, extension_available
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from baselines import saved_storages  # noqa: E402  (shared with the benchmarks' saved-bytes column)
 
 needs_ext = pytest.mark.skipif(
     not extension_available(),
@@ -140,6 +145,20 @@ def test_non_contiguous_input_and_num_frames_override():
 
 
 @needs_ext
+def test_inference_outputs_are_independent_of_later_calls():
+    """Under no_grad Z is scratch reused across calls; returned outputs must not be."""
+    ref, fast = pair(64, 24, 4, (5, 5))
+    x1, x2 = tokens(2, 4, (5, 5), 64, seed=20), tokens(1, 4, (5, 5), 64, seed=21)
+    with torch.no_grad():
+        first = fast(x1)
+        kept = first.clone()
+        second = fast(x2)
+        assert torch.equal(first, kept)
+        assert_scaled_close(first, ref(x1), FP32_TOL, "first output")
+        assert_scaled_close(second, ref(x2), FP32_TOL, "second output")
+
+
+@needs_ext
 def test_partially_frozen_gradients():
     """Only what needs a gradient gets one (the GEMMs for the rest are skipped) and it is right."""
     grid, dim, r, frames = (7, 7), 64, 32, 4
@@ -193,19 +212,8 @@ def test_bf16_error_within_twice_pytorch_bf16_error(mode):
 
 
 def saved_activation_bytes(module, x):
-    """Bytes of the distinct storages autograd saves for backward, parameters excluded (they live anyway)."""
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    saved = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x.detach().clone().requires_grad_())
-    return sum(saved.values())
+    """Bytes autograd saves for backward in module(x), parameters excluded (they live anyway)."""
+    return sum(saved_storages(lambda: module(x.detach().clone().requires_grad_()), module.parameters()).values())
 
 
 @needs_ext
