@@ -18,7 +18,9 @@ import pytest
 import torch
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-if not ON_GPU:
+if not ON_GPU and "triton" not in sys.modules:
+    # Only while it can still take effect: once triton is imported the flag would change nothing
+    # here and would only leak into the subprocesses later tests start.
     os.environ["TRITON_INTERPRET"] = "1"
 
 pytest.importorskip("triton")
