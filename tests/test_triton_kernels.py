@@ -87,9 +87,10 @@ def run_reference(adapter, x, residual, grad_out, frames, dtype):
     """Output and grads (x, residual, 12 parameters) of TEDAdapter run entirely in ``dtype``."""
     module = copy.deepcopy(adapter).to(dtype)
     x, residual = leaf(x, dtype), leaf(residual, dtype)
-    out = module(x, num_frames=frames, residual=residual)
     params = [dict(module.named_parameters())[n] for n in PARAMS]
-    return [out, *torch.autograd.grad(out, [x, residual, *params], grad_out.to(dtype))]
+    with torch.backends.cudnn.flags(allow_tf32=False):  # cuDNN's TF32 default would blur fp32 on GPU
+        out = module(x, num_frames=frames, residual=residual)
+        return [out, *torch.autograd.grad(out, [x, residual, *params], grad_out.to(dtype))]
 
 
 def run_triton(adapter, x, residual, grad_out, frames, h, w, dtype, param_dtype=None, same_residual=False):
