@@ -26,9 +26,9 @@ def test_translation_classes_move_the_right_way(name, axis, sign):
         mask = foreground(clip)
         steps = [circular_centroid(mask[t + 1], axis, 64) - circular_centroid(mask[t], axis, 64) for t in range(19)]
         steps = (np.asarray(steps) + 32) % 64 - 32  # unwrap across the border
-        # the bar moves 0.9-1.6 pixels per frame; the median-background mask loses the pixels the
+        # the bar moves 1.5-2.5 pixels per frame; the median-background mask loses the pixels the
         # bar covers most of the time, which shrinks the measured step, but never its direction
-        assert 0.2 < sign * np.median(steps) < 2.0, (name, seed, np.round(steps, 1))
+        assert 0.3 < sign * np.median(steps) < 3.0, (name, seed, np.round(steps, 1))
         assert (sign * steps > 0).mean() > 0.7
 
 
@@ -77,10 +77,20 @@ def test_cli_writes_a_deterministic_decodable_dataset(tmp_path, capsys):
     for path, label in train + val:
         assert f"/{CLASSES[label]}/" in path and path.endswith(".mp4")
         assert num_frames(path) == 12
-    first_a = decode_all_frames(train[5][0])
+    first_a = decode_all_frames(train[5][0]).float()
     assert first_a.shape == (12, 32, 32, 3)
-    assert torch.equal(first_a, decode_all_frames(train[5][0].replace("/a/", "/b/")))
-    assert not torch.equal(first_a, decode_all_frames(train[5][0].replace("/a/", "/c/")))
+    # the rendered frames are bit-identical for a seed, but libx264 does not reproduce its
+    # bitstream exactly across processes (the first encodes of a process vary by a few levels)
+    same_seed = decode_all_frames(train[5][0].replace("/a/", "/b/")).float()
+    other_seed = decode_all_frames(train[5][0].replace("/a/", "/c/")).float()
+    assert (first_a - same_seed).abs().mean() < 1.0
+    assert (first_a - other_seed).abs().mean() > 10.0
+
+
+def test_render_is_deterministic():
+    a = render_clip(4, np.random.default_rng([0, 0, 4, 1]))
+    assert np.array_equal(a, render_clip(4, np.random.default_rng([0, 0, 4, 1])))
+    assert not np.array_equal(a, render_clip(4, np.random.default_rng([0, 0, 4, 2])))
 
 
 @pytest.mark.parametrize("codec, ext", [("vp9", ".webm"), ("mpeg4", ".avi")])

@@ -6,9 +6,9 @@ growing / shrinking. Per-frame appearance is drawn from the same distribution fo
 
 * translation wraps around the frame edges (toroidal), so the bar's position in any single frame
   is uniform over the frame whatever the direction;
-* the bar of every class has a uniformly random orientation, a random position and a scale drawn
-  from one shared range; shrinking is the time reversal of growing, so the marginal scale
-  distribution of a frame is the same for both;
+* the bar of every class has a uniformly random orientation and position; its size follows a
+  random growth track, played forwards (growing), backwards (shrinking) or frozen at a random
+  moment (all other classes), so the size in one frame has the same distribution for every class;
 * colours, background, speed and a little per-frame noise are random per video.
 
 So a single frame carries no label; two frames a few steps apart do. Horizontal flipping swaps
@@ -92,6 +92,21 @@ def _encoder_options(codec: str, gop: int, bframes: int, quality: Optional[int])
     raise ValueError(f"unknown codec {codec!r}; expected one of {sorted(CODECS)}")
 
 
+def _rgb_to_yuv420p(image: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) RGB -> uint8 (H * 3 // 2, W) planar YUV 4:2:0, BT.601 limited range.
+
+    Chroma is taken from the mean colour of each 2x2 block.
+    """
+    rgb = image.astype(np.float32)
+    h, w = rgb.shape[:2]
+    y = 16 + rgb @ np.array([65.481, 128.553, 24.966], np.float32) / 255
+    block = rgb.reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3))
+    u = 128 + block @ np.array([-37.797, -74.203, 112.0], np.float32) / 255
+    v = 128 + block @ np.array([112.0, -93.786, -18.214], np.float32) / 255
+    planes = np.concatenate([y.ravel(), u.ravel(), v.ravel()])
+    return np.clip(np.rint(planes), 0, 255).astype(np.uint8).reshape(h * 3 // 2, w)
+
+
 def write_video(
     path: PathLike,
     frames_uint8,
@@ -102,6 +117,7 @@ def write_video(
     bframes: Optional[int] = None,
     quality: Optional[int] = None,
     faststart: bool = False,
+    threads: int = 1,
 ) -> Path:
     """Encode ``frames_uint8`` (uint8 array/tensor (T, H, W, 3), RGB, H and W even) to ``path``.
 
@@ -109,7 +125,11 @@ def write_video(
     ``"mpeg4"`` (MPEG-4 Part 2, .avi/.mp4). ``gop`` is the keyframe interval in frames,
     ``bframes`` the number of consecutive B-frames (default: 2 for h264, 0 otherwise),
     ``quality`` the codec's crf (h264/vp9) or qscale (mpeg4). ``faststart`` puts the mp4 index at
-    the front of the file (as web-downloaded Kinetics clips have). Returns the path.
+    the front of the file (as web-downloaded Kinetics clips have). ``threads``: encoder threads
+    (0: FFmpeg chooses). RGB is converted to YUV 4:2:0 here with BT.601 limited-range
+    coefficients, the matrix decoders assume for untagged video. Note: libx264 and libvpx do not
+    reproduce their bitstreams exactly across processes, so the decoded pixels of two runs can
+    differ by a few levels even though the rendered frames are identical. Returns the path.
     """
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}; expected one of {sorted(CODECS)}")
@@ -132,14 +152,16 @@ def write_video(
         stream = container.add_stream(encoder, rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         stream.codec_context.gop_size = gop
+        stream.codec_context.thread_count = threads
         if codec == "mpeg4":
             stream.codec_context.max_b_frames = bframes
             stream.codec_context.bit_rate = max(200_000, 8 * w * h * fps // 10)
             if quality is not None:
                 stream.codec_context.qscale = quality
         stream.options = _encoder_options(codec, gop, bframes, quality)
-        for image in frames:
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(_rgb_to_yuv420p(image), format="yuv420p")
+            frame.pts = i  # in 1/fps units, the stream's codec time base
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
@@ -249,26 +271,29 @@ def render_clip(label: int, rng: np.random.Generator, *, frames: int = 20, size:
     cx = np.full(frames, rng.uniform(0, size))
     cy = np.full(frames, rng.uniform(0, size))
     angle = np.full(frames, rng.uniform(0, 2 * np.pi))
-    # shared scale range (bar half-length in pixels) for every class
-    lo, hi = 0.14 * size, 0.30 * size
-    half_len = np.full(frames, rng.uniform(lo, hi))
+    # Bar half-length (pixels): a growth track from a random start, seen forwards (growing),
+    # backwards (shrinking) or frozen at one random moment (every other class), so the size in a
+    # single frame has the same distribution for every class.
+    lo, hi = 0.12 * size, 0.34 * size
+    ratio = rng.uniform(1.7, 2.2)  # total scale change over the clip
+    start = np.exp(rng.uniform(np.log(lo), np.log(hi / ratio)))
+    track = start * ratio ** (t / max(frames - 1, 1))
+    half_len = np.full(frames, track[rng.integers(frames)])
 
     if name.startswith("moving"):
-        speed = rng.uniform(0.9, 1.6) * size / 64.0  # pixels per frame
+        speed = rng.uniform(1.5, 2.5) * size / 64.0  # pixels per frame
         dx, dy = {"moving_left": (-1, 0), "moving_right": (1, 0), "moving_up": (0, -1),
                   "moving_down": (0, 1)}[name]
         cx = cx + dx * speed * t
         cy = cy + dy * speed * t
     elif name.startswith("rotating"):
-        omega = np.deg2rad(rng.uniform(6.0, 11.0))  # radians per frame, well below aliasing
+        # radians per frame: < 90 degrees even between training frames 5 apart (no aliasing)
+        omega = np.deg2rad(rng.uniform(8.0, 13.0))
         # image y grows downwards, so a clockwise turn on screen is a positive angle here
         sign = 1.0 if name == "rotating_clockwise" else -1.0
         angle = angle + sign * omega * t
     else:
-        ratio = rng.uniform(1.6, 2.0)  # total scale change over the clip
-        start = np.exp(rng.uniform(np.log(lo), np.log(hi / ratio)))
-        growth = start * ratio ** (t / max(frames - 1, 1))
-        half_len = growth if name == "growing" else growth[::-1].copy()
+        half_len = track if name == "growing" else track[::-1].copy()
 
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
     out = np.empty((frames, size, size, 3), dtype=np.uint8)
@@ -309,8 +334,9 @@ def make_dataset(
 ) -> Dict[str, Path]:
     """Write the synthetic dataset under ``out``; returns the paths of train/val lists and classes.
 
-    Deterministic from ``seed``: every video has its own generator seeded by
-    ``(seed, split, class, index)``, so adding classes or videos leaves the others unchanged.
+    The rendered frames are deterministic from ``seed`` (each video has its own generator seeded
+    by ``(seed, split, class, index)``, so adding classes or videos leaves the others unchanged);
+    the encoded bytes may vary slightly between runs (see :func:`write_video`).
     """
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}; expected one of {sorted(CODECS)}")
