@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 
 from m2clip_fast.data import decode_all_frames, load_class_names, num_frames, read_list_file
 from m2clip_fast.data.synthetic import CLASSES, main, render_clip, write_video
