@@ -1,5 +1,17 @@
-"""Shared fixtures: a tiny real encoded dataset written once per test session."""
-import pytest
+"""Shared fixtures: a tiny real encoded dataset written once per test session.
+
+Without CUDA, Triton kernels can only run in its interpreter, and the interpreter choice is fixed when triton
+is first imported (open_clip imports it indirectly): set it before anything else is imported.
+"""
+import os
+
+if "TRITON_INTERPRET" not in os.environ:
+    import torch  # importing torch does not import triton
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")

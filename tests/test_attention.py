@@ -346,7 +346,8 @@ def test_m2clip_with_cmlm_cross_attention_same_losses_and_predictions():
     from m2clip_fast import create_model
 
     torch.manual_seed(0)
-    model = create_model("tiny", class_names=["moving left", "moving right", "growing"], fused=False).eval()
+    model = create_model("tiny", class_names=["moving left", "moving right", "growing"], fused=False,
+                         attention="torch").eval()
     video, labels = randn(2, 4, 3, 32, 32), torch.tensor([0, 2])
 
     def run():
