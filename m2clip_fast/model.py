@@ -40,12 +40,16 @@ class PreMLPTap(nn.Module):
         self.inner = inner
         self.__dict__["adapter"] = adapter
         self.block_input: Optional[torch.Tensor] = None
+        self.recorded: Optional[torch.Tensor] = None  # the adapter's input, kept when ``record`` is on
+        self.record = False
 
     def forward(self, attn_out: torch.Tensor) -> torch.Tensor:
         y = self.inner(attn_out)
         x, self.block_input = self.block_input, None
         if x is None:
             raise RuntimeError("PreMLPTap ran without its block's pre-hook; was ls_1 called outside the block?")
+        if self.record:
+            self.recorded = x + y
         return self.adapter(x + y, residual=y)
 
 
@@ -217,6 +221,7 @@ class M2CLIP(nn.Module):
             self.mlm_head = MLMHead(text_width, len(self.vocabulary))
         self._text_cache: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.use_text_cache = True
+        self.use_eot_text_path = True
 
     # ------------------------------------------------------------------------------------------ vision
     def _capture_class_token(self, module, args, output):
@@ -288,27 +293,59 @@ class M2CLIP(nn.Module):
         return self._text_blocks(hidden, self.frozen_text_layers, len(self.clip.transformer.resblocks))
 
     def _project_text(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, n, width) last hidden states → (N, D): pool the end-of-text row, ln_final, projection."""
         from open_clip.transformer import text_global_pool
 
-        x = self.clip.ln_final(hidden)
-        x = text_global_pool(x, tokens, getattr(self.clip, "text_pool_type", "argmax"),
+        x = text_global_pool(hidden, tokens, getattr(self.clip, "text_pool_type", "argmax"),
                              eos_token_id=getattr(self.clip, "text_eos_id", None))
+        return self._project_pooled(x)
+
+    def _project_pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, width) → (N, D). ln_final is per token, so pooling before it is the same as after."""
+        x = self.clip.ln_final(x)
         proj = self.clip.text_projection
         return x @ proj if isinstance(proj, torch.Tensor) else proj(x)
 
+    def _eot_tap(self) -> Optional[PreMLPTap]:
+        """The last text block's tap when only the end-of-text rows of that block need computing each step:
+        a single adapted text layer, adapter before the MLP (its attention stays frozen) and argmax pooling."""
+        last = self.clip.transformer.resblocks[-1]
+        tap = getattr(last, "ls_1", None)
+        if (self.config.text_adapter_layers == 1 and isinstance(tap, PreMLPTap)
+                and getattr(self.clip, "text_pool_type", "argmax") == "argmax"):
+            return tap
+        return None
+
     def _class_prompt_states(self, class_names: Sequence[str], templates: Sequence[str]):
-        """Tokens (P·C, n) and frozen-layer hidden states (P·C, n, width) of every (template, class) prompt,
-        cached until the class list, templates, device or dtype change."""
+        """Tokens (P·C, n) and what the frozen text layers give for every (template, class) prompt, cached
+        until the class list, templates, device or dtype change: the hidden states after the frozen blocks
+        (P·C, n, width) or, on the end-of-text path, the last block's adapter input at the EOT rows (P·C, width)."""
         device, dtype = self.clip.token_embedding.weight.device, self.clip.token_embedding.weight.dtype
-        key = (tuple(class_names), tuple(templates), device, dtype)
+        tap = self._eot_tap() if self.use_eot_text_path else None
+        key = (tuple(class_names), tuple(templates), device, dtype, tap is not None)
         if self.use_text_cache and key in self._text_cache:
             return self._text_cache[key]
         tokens = torch.cat([self.prompts(class_names, t).tokens for t in templates]).to(device)
         tokens = self._trim(tokens)
-        states = (tokens, self._frozen_text(tokens))
+        hidden = self._frozen_text(tokens)
+        if tap is not None:
+            tap.record = True
+            try:
+                with torch.no_grad():
+                    self._adapted_text(hidden)
+                hidden = tap.recorded[torch.arange(len(tokens), device=device), tokens.argmax(dim=-1)]
+            finally:
+                tap.record, tap.recorded = False, None
+        states = (tokens, hidden)
         if self.use_text_cache:
             self._text_cache = {key: states}  # one entry: a new class list replaces the old one
         return states
+
+    def _eot_text(self, mid: torch.Tensor) -> torch.Tensor:
+        """The last text block on EOT rows only: adapter, then the block's frozen MLP residual. (N, width)."""
+        block = self.clip.transformer.resblocks[-1]
+        x = block.ls_1.adapter(mid)
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
 
     def encode_text(self, class_names: Optional[Sequence[str]] = None,
                     templates: Optional[Sequence[str]] = None) -> torch.Tensor:
@@ -317,7 +354,11 @@ class M2CLIP(nn.Module):
         templates = tuple(templates or self.config.templates)
         with self._autocast(self.clip.token_embedding.weight.device):
             tokens, hidden = self._class_prompt_states(class_names, templates)
-            emb = F.normalize(self._project_text(self._adapted_text(hidden), tokens), dim=-1)
+            if hidden.dim() == 2:  # end-of-text path: already pooled
+                emb = self._project_pooled(self._eot_text(hidden))
+            else:
+                emb = self._project_text(self._adapted_text(hidden), tokens)
+            emb = F.normalize(emb, dim=-1)
         return emb.reshape(len(templates), len(class_names), -1).mean(dim=0)
 
     # ------------------------------------------------------------------------------------------- heads

@@ -186,3 +186,24 @@ def test_bf16_backbone_loss_close_to_fp32():
         torch.testing.assert_close(low[key].float(), ref[key], rtol=5e-2, atol=2e-2, msg=key)
     low["loss"].backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters() if p.requires_grad)
+
+
+def test_end_of_text_path_equals_full_text_path_with_gradients():
+    """Only the EOT rows of the last (adapted) text block run each step; values and adapter gradients
+    must equal running that block on every token."""
+    m = tiny().eval()
+    randomise_tunable(m)
+    adapter = m.text_adapters[str(m.frozen_text_layers)]
+    results = []
+    for eot in (True, False):
+        m.use_eot_text_path = eot
+        m._text_cache.clear()
+        adapter.zero_grad()
+        emb = m.encode_text()
+        (emb * torch.randn(emb.shape, generator=torch.Generator().manual_seed(0))).sum().backward()
+        results.append((emb.detach(), adapter.down.weight.grad.clone()))
+        assert (m._text_cache[next(iter(m._text_cache))][1].dim() == 2) == eot
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    # the full path adds many exact-zero rows into the weight gradient: only summation order differs
+    scale = results[1][1].abs().max().item()
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-5 * scale)
