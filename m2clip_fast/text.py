@@ -50,26 +50,23 @@ def humanize(name: str) -> str:
 
 def load_class_names(source: Union[str, Path, Sequence[str]]) -> List[str]:
     """Class names from a shipped list name ("kinetics400", "ssv2", "ucf101", "hmdb51"), a file with one
-    name per line (line i is label i), or a sequence of names."""
-    if not isinstance(source, (str, Path)):
-        names = [str(n) for n in source]
-    elif str(source) in SHIPPED_CLASS_LISTS:
-        text = resources.files("m2clip_fast.assets").joinpath(f"{source}.txt").read_text(encoding="utf-8")
-        names = text.splitlines()
-    else:
-        path = Path(source)
-        if not path.is_file():
+    name per line (line i is label i; read by :func:`m2clip_fast.data.load_class_names`), or a sequence."""
+    from .data.datasets import DatasetError, load_class_names as read_class_file
+
+    if isinstance(source, (str, Path)) and str(source) in SHIPPED_CLASS_LISTS:
+        return read_class_file(resources.files("m2clip_fast.assets").joinpath(f"{source}.txt"))
+    if isinstance(source, (str, Path)):
+        if not Path(source).is_file():
             raise FileNotFoundError(
-                f"class-name file {path} not found (or use one of the shipped lists: {', '.join(SHIPPED_CLASS_LISTS)})"
+                f"class-name file {source} not found (or use one of the shipped lists: {', '.join(SHIPPED_CLASS_LISTS)})"
             )
-        names = path.read_text(encoding="utf-8").splitlines()
-    names = [n.strip() for n in names if n.strip()]
-    if not names:
-        raise ValueError(f"no class names in {source!r}")
-    seen = set()
-    duplicates = sorted({n for n in names if n in seen or seen.add(n)})
+        return read_class_file(source)
+    names = [str(n).strip() for n in source]
+    if not names or not all(names):
+        raise DatasetError(f"class names must be non-empty strings, got {list(source)[:10]}")
+    duplicates = sorted({n for i, n in enumerate(names) if n in names[:i]})
     if duplicates:
-        raise ValueError(f"duplicate class names in {source!r}: {duplicates[:10]}")
+        raise DatasetError(f"duplicate class names: {duplicates[:10]}")
     return names
 
 

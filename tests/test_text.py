@@ -54,5 +54,5 @@ def test_class_file_errors(tmp_path):
         load_class_names(tmp_path / "missing.txt")
     dup = tmp_path / "dup.txt"
     dup.write_text("a\nb\na\n")
-    with pytest.raises(ValueError, match="duplicate class names"):
+    with pytest.raises(ValueError, match="duplicate class name"):
         load_class_names(dup)
