@@ -114,12 +114,15 @@ struct Split {
   }
 };
 
+#ifndef CHUNK
+#define CHUNK 1024
+#endif
 Split split_for(const Geometry& g, int threads) {
   // Enough units for dynamic scheduling to even out the lighter class-token units and a shared
   // machine; chunk bounds are multiples of 16 lanes so every ISA's full blocks stay aligned.
   const int64_t rows = g.B * (g.h + 1);
   const int64_t want = std::max<int64_t>(1, (16 * threads + rows - 1) / rows);
-  const int64_t chunks = std::min<int64_t>(want, std::max<int64_t>(1, g.r / 64));
+  const int64_t chunks = std::max<int64_t>(std::min<int64_t>(want, g.r / 64), std::max<int64_t>(1, g.r / CHUNK));
   auto per = [chunks](int64_t n) { return (((n + chunks - 1) / chunks) + 15) / 16 * 16; };
   return Split{chunks, per(g.r), per(g.C)};
 }
@@ -188,25 +191,42 @@ M2_INLINE void u_column(typename Vec<W>::F col[3], const Geometry& g, const Tz* 
   }
 }
 
+// Pointers and weights of the D branch at frame t, grid row u.gi, channel block c.
+template <int W, typename Tz>
+struct SpatialTaps {
+  using F = typename Vec<W>::F;
+  int64_t stride, rowi;  // row stride; row of the grid row's first token
+  const Tz *zt, *zprev, *dst;
+  float fm;
+  F wd[9], bd, cb;
+  M2_INLINE SpatialTaps(const Geometry& g, const Params& P, const Tz* Z, const Tz* dS, const Unit& u, int64_t t,
+                        int64_t c) {
+    stride = 2 * g.r;
+    const int64_t patch0 = (u.b * g.T + t) * g.L + 1;
+    rowi = patch0 + u.gi * g.w;
+    zt = Z + patch0 * stride + g.r + c;
+    zprev = t > 0 ? zt - g.L * stride : zt;
+    dst = dS + patch0 * stride + g.r + c;
+    fm = t > 0 ? 1.f : 0.f;
+    for (int k = 0; k < 9; ++k) wd[k] = vload<W>(P.w_d + k * g.r + c);
+    bd = vload<W>(P.b_d + c);
+    cb = vload<W>(P.cb_d + c);
+  }
+};
+
 template <int W, typename Tz>
 M2_INLINE void d_forward(const Geometry& g, const Params& P, const Tz* Z, Tz* S, const Unit& u, int64_t t,
                          int64_t c) {
   using F = typename Vec<W>::F;
-  const int64_t stride = 2 * g.r, frame = g.L * stride;
-  const int64_t patch0 = (u.b * g.T + t) * g.L + 1;  // row of patch (0, 0) in frame t
-  const Tz* zt = Z + patch0 * stride + g.r + c;
-  const Tz* zprev = t > 0 ? zt - frame : zt;
-  const float fm = t > 0 ? 1.f : 0.f;
-  F wd[9];
-  for (int k = 0; k < 9; ++k) wd[k] = vload<W>(P.w_d + k * g.r + c);
-  const F bd = vload<W>(P.b_d + c), cb = vload<W>(P.cb_d + c);
+  const SpatialTaps<W, Tz> d(g, P, Z, Z, u, t, c);
   F prev[3] = {vzero<W>(), vzero<W>(), vzero<W>()}, cur[3], next[3];
-  u_column<W>(cur, g, zt, zprev, u.gi, 0, fm, bd);
+  u_column<W>(cur, g, d.zt, d.zprev, u.gi, 0, d.fm, d.bd);
   for (int64_t j = 0; j < g.w; ++j) {
-    u_column<W>(next, g, zt, zprev, u.gi, j + 1, fm, bd);
-    F acc = cb;
-    for (int a = 0; a < 3; ++a) acc += wd[3 * a] * prev[a] + wd[3 * a + 1] * cur[a] + wd[3 * a + 2] * next[a];
-    vstore<W>(S + (patch0 + u.gi * g.w + j) * stride + g.r + c, acc);
+    u_column<W>(next, g, d.zt, d.zprev, u.gi, j + 1, d.fm, d.bd);
+    F acc = d.cb;
+    for (int a = 0; a < 3; ++a)
+      acc += d.wd[3 * a] * prev[a] + d.wd[3 * a + 1] * cur[a] + d.wd[3 * a + 2] * next[a];
+    vstore<W>(S + (d.rowi + j) * d.stride + g.r + c, acc);
     for (int a = 0; a < 3; ++a) {
       prev[a] = cur[a];
       cur[a] = next[a];
@@ -220,10 +240,9 @@ M2_INLINE void zero_rows(Tz* base, int64_t stride, int64_t rows, int64_t c) {
 }
 
 template <int W, typename Tz, typename To>
-M2_INLINE void fwd_r_block(const FwdArgs<Tz, To>& a, const Unit& u, int64_t t, int64_t c) {
+M2_INLINE void fwd_e_block(const FwdArgs<Tz, To>& a, const Unit& u, int64_t t, int64_t c) {
   e_forward<W>(a.g, a.p, a.Z, a.S, u, t, c);
   if (u.gi < 0) zero_rows<W>(a.S + (u.b * a.g.T + t) * a.g.L * 2 * a.g.r + a.g.r, 2 * a.g.r, 1, c);
-  else d_forward<W>(a.g, a.p, a.Z, a.S, u, t, c);
 }
 
 template <int W, typename Tz, typename To>
@@ -243,18 +262,24 @@ M2_INLINE void fwd_out_block(const FwdArgs<Tz, To>& a, const Unit& u, int64_t ro
     for (; c_ < (c1); ++c_) CALL(1);         \
   } while (0)
 
+// Parts (E; D; output initialisation) run one after the other over all frames, as in the backward.
 template <int W, typename Tz, typename To>
 M2_INLINE void fwd_unit_impl(const FwdArgs<Tz, To>& a, const Unit& u) {
   for (int64_t t = 0; t < a.g.T; ++t) {
-    const int64_t row0 = (u.b * a.g.T + t) * a.g.L + u.first_token(a.g);
-#define M2_CALL(V) fwd_r_block<V>(a, u, t, c_)
+#define M2_CALL(V) fwd_e_block<V>(a, u, t, c_)
     M2_FOR_BLOCKS(u.r0, u.r1, M2_CALL);
 #undef M2_CALL
-    if (a.out) {
-#define M2_CALL(V) fwd_out_block<V>(a, u, row0, c_)
-      M2_FOR_BLOCKS(u.c0, u.c1, M2_CALL);
+  }
+  for (int64_t t = 0; u.gi >= 0 && t < a.g.T; ++t) {
+#define M2_CALL(V) d_forward<V>(a.g, a.p, a.Z, a.S, u, t, c_)
+    M2_FOR_BLOCKS(u.r0, u.r1, M2_CALL);
 #undef M2_CALL
-    }
+  }
+  for (int64_t t = 0; a.out && t < a.g.T; ++t) {
+    const int64_t row0 = (u.b * a.g.T + t) * a.g.L + u.first_token(a.g);
+#define M2_CALL(V) fwd_out_block<V>(a, u, row0, c_)
+    M2_FOR_BLOCKS(u.c0, u.c1, M2_CALL);
+#undef M2_CALL
   }
 }
 
@@ -325,77 +350,73 @@ M2_INLINE void ds_column(typename Vec<W>::F col[3], const Geometry& g, const Tz*
   }
 }
 
+// S_d recomputed, and the tap and bias partials, from the U window and the centre dS.
 template <int W, typename Tz>
-M2_INLINE void d_backward(const Geometry& g, const Params& P, const Tz* Z, const Tz* dS, Tz* S, Tz* dZ,
-                          Partials& pt, const Unit& u, int64_t t, int64_t c) {
+M2_INLINE void d_backward_taps(const Geometry& g, const Params& P, const Tz* Z, const Tz* dS, Tz* S, Partials& pt,
+                               const Unit& u, int64_t t, int64_t c) {
   using F = typename Vec<W>::F;
-  const int64_t stride = 2 * g.r, frame = g.L * stride;
-  const int64_t patch0 = (u.b * g.T + t) * g.L + 1, rowi = patch0 + u.gi * g.w;
-  const Tz* zt = Z + patch0 * stride + g.r + c;
-  const Tz* zprev = t > 0 ? zt - frame : zt;
-  const Tz* dst = dS + patch0 * stride + g.r + c;
-  const float fm = t > 0 ? 1.f : 0.f;
-  F wd[9];
-  for (int k = 0; k < 9; ++k) wd[k] = vload<W>(P.w_d + k * g.r + c);
-  const F bd = vload<W>(P.b_d + c), cb = vload<W>(P.cb_d + c);
-  {  // Sweep 1: S_d recomputed, tap and bias partials from the U window and the centre dS.
-    F dw[9];
-    for (int k = 0; k < 9; ++k) dw[k] = vzero<W>();
-    F dcb = vzero<W>();
-    F prev[3] = {vzero<W>(), vzero<W>(), vzero<W>()}, cur[3], next[3];
-    u_column<W>(cur, g, zt, zprev, u.gi, 0, fm, bd);
-    for (int64_t j = 0; j < g.w; ++j) {
-      u_column<W>(next, g, zt, zprev, u.gi, j + 1, fm, bd);
-      const F d = vload<W>(dst + (u.gi * g.w + j) * stride);
-      F acc = cb;
-      for (int a = 0; a < 3; ++a) {
-        acc += wd[3 * a] * prev[a] + wd[3 * a + 1] * cur[a] + wd[3 * a + 2] * next[a];
-        dw[3 * a] += d * prev[a];
-        dw[3 * a + 1] += d * cur[a];
-        dw[3 * a + 2] += d * next[a];
-      }
-      dcb += d;
-      vstore<W>(S + (rowi + j) * stride + g.r + c, acc);
-      for (int a = 0; a < 3; ++a) {
-        prev[a] = cur[a];
-        cur[a] = next[a];
-      }
+  const SpatialTaps<W, Tz> d(g, P, Z, dS, u, t, c);
+  F dw[9];
+  for (int k = 0; k < 9; ++k) dw[k] = vzero<W>();
+  F dcb = vzero<W>();
+  F prev[3] = {vzero<W>(), vzero<W>(), vzero<W>()}, cur[3], next[3];
+  u_column<W>(cur, g, d.zt, d.zprev, u.gi, 0, d.fm, d.bd);
+  for (int64_t j = 0; j < g.w; ++j) {
+    u_column<W>(next, g, d.zt, d.zprev, u.gi, j + 1, d.fm, d.bd);
+    const F ds = vload<W>(d.dst + (u.gi * g.w + j) * d.stride);
+    F acc = d.cb;
+    for (int a = 0; a < 3; ++a) {
+      acc += d.wd[3 * a] * prev[a] + d.wd[3 * a + 1] * cur[a] + d.wd[3 * a + 2] * next[a];
+      dw[3 * a] += ds * prev[a];
+      dw[3 * a + 1] += ds * cur[a];
+      dw[3 * a + 2] += ds * next[a];
     }
-    for (int k = 0; k < 9; ++k) vaccumulate<W>(pt.w_d + k * g.r + c, dw[k]);
-    vaccumulate<W>(pt.cb_d + c, dcb);
-  }
-  {  // Sweep 2: dU[p] = Σ_m w[−m]·dS[p+m] (tap 8−k mirrors tap k), then dZ_d[t] = [t ≥ 1]·dU[t] − dU[t+1].
-    F dbd = vzero<W>();
-    F prev[3] = {vzero<W>(), vzero<W>(), vzero<W>()}, cur[3], next[3];
-    ds_column<W>(cur, g, dst, u.gi, 0);
-    const int64_t ld = u.r1 - u.r0;
-    for (int64_t j = 0; j < g.w; ++j) {
-      ds_column<W>(next, g, dst, u.gi, j + 1);
-      F du = vzero<W>();
-      for (int a = 0; a < 3; ++a)
-        du += wd[8 - 3 * a] * prev[a] + wd[7 - 3 * a] * cur[a] + wd[6 - 3 * a] * next[a];
-      dbd += du;
-      float* here = pt.du_cur + j * ld + (c - u.r0);
-      vstore<W>(here, du);
-      vstore<W>(dZ + (rowi + j) * stride + g.r + c, fm * du - vload<W>(pt.du_next + j * ld + (c - u.r0)));
-      for (int a = 0; a < 3; ++a) {
-        prev[a] = cur[a];
-        cur[a] = next[a];
-      }
+    dcb += ds;
+    vstore<W>(S + (d.rowi + j) * d.stride + g.r + c, acc);
+    for (int a = 0; a < 3; ++a) {
+      prev[a] = cur[a];
+      cur[a] = next[a];
     }
-    vaccumulate<W>(pt.b_d + c, dbd);
   }
+  for (int k = 0; k < 9; ++k) vaccumulate<W>(pt.w_d + k * g.r + c, dw[k]);
+  vaccumulate<W>(pt.cb_d + c, dcb);
+}
+
+// dU[p] = Σ_m w[−m]·dS[p+m] (tap 8−k mirrors tap k), then dZ_d[t] = [t ≥ 1]·dU[t] − dU[t+1], with
+// dU[t+1] left in pt.du_next by the previous (later) frame.
+template <int W, typename Tz>
+M2_INLINE void d_backward_dz(const Geometry& g, const Params& P, const Tz* dS, Tz* dZ, Partials& pt, const Unit& u,
+                             int64_t t, int64_t c) {
+  using F = typename Vec<W>::F;
+  const SpatialTaps<W, Tz> d(g, P, dS, dS, u, t, c);
+  F dbd = vzero<W>();
+  F prev[3] = {vzero<W>(), vzero<W>(), vzero<W>()}, cur[3], next[3];
+  ds_column<W>(cur, g, d.dst, u.gi, 0);
+  const int64_t ld = u.r1 - u.r0;
+  for (int64_t j = 0; j < g.w; ++j) {
+    ds_column<W>(next, g, d.dst, u.gi, j + 1);
+    F du = vzero<W>();
+    for (int a = 0; a < 3; ++a)
+      du += d.wd[8 - 3 * a] * prev[a] + d.wd[7 - 3 * a] * cur[a] + d.wd[6 - 3 * a] * next[a];
+    dbd += du;
+    const int64_t at = j * ld + (c - u.r0);
+    vstore<W>(pt.du_cur + at, du);
+    vstore<W>(dZ + (d.rowi + j) * d.stride + g.r + c, d.fm * du - vload<W>(pt.du_next + at));
+    for (int a = 0; a < 3; ++a) {
+      prev[a] = cur[a];
+      cur[a] = next[a];
+    }
+  }
+  vaccumulate<W>(pt.b_d + c, dbd);
 }
 
 template <int W, typename Tz, typename To>
-M2_INLINE void bwd_r_block(const BwdArgs<Tz, To>& a, const Unit& u, Partials& pt, int64_t t, int64_t c) {
+M2_INLINE void bwd_e_block(const BwdArgs<Tz, To>& a, const Unit& u, Partials& pt, int64_t t, int64_t c) {
   e_backward<W>(a.g, a.p, a.Z, a.dS, a.S, a.dZ, pt, u, t, c);
-  if (u.gi < 0) {
+  if (u.gi < 0) {  // the class row has no D branch
     const int64_t off = (u.b * a.g.T + t) * a.g.L * 2 * a.g.r + a.g.r;
     zero_rows<W>(a.S + off, 2 * a.g.r, 1, c);
     zero_rows<W>(a.dZ + off, 2 * a.g.r, 1, c);
-  } else {
-    d_backward<W>(a.g, a.p, a.Z, a.dS, a.S, a.dZ, pt, u, t, c);
   }
 }
 
@@ -412,16 +433,32 @@ M2_INLINE void bwd_g_block(const BwdArgs<Tz, To>& a, const Unit& u, Partials& pt
   if (u.gi < 0) vaccumulate<W>(pt.g_cls + c, sum);
 }
 
+// The unit's four parts (E; D taps; D dZ; incoming-gradient sums) run one after the other, each over
+// all frames: interleaving them per frame makes their streams evict one another (measured 2-3x slower
+// than the parts' sum).
 template <int W, typename Tz, typename To>
 M2_INLINE void bwd_unit_impl(const BwdArgs<Tz, To>& a, const Unit& u, Partials& pt) {
-  // dU[T] = 0: the last frame has no successor.
-  std::fill(pt.du_next, pt.du_next + a.g.w * a.g.r, 0.f);
-  for (int64_t t = a.g.T - 1; t >= 0; --t) {
-    const int64_t row0 = (u.b * a.g.T + t) * a.g.L + u.first_token(a.g);
-#define M2_CALL(V) bwd_r_block<V>(a, u, pt, t, c_)
+  for (int64_t t = 0; t < a.g.T; ++t) {
+#define M2_CALL(V) bwd_e_block<V>(a, u, pt, t, c_)
     M2_FOR_BLOCKS(u.r0, u.r1, M2_CALL);
 #undef M2_CALL
-    std::swap(pt.du_cur, pt.du_next);
+  }
+  if (u.gi >= 0) {
+    for (int64_t t = 0; t < a.g.T; ++t) {
+#define M2_CALL(V) d_backward_taps<V>(a.g, a.p, a.Z, a.dS, a.S, pt, u, t, c_)
+      M2_FOR_BLOCKS(u.r0, u.r1, M2_CALL);
+#undef M2_CALL
+    }
+    std::fill(pt.du_next, pt.du_next + a.g.w * a.g.r, 0.f);  // dU[T] = 0: the last frame has no successor
+    for (int64_t t = a.g.T - 1; t >= 0; --t) {
+#define M2_CALL(V) d_backward_dz<V>(a.g, a.p, a.dS, a.dZ, pt, u, t, c_)
+      M2_FOR_BLOCKS(u.r0, u.r1, M2_CALL);
+#undef M2_CALL
+      std::swap(pt.du_cur, pt.du_next);
+    }
+  }
+  for (int64_t t = 0; t < a.g.T; ++t) {
+    const int64_t row0 = (u.b * a.g.T + t) * a.g.L + u.first_token(a.g);
 #define M2_CALL(V) bwd_g_block<V>(a, u, pt, row0, c_)
     M2_FOR_BLOCKS(u.c0, u.c1, M2_CALL);
 #undef M2_CALL
