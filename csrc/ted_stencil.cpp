@@ -13,8 +13,10 @@
 // Work unit = (clip, grid row or class token, channel chunk), walking every frame: the 3×3 conv is
 // a sliding register window along the grid row (each U / dS column is loaded once, not 9 times),
 // and the backward walks t downwards so dZ_d[t] = dU[t] − dU[t+1] is written as soon as dU[t] is
-// known. Each pass therefore reads and writes every C- or r-wide row once; the small gradients go
-// to per-thread partials (no atomics) reduced at the end.
+// known. A unit runs its parts (E, D, and the C-wide output / gradient rows) one after the other,
+// each over all frames, so each part's rows stay cached across its frame taps. Each pass thus
+// touches every C- or r-wide row once; the small gradients go to per-thread partials (no atomics)
+// reduced at the end.
 //
 // Vectors are GCC vector extensions of W float lanes, so one source serves every ISA; setup.py
 // builds for x86-64-v2, so the units are also compiled for AVX2 and AVX-512 and picked at run time.
@@ -114,15 +116,12 @@ struct Split {
   }
 };
 
-#ifndef CHUNK
-#define CHUNK 1024
-#endif
 Split split_for(const Geometry& g, int threads) {
   // Enough units for dynamic scheduling to even out the lighter class-token units and a shared
   // machine; chunk bounds are multiples of 16 lanes so every ISA's full blocks stay aligned.
   const int64_t rows = g.B * (g.h + 1);
   const int64_t want = std::max<int64_t>(1, (16 * threads + rows - 1) / rows);
-  const int64_t chunks = std::max<int64_t>(std::min<int64_t>(want, g.r / 64), std::max<int64_t>(1, g.r / CHUNK));
+  const int64_t chunks = std::min<int64_t>(want, std::max<int64_t>(1, g.r / 64));
   auto per = [chunks](int64_t n) { return (((n + chunks - 1) / chunks) + 15) / 16 * 16; };
   return Split{chunks, per(g.r), per(g.C)};
 }
