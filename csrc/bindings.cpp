@@ -20,6 +20,7 @@ std::vector<at::Tensor> ted_stencil_backward(const at::Tensor& Z, const at::Tens
                                              int64_t h, int64_t w, bool init_dx,
                                              const c10::optional<at::Tensor>& s_buffer,
                                              const c10::optional<at::Tensor>& dz_buffer);
+void copy_serial_(const at::Tensor& dst, const at::Tensor& src);
 std::string stencil_isa();
 void set_stencil_isa(const std::string& name);
 }  // namespace m2clip
@@ -42,6 +43,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "→ [S, dZ, dconv_e_w, dconv_e_b, ddown_e_b, dconv_d_w, dconv_d_b, ddown_d_b, dup_e_b, dup_d_b, dx_init]; "
         "small gradients in float32, dx_init = grad copy (or undefined unless init_dx). s_buffer / dz_buffer: "
         "optional preallocated S / dZ.");
+  m.def("copy_serial_", &m2clip::copy_serial_, py::arg("dst"), py::arg("src"),
+        py::call_guard<py::gil_scoped_release>(),
+        "dst[...] = src for 2-D float32/bfloat16 tensors of any strides, single-threaded (weight-sized copies).");
   m.def("stencil_isa", &m2clip::stencil_isa, "Instruction set the stencil kernels currently use.");
   m.def("set_stencil_isa", &m2clip::set_stencil_isa, py::arg("name"),
         "Pin the stencil kernels to 'best', 'avx512', 'avx2' or 'baseline' (for tests and benchmarks).");

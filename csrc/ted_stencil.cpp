@@ -23,6 +23,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
+#include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -80,6 +81,43 @@ M2_INLINE void vstore(bf16* p, typename Vec<W>::F v) {
   const typename Vec<W>::H h = __builtin_convertvector(bits, typename Vec<W>::H);
   __builtin_memcpy(p, &h, sizeof h);
 }
+// Stores of finished output rows bypass the cache (streaming stores): the pass is bound by memory
+// traffic, and a normal store first reads the line it overwrites. Unaligned addresses, single lanes
+// and bf16 outputs use ordinary stores. Callers end with stream_fence() before the data is read.
+#ifndef M2_STREAM
+#define M2_STREAM 1
+#endif
+template <int W>
+M2_INLINE void vstream(float* p, typename Vec<W>::F v) {
+  vstore<W>(p, v);
+}
+template <int W>
+M2_INLINE void vstream(bf16* p, typename Vec<W>::F v) {
+  vstore<W>(p, v);
+}
+#if M2_X86 && M2_STREAM
+template <>
+M2_INLINE void vstream<4>(float* p, Vec<4>::F v) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 == 0) _mm_stream_ps(p, reinterpret_cast<__m128>(v));
+  else vstore<4>(p, v);
+}
+// Not always_inline: the generic callers are compiled for the baseline ISA before being inlined
+// into the AVX2 / AVX-512 units, where GCC then inlines these.
+template <>
+inline M2_TARGET_AVX2 void vstream<8>(float* p, Vec<8>::F v) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 == 0) _mm256_stream_ps(p, reinterpret_cast<__m256>(v));
+  else vstore<8>(p, v);
+}
+template <>
+inline M2_TARGET_AVX512 void vstream<16>(float* p, Vec<16>::F v) {
+  if (reinterpret_cast<uintptr_t>(p) % 64 == 0) _mm512_stream_ps(p, reinterpret_cast<__m512>(v));
+  else vstore<16>(p, v);
+}
+M2_INLINE void stream_fence() { _mm_sfence(); }
+#else
+M2_INLINE void stream_fence() {}
+#endif
+
 template <int W>
 M2_INLINE typename Vec<W>::F vzero() {
   return typename Vec<W>::F{};
@@ -171,7 +209,7 @@ M2_INLINE void e_forward(const Geometry& g, const Params& P, const Tz* Z, Tz* S,
     const int64_t off = (e.row0 + k) * 2 * g.r + c;
     F y0, y1, y2;
     e.inputs(Z + off, y0, y1, y2);
-    vstore<W>(S + off, e.cb + e.w0 * y0 + e.w1 * y1 + e.w2 * y2);
+    vstream<W>(S + off, e.cb + e.w0 * y0 + e.w1 * y1 + e.w2 * y2);
   }
 }
 
@@ -225,7 +263,7 @@ M2_INLINE void d_forward(const Geometry& g, const Params& P, const Tz* Z, Tz* S,
     F acc = d.cb;
     for (int a = 0; a < 3; ++a)
       acc += d.wd[3 * a] * prev[a] + d.wd[3 * a + 1] * cur[a] + d.wd[3 * a + 2] * next[a];
-    vstore<W>(S + (d.rowi + j) * d.stride + g.r + c, acc);
+    vstream<W>(S + (d.rowi + j) * d.stride + g.r + c, acc);
     for (int a = 0; a < 3; ++a) {
       prev[a] = cur[a];
       cur[a] = next[a];
@@ -235,7 +273,7 @@ M2_INLINE void d_forward(const Geometry& g, const Params& P, const Tz* Z, Tz* S,
 
 template <int W, typename Tz>
 M2_INLINE void zero_rows(Tz* base, int64_t stride, int64_t rows, int64_t c) {
-  for (int64_t k = 0; k < rows; ++k) vstore<W>(base + k * stride + c, vzero<W>());
+  for (int64_t k = 0; k < rows; ++k) vstream<W>(base + k * stride + c, vzero<W>());
 }
 
 template <int W, typename Tz, typename To>
@@ -249,7 +287,7 @@ M2_INLINE void fwd_out_block(const FwdArgs<Tz, To>& a, const Unit& u, int64_t ro
   const auto bias = vload<W>((u.gi < 0 ? a.bias_cls : a.bias_patch) + c);
   for (int64_t k = 0; k < u.tokens(a.g); ++k) {
     const int64_t off = (row0 + k) * a.g.C + c;
-    vstore<W>(a.out + off, vload<W>(a.residual + off) + bias);
+    vstream<W>(a.out + off, vload<W>(a.residual + off) + bias);
   }
 }
 
@@ -280,6 +318,7 @@ M2_INLINE void fwd_unit_impl(const FwdArgs<Tz, To>& a, const Unit& u) {
     M2_FOR_BLOCKS(u.c0, u.c1, M2_CALL);
 #undef M2_CALL
   }
+  stream_fence();
 }
 
 // ---- backward --------------------------------------------------------------------------------
@@ -323,14 +362,14 @@ M2_INLINE void e_backward(const Geometry& g, const Params& P, const Tz* Z, const
     F y0, y1, y2;
     e.inputs(Z + off, y0, y1, y2);
     const F d = vload<W>(ds);
-    vstore<W>(S + off, e.cb + e.w0 * y0 + e.w1 * y1 + e.w2 * y2);
+    vstream<W>(S + off, e.cb + e.w0 * y0 + e.w1 * y1 + e.w2 * y2);
     dw0 += d * y0;
     dw1 += d * y1;
     dw2 += d * y2;
     dcb += d;
     // Y[t] feeds S[t+1] through tap 0, S[t] through tap 1 and S[t−1] through tap 2.
     const F dy = e.w0 * (e.fp * vload<W>(ds + e.op)) + e.w1 * d + e.w2 * (e.fm * vload<W>(ds + e.om));
-    vstore<W>(dZ + off, dy);
+    vstream<W>(dZ + off, dy);
     dbe += dy;
   }
   vaccumulate<W>(pt.w_e + c, dw0);
@@ -371,7 +410,7 @@ M2_INLINE void d_backward_taps(const Geometry& g, const Params& P, const Tz* Z, 
       dw[3 * a + 2] += ds * next[a];
     }
     dcb += ds;
-    vstore<W>(S + (d.rowi + j) * d.stride + g.r + c, acc);
+    vstream<W>(S + (d.rowi + j) * d.stride + g.r + c, acc);
     for (int a = 0; a < 3; ++a) {
       prev[a] = cur[a];
       cur[a] = next[a];
@@ -400,7 +439,7 @@ M2_INLINE void d_backward_dz(const Geometry& g, const Params& P, const Tz* dS, T
     dbd += du;
     const int64_t at = j * ld + (c - u.r0);
     vstore<W>(pt.du_cur + at, du);
-    vstore<W>(dZ + (d.rowi + j) * d.stride + g.r + c, d.fm * du - vload<W>(pt.du_next + at));
+    vstream<W>(dZ + (d.rowi + j) * d.stride + g.r + c, d.fm * du - vload<W>(pt.du_next + at));
     for (int a = 0; a < 3; ++a) {
       prev[a] = cur[a];
       cur[a] = next[a];
@@ -426,7 +465,7 @@ M2_INLINE void bwd_g_block(const BwdArgs<Tz, To>& a, const Unit& u, Partials& pt
     const int64_t off = (row0 + k) * a.g.C + c;
     const auto gv = vload<W>(a.grad + off);
     sum += gv;
-    if (a.dx) vstore<W>(a.dx + off, gv);
+    if (a.dx) vstream<W>(a.dx + off, gv);
   }
   vaccumulate<W>(pt.g_all + c, sum);
   if (u.gi < 0) vaccumulate<W>(pt.g_cls + c, sum);
@@ -462,6 +501,7 @@ M2_INLINE void bwd_unit_impl(const BwdArgs<Tz, To>& a, const Unit& u, Partials& 
     M2_FOR_BLOCKS(u.c0, u.c1, M2_CALL);
 #undef M2_CALL
   }
+  stream_fence();
 }
 
 // ---- ISA variants ---------------------------------------------------------------------------
@@ -651,6 +691,24 @@ T* ptr(const at::Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr());
 }
 
+template <typename Ts, typename Td>
+void copy_rows(const Ts* src, Td* dst, int64_t rows, int64_t cols, int64_t ss0, int64_t ss1, int64_t ds0,
+               int64_t ds1) {
+  constexpr int W = 16;
+  for (int64_t i = 0; i < rows; ++i) {
+    const Ts* s = src + i * ss0;
+    Td* d = dst + i * ds0;
+    if (ss1 == 1 && ds1 == 1) {
+#define M2_CALL(V) vstore<V>(d + c_, vload<V>(s + c_))
+      M2_FOR_BLOCKS(0, cols, M2_CALL);
+#undef M2_CALL
+    } else {
+      for (int64_t j = 0; j < cols; ++j) vstore<1>(d + j * ds1, vload<1>(s + j * ss1));
+    }
+  }
+}
+
+
 }  // namespace
 
 // S (Z's dtype) and, when residual is given, out = residual + up_e.bias + [patch rows]·up_d.bias in
@@ -728,6 +786,24 @@ std::vector<at::Tensor> ted_stencil_backward(const at::Tensor& Z, const at::Tens
   at::Tensor d_up_d_b = g_all - tensor(sums[7]);
   return {S,     dZ, d_w_e, tensor(sums[2]), tensor(sums[1]), d_w_d, tensor(sums[5]), tensor(sums[3]),
           g_all, d_up_d_b, dx};
+}
+
+// dst[i, j] = src[i, j] for 2-D float32/bfloat16 tensors of any strides, on the calling thread only.
+// For the weight-sized copies around the GEMMs (packing [W_e; W_d], splitting dW_up): ATen would
+// run them as OpenMP regions, and on a loaded machine waking a parked team costs milliseconds.
+void copy_serial_(const at::Tensor& dst, const at::Tensor& src) {
+  TORCH_CHECK(dst.dim() == 2 && dst.sizes() == src.sizes(), "copy_serial_: need 2-D tensors of one shape, got ",
+              dst.sizes(), " and ", src.sizes());
+  TORCH_CHECK(dst.device().is_cpu() && src.device().is_cpu(), "copy_serial_: CPU tensors only");
+  const bool s32 = src.scalar_type() == at::kFloat, d32 = dst.scalar_type() == at::kFloat;
+  TORCH_CHECK((s32 || src.scalar_type() == at::kBFloat16) && (d32 || dst.scalar_type() == at::kBFloat16),
+              "copy_serial_: float32/bfloat16 only, got ", src.scalar_type(), " -> ", dst.scalar_type());
+  const int64_t args[] = {dst.size(0), dst.size(1), src.stride(0), src.stride(1), dst.stride(0), dst.stride(1)};
+  auto run = [&](auto* s, auto* d) { copy_rows(s, d, args[0], args[1], args[2], args[3], args[4], args[5]); };
+  if (s32 && d32) run(ptr<const float>(src), ptr<float>(dst));
+  else if (s32) run(ptr<const float>(src), ptr<bf16>(dst));
+  else if (d32) run(ptr<const bf16>(src), ptr<float>(dst));
+  else run(ptr<const bf16>(src), ptr<bf16>(dst));
 }
 
 std::string stencil_isa() { return isa_name(active_isa()); }

@@ -58,12 +58,28 @@ def release_workspace() -> None:
 
 
 def _packed(name: str, parts, dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """[W_e; W_d] (dim 0) or [W_ue | W_ud] (dim 1) in the GEMM dtype, written into the workspace."""
+    """[W_e; W_d] (dim 0) or [W_ue | W_ud] (dim 1) in the GEMM dtype, written into the workspace.
+
+    The copies run on this thread (``_C.copy_serial_``): a 2 MB torch.cat is an OpenMP region whose
+    wake-up alone costs milliseconds when other processes share the cores.
+    """
     a, b = parts
     shape = (a.shape[0] + b.shape[0], a.shape[1]) if dim == 0 else (a.shape[0], a.shape[1] + b.shape[1])
     out = _WORKSPACE.get(name, shape, dtype)
-    with torch.no_grad():
-        return torch.cat([a.detach().to(dtype), b.detach().to(dtype)], dim, out=out)
+    first, second = (out[: a.shape[0]], out[a.shape[0]:]) if dim == 0 else (out[:, : a.shape[1]], out[:, a.shape[1]:])
+    _C.copy_serial_(first, a.detach())
+    _C.copy_serial_(second, b.detach())
+    return out
+
+
+def _column_halves(t: torch.Tensor, r: int, dtype: torch.dtype):
+    """Contiguous copies of t[:, :r] and t[:, r:] (autograd would clone the strided views in parallel)."""
+    halves = []
+    for part in (t[:, :r], t[:, r:]):
+        dst = torch.empty(part.shape, dtype=dtype)
+        _C.copy_serial_(dst, part)
+        halves.append(dst)
+    return halves
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -161,8 +177,7 @@ class TEDAdapterCPUFunction(torch.autograd.Function):
                                            _WORKSPACE.get("dz", z.shape, dtype))
             d_up_e_w = d_up_d_w = d_down_e_w = d_down_d_w = None
             if need[6] or need[12]:
-                d_up = torch.mm(gg.t(), s)
-                d_up_e_w, d_up_d_w = d_up[:, :r], d_up[:, r:]
+                d_up_e_w, d_up_d_w = _column_halves(torch.mm(gg.t(), s), r, up_e_w.dtype)
             if need[0]:
                 w_down = _packed("w_down", (down_e_w, down_d_w), 0, dtype)
                 if fold:
