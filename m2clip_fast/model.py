@@ -73,18 +73,21 @@ class _AdapterPreHook:
 
 
 def attach_adapters(block: nn.Module, pre_attn: Optional[nn.Module] = None,
-                    pre_mlp: Optional[nn.Module] = None) -> None:
+                    pre_mlp: Optional[nn.Module] = None) -> Optional["_AdapterPreHook"]:
     """Insert adapters into an open_clip ResidualAttentionBlock without touching its forward code.
-    The caller keeps ownership of the adapter modules (register them elsewhere)."""
+    The caller keeps ownership of the adapter modules (register them elsewhere). Returns the block's hook,
+    through which the adapters can later be swapped."""
     if pre_attn is None and pre_mlp is None:
-        return
+        return None
     if not hasattr(block, "ls_1"):
         raise TypeError(f"{type(block).__name__} has no ls_1; only open_clip ResidualAttentionBlocks are supported")
     tap = None
     if pre_mlp is not None:
         tap = PreMLPTap(block.ls_1, pre_mlp)
         block.ls_1 = tap
-    block.register_forward_pre_hook(_AdapterPreHook(pre_attn, tap), with_kwargs=True)
+    hook = _AdapterPreHook(pre_attn, tap)
+    block.register_forward_pre_hook(hook, with_kwargs=True)
+    return hook
 
 
 def gather_batch(x: torch.Tensor) -> torch.Tensor:
@@ -168,6 +171,7 @@ class M2CLIP(nn.Module):
         # vision: TED adapters in the last ted_layers blocks
         vblocks = visual.transformer.resblocks
         self.ted_adapters = nn.ModuleDict()
+        self._ted_hooks: Dict[str, _AdapterPreHook] = {}
         if config.ted_adapters:
             if not 0 < config.ted_layers <= len(vblocks):
                 raise ValueError(f"ted_layers={config.ted_layers} but the vision tower has {len(vblocks)} blocks")
@@ -175,10 +179,11 @@ class M2CLIP(nn.Module):
             for i in range(len(vblocks) - config.ted_layers, len(vblocks)):
                 pre_attn = make() if config.ted_pre_attn else None
                 pre_mlp = make() if config.ted_pre_mlp else None
+                hook = attach_adapters(vblocks[i], pre_attn, pre_mlp)
                 for where, adapter in (("pre_attn", pre_attn), ("pre_mlp", pre_mlp)):
                     if adapter is not None:
                         self.ted_adapters[f"{i}_{where}"] = adapter
-                attach_adapters(vblocks[i], pre_attn, pre_mlp)
+                        self._ted_hooks[f"{i}_{where}"] = hook
         self.temporal_adapter = (TemporalAdapter(embed_dim, embed_dim // 2, config.num_frames)
                                  if config.temporal_adapter else None)
         self._pre_norm_class_token: Optional[torch.Tensor] = None
@@ -222,6 +227,16 @@ class M2CLIP(nn.Module):
         self._text_cache: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.use_text_cache = True
         self.use_eot_text_path = True
+
+    def swap_ted_adapter(self, name: str, adapter: nn.Module) -> None:
+        """Replace the TED adapter ``name`` (a key of ``ted_adapters``, e.g. "11_pre_mlp") by another module
+        with the same call signature, e.g. to compare implementations inside the same model."""
+        hook = self._ted_hooks[name]
+        self.ted_adapters[name] = adapter
+        if name.endswith("pre_attn"):
+            hook.pre_attn = adapter
+        else:
+            hook.tap.__dict__["adapter"] = adapter
 
     # ------------------------------------------------------------------------------------------ vision
     def _capture_class_token(self, module, args, output):

@@ -207,3 +207,21 @@ def test_end_of_text_path_equals_full_text_path_with_gradients():
     # the full path adds many exact-zero rows into the weight gradient: only summation order differs
     scale = results[1][1].abs().max().item()
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_swapping_a_ted_adapter_changes_what_runs():
+    from m2clip_fast.adapters import TEDAdapter
+
+    m = tiny(ted_pre_attn=True).eval()
+    v = video()
+    before = m.encode_video(v)
+    for name in list(m.ted_adapters)[:2]:  # a pre-attention and a pre-MLP adapter
+        original = m.ted_adapters[name]
+        replacement = TEDAdapter(**{k: getattr(original, k) for k in ("dim", "bottleneck", "num_frames", "grid")})
+        for p in replacement.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+        m.swap_ted_adapter(name, replacement)
+        assert m.ted_adapters[name] is replacement
+        assert not torch.equal(m.encode_video(v), before), name
+        m.swap_ted_adapter(name, original)
+        assert torch.equal(m.encode_video(v), before), name
