@@ -338,3 +338,29 @@ def test_functional_entry_point_validates_inputs():
         bad[8] = torch.zeros(8, 1, 5, 5)
         with pytest.raises(ValueError, match="kernel size 3"):
             ted_cpu.ted_adapter_cpu(x, x, *bad, 2, 3, 3)
+
+
+def test_triton_backend_on_cpu_tensors_in_interpreter():
+    """backend="triton" runs CPU tensors through Triton's interpreter (TRITON_INTERPRET=1, set by conftest)."""
+    ted = pytest.importorskip("m2clip_fast.kernels.ted")
+    if not ted.triton_available():
+        pytest.skip("Triton interpreter not active in this process (TRITON_INTERPRET=1 must precede import triton)")
+    ref = randomised(TEDAdapter(32, 8, 2, grid=(3, 3)), 17)
+    tri = FusedTEDAdapter(32, 8, 2, grid=(3, 3), backend="triton")
+    tri.load_state_dict(ref.state_dict())
+    x, grad = tokens(1, 2, (3, 3), 32), tokens(1, 2, (3, 3), 32, seed=18)
+    assert tri.select_backend(x) == "triton"
+    out_ref, grads_ref = run(ref, x, grad)
+    out, grads = run(tri, x, grad)
+    assert_scaled_close(out, out_ref, 1e-4, "output")
+    for name in grads_ref:
+        assert_scaled_close(grads[name], grads_ref[name], 1e-4, f"grad {name}")
+
+
+def test_unavailable_triton_raises_when_requested(monkeypatch):
+    monkeypatch.setattr(fused, "_triton_entry", lambda: (None, "m2clip_fast.kernels.ted is not importable (test)"))
+    x = tokens(1, 2, (3, 3), 32)
+    with pytest.raises(RuntimeError, match="not importable"):
+        FusedTEDAdapter(32, 8, 2, grid=(3, 3), backend="triton")(x)
+    expected = "cpu" if extension_available() else "reference"
+    assert FusedTEDAdapter(32, 8, 2, grid=(3, 3)).select_backend(x) == expected  # CPU never needs Triton
