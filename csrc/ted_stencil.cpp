@@ -553,30 +553,25 @@ const char* isa_name(Isa isa) {
   }
 }
 
-template <typename Tz, typename To>
-FwdUnit<Tz, To> pick_fwd() {
-#if M2_X86
-  if (active_isa() == Isa::kAvx512) return &fwd_unit_avx512<Tz, To>;
-  if (active_isa() == Isa::kAvx2) return &fwd_unit_avx2<Tz, To>;
-#endif
-  return &fwd_unit_base<Tz, To>;
+// The variant of a unit function for the active ISA.
+template <typename Fn>
+Fn pick(Fn base, Fn avx2, Fn avx512) {
+  if (active_isa() == Isa::kAvx512) return avx512;
+  if (active_isa() == Isa::kAvx2) return avx2;
+  return base;
 }
-
-template <typename Tz, typename To>
-BwdUnit<Tz, To> pick_bwd() {
 #if M2_X86
-  if (active_isa() == Isa::kAvx512) return &bwd_unit_avx512<Tz, To>;
-  if (active_isa() == Isa::kAvx2) return &bwd_unit_avx2<Tz, To>;
+#define M2_PICK(name, Tz, To) pick(&name##_base<Tz, To>, &name##_avx2<Tz, To>, &name##_avx512<Tz, To>)
+#else
+#define M2_PICK(name, Tz, To) (&name##_base<Tz, To>)
 #endif
-  return &bwd_unit_base<Tz, To>;
-}
 
 // ---- drivers ----------------------------------------------------------------------------------
 int team_size() { return std::max(1, at::get_num_threads()); }
 
 template <typename Tz, typename To>
 void run_forward(const FwdArgs<Tz, To>& a) {
-  const FwdUnit<Tz, To> unit_fn = pick_fwd<Tz, To>();
+  const FwdUnit<Tz, To> unit_fn = M2_PICK(fwd_unit, Tz, To);
   const int threads = team_size();
   const Split split = split_for(a.g, threads);
   const int64_t units = split.units(a.g);
@@ -586,7 +581,7 @@ void run_forward(const FwdArgs<Tz, To>& a) {
 
 template <typename Tz, typename To>
 std::vector<std::vector<float>> run_backward(const BwdArgs<Tz, To>& a) {
-  const BwdUnit<Tz, To> unit_fn = pick_bwd<Tz, To>();
+  const BwdUnit<Tz, To> unit_fn = M2_PICK(bwd_unit, Tz, To);
   const int threads = team_size();
   const Split split = split_for(a.g, threads);
   const int64_t units = split.units(a.g);
