@@ -157,6 +157,7 @@ class TEDAdapterCPUFunction(torch.autograd.Function):
             ctx.geometry = (num_frames, h, w)
             ctx.residual_is_x = residual is None
             ctx.x_dtype = x.dtype
+            ctx.up_bias_dtypes = (up_e_b.dtype, up_d_b.dtype)
         return out.view(x.shape)
 
     @staticmethod
@@ -195,12 +196,14 @@ class TEDAdapterCPUFunction(torch.autograd.Function):
         d_residual = grad_out if need[1] else None
 
         def cast(grad, like):
-            return None if grad is None else grad.to(like.dtype)
+            return None if grad is None else grad.to(like if isinstance(like, torch.dtype) else like.dtype)
 
+        up_e_b_dtype, up_d_b_dtype = ctx.up_bias_dtypes
         return (dx, d_residual, cast(d_down_e_w, down_e_w), cast(d_down_e_b, down_e_b), cast(d_conv_e_w, conv_e_w),
-                cast(d_conv_e_b, conv_e_b), cast(d_up_e_w, up_e_w), cast(d_up_e_b, up_e_w),
+                cast(d_conv_e_b, conv_e_b), cast(d_up_e_w, up_e_w), cast(d_up_e_b, up_e_b_dtype),
                 cast(d_down_d_w, down_d_w), cast(d_down_d_b, down_d_b), cast(d_conv_d_w, conv_d_w),
-                cast(d_conv_d_b, conv_d_b), cast(d_up_d_w, up_d_w), cast(d_up_d_b, up_d_w), None, None, None, None, None)
+                cast(d_conv_d_b, conv_d_b), cast(d_up_d_w, up_d_w), cast(d_up_d_b, up_d_b_dtype),
+                None, None, None, None, None)
 
 
 def ted_adapter_cpu(x, residual, down_e_w, down_e_b, conv_e_w, conv_e_b, up_e_w, up_e_b, down_d_w, down_d_b,
