@@ -6,17 +6,25 @@ depthwise Conv1d over T (E branch) and a depthwise Conv3d with kernel (1, 3, 3) 
 D update added to the patch rows — and keeps the official parameter names (``fc1``, ``conv``,
 ``fc2``, ``offset_adapter.*``), so ``m2clip_fast.convert`` maps its state to ours. Unlike the
 release it is out of place (no ``x[:, 1:] += ...``), so autograd can differentiate it.
+
+``OfficialStyleM2CLIP`` / ``make_official_style(model)`` is the whole model trained the official way,
+for the training-step benchmark: official-style TED adapters, open_clip's own nn.MultiheadAttention,
+and every step the full CLIP text encoder (all 77 token columns, every layer, autograd on) over all
+class prompts — no text cache, no end-of-text shortcut, no trimming of padding columns.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from m2clip_fast.adapters import TEDAdapter
+from m2clip_fast.attention import set_attention_backend
 from m2clip_fast.convert import to_official_adapter
+from m2clip_fast.model import M2CLIP
 
 
 class OffsetBranch(nn.Module):
@@ -87,6 +95,57 @@ class OfficialStyleTEDAdapter(nn.Module):
         e = e.permute(0, 2, 1, 3).contiguous().view(bt, length, r)
         out = (x if residual is None else residual) + self.fc2(e)
         return torch.cat([out[:, :1], out[:, 1:] + offset], dim=1)
+
+
+class OfficialStyleM2CLIP(M2CLIP):
+    """M2CLIP computing the same losses the way the official release does (see the module docstring).
+
+    Only the text side is overridden here; ``make_official_style`` also swaps the TED adapters and the
+    attention modules. Token ids are built once per class list (the release tokenises its class prompts
+    once, too): tokenising is not model work.
+    """
+
+    @staticmethod
+    def _trim(tokens: torch.Tensor) -> torch.Tensor:
+        return tokens  # all context_length columns, padding included (CMLM prompts too)
+
+    def _frozen_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        # Autograd stays on: the release runs its frozen text layers outside no_grad.
+        return self._text_blocks(self._embed_tokens(tokens), 0, self.frozen_text_layers)
+
+    def _prompt_tokens(self, class_names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+        key = (tuple(class_names), tuple(templates))
+        cache = self.__dict__.setdefault("_official_tokens", {})
+        if key not in cache:
+            cache.clear()
+            cache[key] = torch.cat([self.prompts(class_names, t).tokens for t in templates])
+        return cache[key].to(self.clip.token_embedding.weight.device)
+
+    def encode_text(self, class_names: Optional[Sequence[str]] = None,
+                    templates: Optional[Sequence[str]] = None) -> torch.Tensor:
+        """open_clip's ``encode_text`` (every layer, ln_final on every row, EOT pooling, projection) on every
+        prompt, then the mean over templates of the unit-norm embeddings, as ``M2CLIP.encode_text``."""
+        class_names = self.class_names if class_names is None else list(class_names)
+        templates = tuple(templates or self.config.templates)
+        tokens = self._prompt_tokens(class_names, templates)
+        with self._autocast(tokens.device):
+            emb = F.normalize(self.clip.encode_text(tokens), dim=-1)
+        return emb.reshape(len(templates), len(class_names), -1).mean(dim=0)
+
+
+def make_official_style(model: M2CLIP) -> OfficialStyleM2CLIP:
+    """Turn ``model`` into the official-style baseline, in place, computing the same function from the same
+    weights: every TED adapter is replaced by an ``OfficialStyleTEDAdapter`` copy of it (checked equal by
+    ``from_ted``), attention goes back to nn.MultiheadAttention, the text cache and the end-of-text path are off,
+    and the class becomes ``OfficialStyleM2CLIP`` (same attributes, official text encoding)."""
+    for name, ted in list(model.ted_adapters.items()):
+        model.swap_ted_adapter(name, OfficialStyleTEDAdapter.from_ted(ted))
+    set_attention_backend(model, "torch")
+    model.__class__ = OfficialStyleM2CLIP
+    model.use_text_cache = False
+    model.use_eot_text_path = False
+    model._text_cache.clear()
+    return model
 
 
 def saved_storages(run: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> Dict[int, int]:

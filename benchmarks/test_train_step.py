@@ -1,0 +1,412 @@
+"""One M²-CLIP training step end to end: k400_b16_8f (ViT-B/16, 8 frames, 400 classes), random init.
+
+    python -m pytest benchmarks/test_train_step.py -s      # about 6 minutes on 2 busy CPU cores
+
+A step is forward + backward + AdamW (the training loop's parameter groups), on a fixed random batch
+(2 clips on CPU, 16 on CUDA). Variants:
+  official-style fp32   benchmarks/baselines.py: official-style TED adapters, nn.MultiheadAttention, the
+                        full text encoder over all 400 prompts × 77 tokens every step, no caches
+  ours fp32             fused=True (C++ TED path), sdpa attention, text cache + end-of-text path
+  ours bf16 autocast    the same under torch.autocast("cpu", bfloat16), if the CPU has native bf16
+  ... (cuda)            the same three on CUDA (bf16 as the training loop runs it there: bf16 frozen
+                        weights + autocast), skipped without a GPU
+
+Every variant runs in its own fresh worker process (this file run as a script), so that its peak
+memory is its own: RSS on CPU (peak RSS during the step, read from VmHWM after resetting it through
+/proc/self/clear_refs, minus the RSS just before the step, after malloc_trim has returned freed heap
+memory), torch.cuda.max_memory_allocated minus memory_allocated on CUDA. The parent process drives
+the worker over a pipe; pytest-benchmark times each steady-state step round trip (the pipe adds well
+under a millisecond to steps of seconds). The worker's first step (text cache fill, optimizer state
+allocation, first-touch of every buffer) is its warm-up and is reported separately.
+
+Correctness (asserted): the workers build the model from the same seed, so the frozen weights are
+identical (checked by a fingerprint) and the tunable parameters get the same random values; the
+baseline copies them into its official-style adapters. The first step's per-head losses and all
+parameter gradients of the baseline and of ours must agree to fp32 reassociation error (see
+FP32_LOSS_TOL / FP32_GRAD_TOL), and the bf16 loss must be close to the fp32 one (BF16_LOSS_TOL).
+
+The summary table (medians of the rounds; peak memory = the largest over the steady rounds) is
+printed at the end. Timed rounds: 2 for ours, 1 for the baseline (a baseline CPU step takes over a
+minute on 2 loaded cores; its warm-up step is a second sample, shown as "first s");
+M2CLIP_TRAIN_ROUNDS=n sets every variant's rounds; M2CLIP_BENCH_THREADS=n sets torch's intra-op
+threads in the workers.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+from typing import Dict, Optional
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+PRESET, FRAMES, SIZE = "k400_b16_8f", 8, 224
+BATCH = {"cpu": 2, "cuda": 16}
+BASELINE = "official-style fp32"
+# Timed steady-state rounds per variant. The baseline has no cache to fill, so its warm-up step already does
+# a steady step's work (it is reported next to it); one more round keeps the file near 6 minutes on 2 cores.
+ROUNDS = {v: 1 if v.startswith(BASELINE) else 2 for v in (BASELINE, BASELINE + " (cuda)")}
+if os.environ.get("M2CLIP_TRAIN_ROUNDS"):
+    ROUNDS = {v: int(os.environ["M2CLIP_TRAIN_ROUNDS"]) for v in ROUNDS}
+
+VARIANTS = {
+    BASELINE: dict(official=True, amp=None, device="cpu"),
+    "ours fp32": dict(official=False, amp=None, device="cpu"),
+    "ours bf16 autocast": dict(official=False, amp="bf16", device="cpu"),
+    "official-style fp32 (cuda)": dict(official=True, amp=None, device="cuda"),
+    "ours fp32 (cuda)": dict(official=False, amp=None, device="cuda"),
+    "ours bf16 (cuda)": dict(official=False, amp="bf16", device="cuda"),
+}
+# Both fp32 paths compute the same function but sum in different orders (fused vs separate adapter GEMMs,
+# 77 vs trimmed text columns, the last text block on EOT rows only, sdpa vs nn.MultiheadAttention): each op
+# is exact to a few fp32 ulps (~1e-7 relative), and ~40 layers deep the losses agree to ~1e-6 relative or
+# better (measured on the 2-core Xeon: equal to the last bit, gradients within 4e-6). 1e-4 leaves room for
+# other BLAS builds and thread counts. Gradients are compared per trained tensor against its largest
+# magnitude (one more pass of reassociated sums: 1e-3), so a changed branch, mask or pooling row, which
+# changes some tensor's gradient by O(1) of its scale, fails the check even where the loss barely moves.
+FP32_LOSS_TOL, FP32_GRAD_TOL = 1e-4, 1e-3
+# bf16 keeps 8 significant bits (relative rounding ≤ 2^-9 ≈ 2e-3 per op) and the rounding errors of
+# ~40 layers add up in the loss to about 1e-2 relative at most: 5e-2 only catches real breakage.
+BF16_LOSS_TOL = 5e-2
+RESULTS: Dict[str, Dict[str, float]] = {}
+
+
+def rounds(variant: str) -> int:
+    return ROUNDS.get(variant, 2)
+
+
+# ---------------------------------------------------------------------------------------------- worker
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+class HostMemory:
+    """Peak RSS of a region of code, minus the RSS before it (Linux)."""
+
+    def __init__(self):
+        try:
+            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except OSError:  # not glibc: freed heap memory may stay resident, the delta then reads low
+            self._trim = None
+
+    def start(self) -> int:
+        if self._trim is not None:
+            self._trim(0)  # freed heap memory back to the OS, so "before" is what is live
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        return _rss_kb("VmRSS") * 1024
+
+    @staticmethod
+    def peak() -> int:
+        return _rss_kb("VmHWM") * 1024
+
+
+def randomise_tunable(model: torch.nn.Module) -> None:
+    """Give every trained parameter random values, the same in every process (seeded by its name):
+    a fresh model's convs and several biases are zero, which would hide the adapters' math from the loss
+    and gradient check. Matrices/kernels: N(0, 0.25/fan_in) (each adapter changes the residual stream by
+    a fraction of itself, so 12 of them neither vanish nor blow up); vectors: their init plus N(0, 0.02²)
+    (LayerNorm gains stay near 1)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            noise = torch.randn(p.shape, generator=gen)
+            if p.dim() >= 2:
+                p.copy_(noise * 0.5 / (p[0].numel() ** 0.5))
+            else:
+                p.add_(noise * 0.02)
+
+
+def tunable_gradients(model) -> Dict[str, torch.Tensor]:
+    """{parameter name in our naming: gradient}; official-style adapters' gradients are renamed back."""
+    from baselines import OfficialStyleTEDAdapter
+    from m2clip_fast.convert import convert_official_adapter
+
+    grads = {n: p.grad.detach().float().cpu() for n, p in model.named_parameters()
+             if p.requires_grad and p.grad is not None}
+    for name, adapter in model.ted_adapters.items():
+        if isinstance(adapter, OfficialStyleTEDAdapter):
+            prefix = f"ted_adapters.{name}."
+            theirs = {k[len(prefix):]: grads.pop(k) for k in list(grads) if k.startswith(prefix)}
+            grads.update({prefix + k: v for k, v in convert_official_adapter(theirs).items()})
+    return grads
+
+
+class Worker:
+    """The worker process's state: model, optimizer, batch; ``step`` runs and measures one training step."""
+
+    def __init__(self, spec: dict):
+        from baselines import make_official_style
+        from m2clip_fast import create_model
+        from m2clip_fast.train import param_groups
+
+        self.device = torch.device(spec["device"])
+        self.cuda = self.device.type == "cuda"
+        self.host = HostMemory()
+        if self.cuda:  # cuDNN would run the baseline's fp32 convs in TF32 and fail the fp32 comparison
+            torch.backends.cudnn.allow_tf32 = False
+        torch.manual_seed(0)
+        model = create_model(PRESET, pretrained=None, fused=True, attention="sdpa")
+        self.fingerprint = sum(p.double().sum().item() for p in model.clip.parameters())
+        randomise_tunable(model)
+        if spec["official"]:
+            model = make_official_style(model)  # copies the randomised adapters into official form
+        model.to(self.device).train()
+        self.amp = torch.bfloat16 if spec["amp"] == "bf16" else None
+        if self.cuda and self.amp is not None:
+            model.set_backbone_dtype(self.amp)  # the training loop's CUDA bf16: bf16 frozen weights + autocast
+        self.model = model
+        train = model.config.train
+        batch = BATCH[self.device.type]
+        lr = train["blr"] * batch / 256
+        groups = param_groups(model, lr, train["weight_decay"], train["text_lr_scale"])
+        self.optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=lr)
+        gen = torch.Generator().manual_seed(1)
+        self.video = torch.randn(batch, FRAMES, 3, SIZE, SIZE, generator=gen).to(self.device)
+        self.labels = torch.randint(0, model.num_classes, (batch,), generator=gen).to(self.device)
+        self.steps = 0
+
+    def _sync(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def step(self, save_grads: Optional[str] = None) -> dict:
+        self.optimizer.zero_grad(set_to_none=True)
+        # Dropout (VC head) and CMLM's word masks draw from the global RNG: the same draws in every variant.
+        torch.manual_seed(100 + self.steps)
+        self._sync()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+        else:
+            before = self.host.start()
+        context = torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
+        t0 = time.perf_counter()
+        with context:
+            losses = self.model(self.video, self.labels)
+        losses["loss"].backward()
+        self.optimizer.step()
+        self._sync()
+        seconds = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated(self.device) if self.cuda else self.host.peak()
+        self.steps += 1
+        if save_grads:
+            torch.save(tunable_gradients(self.model), save_grads)
+        return {"seconds": seconds, "peak_step_bytes": peak - before, "peak_bytes": peak, "before_bytes": before,
+                "losses": {k: float(v.detach()) for k, v in losses.items()}}
+
+
+def worker_main(spec_json: str) -> None:
+    """Protocol: one JSON object per line on the original stdout (everything else printed goes to stderr);
+    commands, one JSON object per line on stdin: {"op": "step", "grads": path or null} or {"op": "exit"}."""
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    spec = json.loads(spec_json)
+    if os.environ.get("M2CLIP_BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["M2CLIP_BENCH_THREADS"]))
+    worker = Worker(spec)
+    proto.write(json.dumps({"ready": True, "fingerprint": worker.fingerprint, "threads": torch.get_num_threads(),
+                            "batch": worker.video.shape[0]}) + "\n")
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command["op"] == "exit":
+            break
+        proto.write(json.dumps(worker.step(command.get("grads"))) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- parent
+class WorkerProcess:
+    """A fresh Python process holding one variant's model; ``step()`` runs one training step in it."""
+
+    def __init__(self, variant: str, grads_dir: str):
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(VARIANTS[variant])],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                     cwd=str(HERE))
+        self.info = self._read()
+        self.grads_path = os.path.join(grads_dir, variant.replace(" ", "_") + ".pt")
+        self.first = self.step(save_grads=True)  # the warm-up step, measured on its own
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            code = self.proc.wait()
+            raise RuntimeError(f"benchmark worker exited with status {code} (its stderr is above)")
+        return json.loads(line)
+
+    def step(self, save_grads: bool = False) -> dict:
+        self.proc.stdin.write(json.dumps({"op": "step", "grads": self.grads_path if save_grads else None}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def grads(self) -> Dict[str, torch.Tensor]:
+        return torch.load(self.grads_path)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"op": "exit"}) + "\n")
+                self.proc.stdin.close()
+                self.proc.wait(timeout=60)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Workers:
+    """One worker per variant, started on first use (its first step runs then) and kept until closed."""
+
+    def __init__(self):
+        self._dir = tempfile.TemporaryDirectory(prefix="m2clip_train_step_")
+        self._workers: Dict[str, WorkerProcess] = {}
+        self.first: Dict[str, dict] = {}  # each variant's first (warm-up) step, kept after its worker is closed
+
+    def first_step(self, variant: str) -> dict:
+        """The variant's first-step results, starting its worker if it never ran."""
+        if variant not in self.first:
+            self.get(variant)
+        return self.first[variant]
+
+    def get(self, variant: str) -> WorkerProcess:
+        spec = VARIANTS[variant]
+        if spec["device"] == "cuda" and not torch.cuda.is_available():
+            pytest.skip("no CUDA device")
+        if spec["device"] == "cpu" and spec["amp"] == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            pytest.skip("this CPU has no native bf16 (oneDNN reports no bf16 support)")
+        if variant not in self._workers:
+            self._workers[variant] = WorkerProcess(variant, self._dir.name)
+            self.first[variant] = self._workers[variant].first
+        return self._workers[variant]
+
+    def close(self, variant: Optional[str] = None) -> None:
+        for name in [variant] if variant else list(self._workers):
+            worker = self._workers.pop(name, None)
+            if worker is not None:
+                worker.close()
+
+    def cleanup(self) -> None:
+        self.close()
+        self._dir.cleanup()
+
+
+@pytest.fixture(scope="module")
+def workers(request):
+    pool = Workers()
+    yield pool
+    pool.cleanup()
+    table = summary_table()
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        print("\n" + table, flush=True)  # teardown output is captured otherwise
+
+
+def _relative(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_same_loss_and_gradients(workers, device):
+    """The baseline and ours, same weights, same batch, same random draws: same losses and gradients."""
+    suffix = "" if device == "cpu" else " (cuda)"
+    base, ours = workers.get(BASELINE + suffix), workers.get("ours fp32" + suffix)
+    assert base.info["fingerprint"] == ours.info["fingerprint"], "the workers built different frozen weights"
+    worst = {}
+    for head, want in base.first["losses"].items():
+        worst[head] = _relative(ours.first["losses"][head], want)
+        assert worst[head] <= FP32_LOSS_TOL, f"{head} loss: ours {ours.first['losses'][head]} vs baseline {want}"
+    got, want = ours.grads(), base.grads()
+    assert sorted(got) == sorted(want), "the two models train different parameters"
+    grad_err = 0.0
+    for name in want:
+        scale = want[name].abs().max().item()
+        err = (got[name] - want[name]).abs().max().item() / max(scale, 1e-30)
+        grad_err = max(grad_err, err)
+        assert err <= FP32_GRAD_TOL, f"gradient of {name}: error {err:.3g} of its largest magnitude"
+    RESULTS.setdefault("_check" + suffix, {}).update(loss_rel_err=max(worst.values()), grad_rel_err=grad_err)
+    print(f"\nsame function{suffix}: losses {base.first['losses']} vs {ours.first['losses']}; max relative loss "
+          f"difference {max(worst.values()):.2e}, max gradient error {grad_err:.2e} of the parameter's largest")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_train_step(benchmark, workers, variant):
+    worker = workers.get(variant)
+    first = worker.first
+    if "bf16" in variant:  # against the same device's fp32 first step: same weights, batch and draws
+        fp32 = workers.first_step("ours fp32" + (" (cuda)" if "cuda" in variant else ""))["losses"]["loss"]
+        err = _relative(first["losses"]["loss"], fp32)
+        assert err <= BF16_LOSS_TOL, f"bf16 loss {first['losses']['loss']} vs fp32 {fp32}"
+        RESULTS.setdefault(variant, {})["loss_vs_fp32"] = err
+    steady = []
+    benchmark.pedantic(lambda: steady.append(worker.step()), rounds=rounds(variant), warmup_rounds=0, iterations=1)
+    workers.close(variant)  # frees its memory before the next variant
+    batch = worker.info["batch"]
+    record = RESULTS.setdefault(variant, {})
+    record.update(batch=batch, rounds=rounds(variant), threads=worker.info["threads"], first_s=first["seconds"],
+                  first_peak_mb=first["peak_step_bytes"] / 2**20,
+                  peak_mb=max(s["peak_step_bytes"] for s in steady) / 2**20,
+                  peak_total_mb=max(s["peak_bytes"] for s in steady) / 2**20,
+                  worker_s=statistics.median(s["seconds"] for s in steady), loss=first["losses"]["loss"])
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        record["s"] = benchmark.stats.stats.median
+    benchmark.extra_info.update({k: v for k, v in record.items()}, variant=variant,
+                                memory="host RSS" if "cuda" not in variant else "cuda allocated",
+                                accuracy="losses/gradients checked vs the official-style baseline")
+
+
+def summary_table() -> str:
+    lines = []
+    for device, suffix in (("cpu", ""), ("cuda", " (cuda)")):
+        rows = [(v, RESULTS[v]) for v in VARIANTS if v in RESULTS and "s" in RESULTS[v]
+                and VARIANTS[v]["device"] == device]
+        if not rows:
+            continue
+        base = RESULTS.get(BASELINE + suffix, {})
+        memory = "RSS" if device == "cpu" else "max_memory_allocated"
+        lines.append(f"{PRESET} training step on {device}, batch {rows[0][1]['batch']}, "
+                     f"{rows[0][1]['threads']} threads (s/step: median of the steady-state rounds; peak step MB = "
+                     f"peak {memory} during the step minus before it; first = the warm-up step)")
+        lines.append(f"{'variant':28s} {'rounds':>6s} {'s/step':>8s} {'clips/s':>8s} {'peak step MB':>13s} "
+                     f"{'x clips/s':>10s} {'x memory':>9s} {'first s':>8s} {'first MB':>9s}")
+        for variant, r in rows:
+            clips = r["batch"] / r["s"]
+            speed = clips / (base["batch"] / base["s"]) if base.get("s") else None
+            mem = r["peak_mb"] / base["peak_mb"] if base.get("peak_mb") else None
+            lines.append(f"{variant:28s} {r['rounds']:6d} {r['s']:8.2f} {clips:8.3f} {r['peak_mb']:13.0f} "
+                         f"{format(speed, '10.2f') if speed else '-':>10s} {format(mem, '9.2f') if mem else '-':>9s} "
+                         f"{r['first_s']:8.2f} {r['first_peak_mb']:9.0f}")
+            if "loss_vs_fp32" in r:
+                lines.append(f"  {variant}: first-step loss within {r['loss_vs_fp32']:.1e} relative of fp32")
+        ours = RESULTS.get("ours fp32" + suffix, {})
+        if base.get("s") and ours.get("s"):
+            speed = base["s"] / ours["s"] * ours["batch"] / base["batch"]
+            mem = ours["peak_mb"] / base["peak_mb"]
+            lines.append(f"target ours fp32 clips/s vs baseline: {speed:.2f}x (>= 2) {'met' if speed >= 2 else 'NOT met'}")
+            lines.append(f"target ours fp32 peak step memory vs baseline: {mem:.2f}x (<= 0.7) "
+                         f"{'met' if mem <= 0.7 else 'NOT met'}")
+        check = RESULTS.get("_check" + suffix)
+        if check:
+            lines.append(f"same function: losses within {check['loss_rel_err']:.1e} relative, gradients within "
+                         f"{check['grad_rel_err']:.1e} of each parameter's largest gradient")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":
+    worker_main(sys.argv[2])
