@@ -226,3 +226,13 @@ def test_swapping_a_ted_adapter_changes_what_runs():
         assert not torch.equal(m.encode_video(v), before), name
         m.swap_ted_adapter(name, original)
         assert torch.equal(m.encode_video(v), before), name
+
+
+def test_pretrained_local_checkpoint_is_loaded(tmp_path, plain_clip):
+    """pretrained= a local file goes through open_clip's own loader (the path users take for OpenAI weights)."""
+    path = tmp_path / "tiny_clip.pt"
+    torch.save(plain_clip.state_dict(), path)
+    torch.manual_seed(123)  # a different random init, which the checkpoint must overwrite
+    m = create_model("tiny", pretrained=str(path), class_names=CLASSES, fused=False)
+    for name, tensor in plain_clip.state_dict().items():
+        assert torch.equal(m.clip.state_dict()[name], tensor), name
