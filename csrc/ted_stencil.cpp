@@ -15,8 +15,9 @@
 // and the backward walks t downwards so dZ_d[t] = dU[t] − dU[t+1] is written as soon as dU[t] is
 // known. A unit runs its parts (E, D, and the C-wide output / gradient rows) one after the other,
 // each over all frames, so each part's rows stay cached across its frame taps. Each pass thus
-// touches every C- or r-wide row once; the small gradients go to per-thread partials (no atomics)
-// reduced at the end.
+// touches every C- or r-wide row once; the small gradients go to per-row partials (no atomics): a
+// unit zeroes and fills only its own row's slot at its own channels, and the slots are summed in row
+// order at the end, so the result is bitwise reproducible whatever the thread count or scheduling.
 //
 // Vectors are GCC vector extensions of W float lanes, so one source serves every ISA; setup.py
 // builds for x86-64-v2, so the units are also compiled for AVX2 and AVX-512 and picked at run time.
@@ -29,6 +30,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -334,19 +336,21 @@ struct BwdArgs {
   To* dx;          // null: the caller does not fold the residual gradient into dx
 };
 
-// Per-thread partial sums of every small gradient, plus the double-buffered dU rows of a unit.
+// Partial sums of every small gradient over one unit row (clip, grid row or class token), in the row's
+// slot of slot_width(g) floats: w_e (3r), b_e, cb_e, b_d, w_d (9r), cb_d, g (C). Plus the unit's
+// thread's double-buffered dU rows (scratch, fully written before being read).
+constexpr int64_t kSmallR = 16;  // r-wide vectors per slot
+int64_t slot_width(const Geometry& g) { return kSmallR * g.r + g.C; }
+
 struct Partials {
-  std::vector<float> buf;
-  float *w_e, *b_e, *cb_e, *b_d, *w_d, *cb_d, *g_all, *g_cls, *du_cur, *du_next;
-  explicit Partials(const Geometry& g) : buf(static_cast<size_t>(16 * g.r + 2 * g.C + 2 * g.w * g.r), 0.f) {
-    float* q = buf.data();
-    auto take = [&q](int64_t n) {
-      float* p = q;
-      q += n;
-      return p;
-    };
-    w_e = take(3 * g.r); b_e = take(g.r); cb_e = take(g.r); b_d = take(g.r); w_d = take(9 * g.r);
-    cb_d = take(g.r); g_all = take(g.C); g_cls = take(g.C); du_cur = take(g.w * g.r); du_next = take(g.w * g.r);
+  float *w_e, *b_e, *cb_e, *b_d, *w_d, *cb_d, *g, *du_cur, *du_next;
+  // The slot at `slot`; zeroes the unit's channels [r0, r1) and [c0, c1) of it (and nothing else, so
+  // units of one row on other threads are untouched).
+  Partials(const Geometry& g_, float* slot, float* du, const Unit& u) {
+    w_e = slot; b_e = w_e + 3 * g_.r; cb_e = b_e + g_.r; b_d = cb_e + g_.r; w_d = b_d + g_.r; cb_d = w_d + 9 * g_.r;
+    g = cb_d + g_.r; du_cur = du; du_next = du + g_.w * g_.r;
+    for (int64_t k = 0; k < kSmallR; ++k) std::fill(slot + k * g_.r + u.r0, slot + k * g_.r + u.r1, 0.f);
+    std::fill(g + u.c0, g + u.c1, 0.f);
   }
 };
 
@@ -467,8 +471,7 @@ M2_INLINE void bwd_g_block(const BwdArgs<Tz, To>& a, const Unit& u, Partials& pt
     sum += gv;
     if (a.dx) vstream<W>(a.dx + off, gv);
   }
-  vaccumulate<W>(pt.g_all + c, sum);
-  if (u.gi < 0) vaccumulate<W>(pt.g_cls + c, sum);
+  vaccumulate<W>(pt.g + c, sum);
 }
 
 // The unit's four parts (E; D taps; D dZ; incoming-gradient sums) run one after the other, each over
@@ -585,27 +588,47 @@ std::vector<std::vector<float>> run_backward(const BwdArgs<Tz, To>& a) {
   const int threads = team_size();
   const Split split = split_for(a.g, threads);
   const int64_t units = split.units(a.g);
-  std::vector<Partials> partials;
-  partials.reserve(threads);
-  for (int i = 0; i < threads; ++i) partials.emplace_back(a.g);
+  const Geometry& g = a.g;
+  // One slot per unit row (unit i belongs to row i / split.chunks): every (row, channel) entry is
+  // written by exactly one unit, so which thread runs a unit, and when, cannot change any sum.
+  const int64_t rows = g.B * (g.h + 1), width = slot_width(g), du_size = 2 * g.w * g.r;
+  std::unique_ptr<float[]> slots(new float[static_cast<size_t>(rows * width)]);
+  std::unique_ptr<float[]> du(new float[static_cast<size_t>(threads * du_size)]);
 #pragma omp parallel num_threads(threads)
   {
-    Partials& mine = partials[omp_get_thread_num()];
+    float* mine = du.get() + omp_get_thread_num() * du_size;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < units; ++i) unit_fn(a, split.unit(a.g, i), mine);
-  }
-  const Geometry& g = a.g;
-  auto reduce = [&](float* Partials::*field, int64_t n) {
-    std::vector<float> out(static_cast<size_t>(n), 0.f);
-    for (auto& p : partials) {
-      const float* src = p.*field;
-      for (int64_t c = 0; c < n; ++c) out[c] += src[c];
+    for (int64_t i = 0; i < units; ++i) {
+      const Unit u = split.unit(g, i);
+      Partials pt(g, slots.get() + (i / split.chunks) * width, mine, u);
+      unit_fn(a, u, pt);
     }
-    return out;
+  }
+  // Combine the slots in row order (fixed per output entry; the column blocks may run in parallel).
+  // Row (b, gi) is b·(h+1) + gi + 1, so the class-token rows are the multiples of h+1.
+  std::vector<float> small(static_cast<size_t>(width + g.C), 0.f);  // [.. slot fields .., g_all | g_patch]
+  float* out = small.data();
+  const float* src = slots.get();
+  const int64_t block = 256, blocks = (width + block - 1) / block, small_end = kSmallR * g.r;
+  auto combine = [&](int64_t k) {
+    const int64_t j0 = k * block, j1 = std::min(width, j0 + block);
+    for (int64_t row = 0; row < rows; ++row) {
+      const float* s = src + row * width;
+      for (int64_t j = j0; j < j1; ++j) out[j] += s[j];
+      if (row % (g.h + 1) != 0)
+        for (int64_t j = std::max(j0, small_end); j < j1; ++j) out[j + g.C] += s[j];
+    }
   };
-  return {reduce(&Partials::w_e, 3 * g.r), reduce(&Partials::b_e, g.r),     reduce(&Partials::cb_e, g.r),
-          reduce(&Partials::b_d, g.r),     reduce(&Partials::w_d, 9 * g.r), reduce(&Partials::cb_d, g.r),
-          reduce(&Partials::g_all, g.C),   reduce(&Partials::g_cls, g.C)};
+  if (rows * width >= (int64_t{1} << 16) && threads > 1) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t k = 0; k < blocks; ++k) combine(k);
+  } else {
+    for (int64_t k = 0; k < blocks; ++k) combine(k);
+  }
+  auto field = [&](int64_t begin, int64_t n) { return std::vector<float>(out + begin, out + begin + n); };
+  const int64_t r = g.r;
+  return {field(0, 3 * r),     field(3 * r, r),     field(4 * r, r),     field(5 * r, r),
+          field(6 * r, 9 * r), field(15 * r, r),    field(16 * r, g.C),  field(16 * r + g.C, g.C)};
 }
 
 // ---- argument handling -------------------------------------------------------------------------
@@ -777,10 +800,8 @@ std::vector<at::Tensor> ted_stencil_backward(const at::Tensor& Z, const at::Tens
   const int64_t r = g.r;
   at::Tensor d_w_e = tensor(sums[0]).view({3, r}).t().contiguous().view({r, 1, 3});
   at::Tensor d_w_d = tensor(sums[4]).view({9, r}).t().contiguous().view({r, 1, 3, 3});
-  at::Tensor g_all = tensor(sums[6]);
-  at::Tensor d_up_d_b = g_all - tensor(sums[7]);
-  return {S,     dZ, d_w_e, tensor(sums[2]), tensor(sums[1]), d_w_d, tensor(sums[5]), tensor(sums[3]),
-          g_all, d_up_d_b, dx};
+  return {S,  dZ, d_w_e, tensor(sums[2]), tensor(sums[1]), d_w_d, tensor(sums[5]), tensor(sums[3]),
+          tensor(sums[6]), tensor(sums[7]), dx};
 }
 
 // dst[i, j] = src[i, j] for 2-D float32/bfloat16 tensors of any strides, on the calling thread only.
