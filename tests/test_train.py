@@ -120,7 +120,7 @@ def test_ddp_two_processes_equal_one_process(dataset, tmp_path):
     Dropout and CMLM's random masking are switched off, since their randomness is per process."""
     same = ["--epochs", "1", "--max-steps", "2", "--set", "num_frames=4", "ted_bottleneck=8",
             "text_bottleneck=8", "train.stride=1", "vc_dropout=0.0", "train.warmup_epochs=0",
-            "loss_weights={'contrastive': 0.5, 'cmc': 0.5, 'vc': 1.0}"]
+            "loss_weights={'contrastive': 0.5, 'cmc': 0.5, 'vc': 1.0}", "train.grad_clip=None"]
     one = base_args(dataset, tmp_path / "one", *same)
     train_main(one)
     two = base_args(dataset, tmp_path / "two", *same)
@@ -133,10 +133,19 @@ def test_ddp_two_processes_equal_one_process(dataset, tmp_path):
     a, state_a = tunable(tmp_path / "one" / "checkpoints" / "last.pt")
     b, state_b = tunable(tmp_path / "two" / "checkpoints" / "last.pt")
     assert state_a["step"] == state_b["step"] == 2
+    from m2clip_fast.engine import seed_everything
+
+    seed_everything(0)  # as train does for --seed 0 on rank 0, whose weights DDP broadcasts
     initial = create_model("demo", class_names=state_a["class_names"], fused=False, num_frames=4,
                            ted_bottleneck=8, text_bottleneck=8)
+    frozen = "clip.visual.conv1.weight"
+    assert torch.equal(initial.state_dict()[frozen], state_a["model"][frozen])  # same starting point
+    start = dict(initial.named_parameters())
     moved = 0
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
-        moved += not torch.equal(a[key], dict(initial.named_parameters())[key].detach())
+        update = (a[key] - start[key].detach()).abs().max()
+        # Sums split over 2 processes round differently, and AdamW divides by sqrt(v), which magnifies that
+        # rounding where gradients are tiny: compare against the size of the update itself (within 1%).
+        assert (a[key] - b[key]).abs().max() <= 0.01 * update + 1e-7, key
+        moved += bool(update > 0)
     assert moved > len(a) // 2  # the update is real, not two untouched models

@@ -189,6 +189,11 @@ def build_loader(
     else:
         sampler = SequentialSampler(dataset)
     extra = {"persistent_workers": True, "prefetch_factor": prefetch_factor} if workers > 0 else {}
+    # Workers' base seed comes from this generator, not the global RNG: building or iterating a loader (an
+    # evaluation mid-training, a resumed run's new loader) then leaves the training RNG stream untouched.
+    # (A separate generator from the sampler's, so the shuffle stays the DistributedSampler permutation.)
+    worker_seeds = torch.Generator()
+    worker_seeds.manual_seed(seed)
     loader = ClipLoader(
         dataset,
         batch_size=batch_size,
@@ -197,6 +202,7 @@ def build_loader(
         collate_fn=collate,
         pin_memory=torch.cuda.is_available(),
         drop_last=drop_last,
+        generator=worker_seeds,
         **extra,
     )
     loader._shuffle_seed = seed
