@@ -30,7 +30,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <string>
 #include <vector>
 
@@ -592,23 +591,30 @@ std::vector<std::vector<float>> run_backward(const BwdArgs<Tz, To>& a) {
   // One slot per unit row (unit i belongs to row i / split.chunks): every (row, channel) entry is
   // written by exactly one unit, so which thread runs a unit, and when, cannot change any sum.
   const int64_t rows = g.B * (g.h + 1), width = slot_width(g), du_size = 2 * g.w * g.r;
-  std::unique_ptr<float[]> slots(new float[static_cast<size_t>(rows * width)]);
-  std::unique_ptr<float[]> du(new float[static_cast<size_t>(threads * du_size)]);
+  // Kept per calling thread (fresh multi-MB pages cost more than the combine). Never read before
+  // being written in this call: each unit zeroes its own entries of its row's slot, and the units
+  // cover every (row, channel); dU is scratch written before it is read.
+  thread_local std::vector<float> scratch;
+  const size_t need = static_cast<size_t>(rows * width + threads * du_size);
+  if (scratch.size() < need) scratch.assign(need, 0.f);
+  float* const slots_base = scratch.data();
+  float* const du_base = slots_base + rows * width;
 #pragma omp parallel num_threads(threads)
   {
-    float* mine = du.get() + omp_get_thread_num() * du_size;
+    float* mine = du_base + omp_get_thread_num() * du_size;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < units; ++i) {
       const Unit u = split.unit(g, i);
-      Partials pt(g, slots.get() + (i / split.chunks) * width, mine, u);
+      Partials pt(g, slots_base + (i / split.chunks) * width, mine, u);
       unit_fn(a, u, pt);
     }
   }
-  // Combine the slots in row order (fixed per output entry; the column blocks may run in parallel).
+  // Combine the slots in row order, on this thread: a second OpenMP region (one more join barrier)
+  // costs more than these few hundred KB of adds on a loaded machine.
   // Row (b, gi) is b·(h+1) + gi + 1, so the class-token rows are the multiples of h+1.
   std::vector<float> small(static_cast<size_t>(width + g.C), 0.f);  // [.. slot fields .., g_all | g_patch]
   float* out = small.data();
-  const float* src = slots.get();
+  const float* src = slots_base;
   const int64_t block = 256, blocks = (width + block - 1) / block, small_end = kSmallR * g.r;
   auto combine = [&](int64_t k) {
     const int64_t j0 = k * block, j1 = std::min(width, j0 + block);
@@ -619,12 +625,7 @@ std::vector<std::vector<float>> run_backward(const BwdArgs<Tz, To>& a) {
         for (int64_t j = std::max(j0, small_end); j < j1; ++j) out[j + g.C] += s[j];
     }
   };
-  if (rows * width >= (int64_t{1} << 16) && threads > 1) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t k = 0; k < blocks; ++k) combine(k);
-  } else {
-    for (int64_t k = 0; k < blocks; ++k) combine(k);
-  }
+  for (int64_t k = 0; k < blocks; ++k) combine(k);
   auto field = [&](int64_t begin, int64_t n) { return std::vector<float>(out + begin, out + begin + n); };
   const int64_t r = g.r;
   return {field(0, 3 * r),     field(3 * r, r),     field(4 * r, r),     field(5 * r, r),
