@@ -52,6 +52,7 @@ setup(
         "numpy",
         "pyyaml",
         "tqdm",
+        "matplotlib",  # the demo's training-curve PNG
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "matplotlib", "tensorboard"],
