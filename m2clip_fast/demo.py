@@ -61,6 +61,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--data-dir", default="m2clip_demo/data", help="where the synthetic set is (or is written)")
     p.add_argument("--output-dir", default=None, help="run folder (default m2clip_demo/run or run_no_adapters)")
     p.add_argument("--no-adapters", action="store_true", help="disable TED and temporal adapters (the control)")
+    p.add_argument("--per-class", type=int, default=48, help="training videos per class when writing the set")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -70,7 +71,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     data = Path(args.data_dir)
     if not (data / "train.txt").is_file():
         from .data.synthetic import main as write_synthetic
-        write_synthetic(["--out", str(data), "--seed", str(args.seed)])
+        write_synthetic(["--out", str(data), "--seed", str(args.seed), "--per-class", str(args.per_class)])
     out = Path(args.output_dir or f"m2clip_demo/run{'_no_adapters' if args.no_adapters else ''}")
     if (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()  # a fresh run: its curves must not mix with an older one's
