@@ -1,29 +1,6 @@
 // Python bindings of m2clip_fast._C. The GEMMs stay in Python (ATen → MKL/oneDNN); only the
 // stencil passes, which ATen has no single kernel for, live here.
-#include <torch/extension.h>
-
-#include <string>
-#include <vector>
-
-namespace m2clip {
-std::vector<at::Tensor> ted_stencil_forward(const at::Tensor& Z, const c10::optional<at::Tensor>& residual,
-                                            const at::Tensor& down_e_b, const at::Tensor& conv_e_w,
-                                            const at::Tensor& conv_e_b, const at::Tensor& down_d_b,
-                                            const at::Tensor& conv_d_w, const at::Tensor& conv_d_b,
-                                            const c10::optional<at::Tensor>& up_e_b,
-                                            const c10::optional<at::Tensor>& up_d_b, int64_t T, int64_t h,
-                                            int64_t w, const c10::optional<at::Tensor>& s_buffer);
-std::vector<at::Tensor> ted_stencil_backward(const at::Tensor& Z, const at::Tensor& dS, const at::Tensor& grad,
-                                             const at::Tensor& down_e_b, const at::Tensor& conv_e_w,
-                                             const at::Tensor& conv_e_b, const at::Tensor& down_d_b,
-                                             const at::Tensor& conv_d_w, const at::Tensor& conv_d_b, int64_t T,
-                                             int64_t h, int64_t w, bool init_dx,
-                                             const c10::optional<at::Tensor>& s_buffer,
-                                             const c10::optional<at::Tensor>& dz_buffer);
-void copy_serial_(const at::Tensor& dst, const at::Tensor& src);
-std::string stencil_isa();
-void set_stencil_isa(const std::string& name);
-}  // namespace m2clip
+#include "ted_stencil.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;

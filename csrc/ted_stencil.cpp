@@ -21,6 +21,8 @@
 //
 // Vectors are GCC vector extensions of W float lanes, so one source serves every ISA; setup.py
 // builds for x86-64-v2, so the units are also compiled for AVX2 and AVX-512 and picked at run time.
+#include "ted_stencil.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>

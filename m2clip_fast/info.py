@@ -71,10 +71,10 @@ def vocabulary_note(model: M2CLIP) -> List[str]:
     return [f"MLM vocabulary V = {len(model.vocabulary)} ({len(words)} label words + special {special})"]
 
 
-def report(model: M2CLIP, preset: str) -> List[Tuple[str, str]]:
+def report(model: M2CLIP, groups: Dict[str, int]) -> List[Tuple[str, str]]:
+    """Rows (label, count) for the tunable groups, then tunable / total / frozen."""
     rows = []
     total = sum(p.numel() for p in model.parameters())
-    groups = tunable_by_module(model)
     tunable = sum(groups.values())
     for key, value in groups.items():
         rows.append((f"  {key}", f"{value:,}"))
@@ -95,12 +95,12 @@ def main(argv=None) -> None:
     model = create_model(args.preset, pretrained=None, class_names=args.class_names, **overrides)
     print(f"preset {args.preset}: backbone {model.config.backbone}, {model.num_frames} frames "
           f"of {model.image_size}px, {model.num_classes} classes, {len(model.ted_adapters)} TED adapters")
-    for name, value in report(model, args.preset):
+    groups = tunable_by_module(model)
+    for name, value in report(model, groups):
         print(f"{name:<32}{value:>16}")
     for line in vocabulary_note(model):
         print(line)
     if args.preset == "k400_b16_8f":
-        groups = tunable_by_module(model)
         structural = {k: groups.get(k, 0) for k in OFFICIAL_K400}
         mismatched = {k: (v, OFFICIAL_K400[k]) for k, v in structural.items() if v != OFFICIAL_K400[k]}
         expected = sum(OFFICIAL_K400.values()) + 513 * len(model.vocabulary)

@@ -508,9 +508,3 @@ def create_model(preset_or_config: Union[str, M2CLIPConfig] = "k400_b16_8f", pre
     model = M2CLIP(clip, config, tokenizer, names)
     set_attention_backend(model, config.attention)  # vision, text and the CMLM cross-attention block
     return model
-
-
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
