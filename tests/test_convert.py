@@ -79,3 +79,162 @@ def test_non_tensor_value_is_refused():
     state["fc1.bias"] = [0.0] * 12
     with pytest.raises(TypeError, match="fc1.bias"):
         convert_official_adapter(state)
+
+
+# ------------------------------------------------------------------------------------------------
+# whole official checkpoints (m2clip_fast.convert.convert_official_checkpoint)
+
+import torch.nn.functional as F  # noqa: E402
+
+from m2clip_fast import create_model  # noqa: E402
+from m2clip_fast.convert import convert_official_checkpoint, load_official_checkpoint  # noqa: E402
+from m2clip_fast.convert import main as convert_main  # noqa: E402
+from m2clip_fast.engine import load_model_checkpoint  # noqa: E402
+
+
+def linear(state, prefix, n_out, n_in, gen):
+    state[f"{prefix}.weight"] = torch.randn(n_out, n_in, generator=gen) * n_in ** -0.5
+    state[f"{prefix}.bias"] = torch.randn(n_out, generator=gen)
+
+
+def official_checkpoint(vision_blocks, width, r, embed, text_width, text_r, text_blocks, classes, mlm_words,
+                        pre_attn=False, seed=0):
+    """The keys and shapes the official main.py saves (every parameter whose name holds 'adapter'),
+    written out here by hand from the official models_adapter.py, with random values."""
+    gen = torch.Generator().manual_seed(seed)
+    state, modules = {}, {}
+    for i in vision_blocks:
+        for where in ("attn", "mlp") if pre_attn else ("mlp",):
+            module = official(width, r, seed=seed + i + (100 if where == "attn" else 0))
+            modules[f"{i}_pre_{where}"] = module
+            state.update({f"visual.transformer.resblocks.{i}.adapter_pre_{where}.{k}": v
+                          for k, v in module.state_dict().items()})
+    linear(state, "visual.t_adapter.fc1", embed // 2, embed, gen)
+    state["visual.t_adapter.conv.weight"] = torch.randn(embed // 2, 1, 3, generator=gen)
+    state["visual.t_adapter.conv.bias"] = torch.randn(embed // 2, generator=gen)
+    linear(state, "visual.t_adapter.fc2", embed, embed // 2, gen)
+    linear(state, "visual.adapter_fc", classes, width, gen)
+    for j in text_blocks:
+        linear(state, f"transformer.resblocks.{j}.adapter_pre_mlp.textad_fc1", text_r, text_width, gen)
+        linear(state, f"transformer.resblocks.{j}.adapter_pre_mlp.textad_fc2", text_width, text_r, gen)
+    linear(state, "mlm_adapter.transform.dense", text_width, text_width, gen)
+    state["mlm_adapter.transform.LayerNorm.weight"] = torch.rand(text_width, generator=gen) + 0.5
+    state["mlm_adapter.transform.LayerNorm.bias"] = torch.randn(text_width, generator=gen)
+    state["mlm_adapter.decoder.weight"] = torch.randn(len(mlm_words), text_width, generator=gen)
+    state["mlm_adapter.bias"] = torch.randn(len(mlm_words), generator=gen)
+    return state, modules
+
+
+TINY_CLASSES = ["moving left", "moving right", "rotating clockwise", "growing"]
+# the official label-word file lists words in its own order and has words our vocabulary does not
+TINY_MLM_WORDS = ["video", "rotating", "of", "moving", "right", "left", "clockwise", "growing", "name"]
+
+
+@pytest.fixture
+def tiny_official():
+    # tiny preset: 3 vision blocks (width 128, adapters r=16 in blocks 1-2), embed 64, text width 64,
+    # 2 text blocks (adapter in block 1) + the CMLM cross block = official text block 2
+    return official_checkpoint([1, 2], 128, 16, 64, 64, 16, [1, 2], len(TINY_CLASSES), TINY_MLM_WORDS)
+
+
+def tiny_model(**overrides):
+    torch.manual_seed(0)
+    return create_model("tiny", class_names=TINY_CLASSES, fused=False, **overrides).eval()
+
+
+def test_whole_checkpoint_computes_the_official_functions(tiny_official, tmp_path):
+    state, modules = tiny_official
+    labels = tmp_path / "mlm_labels.txt"
+    labels.write_text("".join(f"{w} {i}\n" for i, w in enumerate(TINY_MLM_WORDS)))
+    model = tiny_model()
+    unk_row = model.mlm_head.decoder.weight[model.vocabulary.index("[UNK]")].detach().clone()
+    report = load_official_checkpoint(model, {"model": {f"module.{k}": v for k, v in state.items()}}, labels)
+    assert report.converted == len(state) and report.kept_initial == []
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, theirs in modules.items():  # TED adapters: the official-style eager module's output
+            x = torch.randn(2 * 4, 1 + 8 * 8, 128, generator=gen)
+            theirs.num_frames = 4
+            torch.testing.assert_close(model.ted_adapters[name](x), theirs(x), rtol=1e-5, atol=1e-5)
+        # t_adapter: x + fc2(depthwise Conv1d over T (fc1(x))), on (B·T, D) frame embeddings
+        x = torch.randn(3 * 4, 64, generator=gen)
+        z = F.linear(x, state["visual.t_adapter.fc1.weight"], state["visual.t_adapter.fc1.bias"])
+        z = F.conv1d(z.view(3, 4, 32).transpose(1, 2), state["visual.t_adapter.conv.weight"],
+                     state["visual.t_adapter.conv.bias"], padding=1, groups=32).transpose(1, 2).reshape(12, 32)
+        want = x + F.linear(z, state["visual.t_adapter.fc2.weight"], state["visual.t_adapter.fc2.bias"])
+        torch.testing.assert_close(model.temporal_adapter(x), want)
+        # text adapters: block 1 is ours text_adapters["1"], block 2 (the cross block) our cmlm_adapter
+        t = torch.randn(5, 64, generator=gen)
+        for block, ours in ((1, model.text_adapters["1"]), (2, model.cmlm_adapter)):
+            p = f"transformer.resblocks.{block}.adapter_pre_mlp.textad_fc"
+            hidden = F.gelu(F.linear(t, state[p + "1.weight"], state[p + "1.bias"]))
+            torch.testing.assert_close(ours(t), t + F.linear(hidden, state[p + "2.weight"], state[p + "2.bias"]))
+    assert torch.equal(model.vc_head.fc.weight, state["visual.adapter_fc.weight"])
+    assert torch.equal(model.mlm_head.norm.weight, state["mlm_adapter.transform.LayerNorm.weight"])
+    for row, word in enumerate(model.vocabulary):  # decoder rows follow the words, not the indices
+        if word == "[UNK]":
+            assert torch.equal(model.mlm_head.decoder.weight[row], unk_row)
+        else:
+            official_row = TINY_MLM_WORDS.index(word)
+            assert torch.equal(model.mlm_head.decoder.weight[row], state["mlm_adapter.decoder.weight"][official_row])
+            assert model.mlm_head.decoder.bias[row] == state["mlm_adapter.bias"][official_row]
+    assert "['[UNK]']" in report.summary() and "'name', 'of', 'video'" in report.summary()
+
+
+def test_without_the_label_file_the_mlm_decoder_keeps_its_init(tiny_official):
+    model = tiny_model()
+    before = model.mlm_head.decoder.weight.detach().clone()
+    report = load_official_checkpoint(model, tiny_official[0])
+    assert torch.equal(model.mlm_head.decoder.weight, before)
+    assert report.kept_initial == ["mlm_head.decoder.bias", "mlm_head.decoder.weight"]
+    assert "no label-word file" in report.summary()
+
+
+def test_layout_mismatches_are_named(tiny_official):
+    state, _ = tiny_official
+    ssv2_text = dict(state)  # the official SSv2 model also has text adapters before attention
+    ssv2_text.update({k.replace("adapter_pre_mlp", "adapter_pre_attn"): v for k, v in state.items()
+                      if k.startswith("transformer.resblocks.1.")})
+    with pytest.raises(ValueError, match=r"transformer\.resblocks\.1\.adapter_pre_attn\.\* \(text adapters before"):
+        convert_official_checkpoint(ssv2_text, tiny_model())
+    pre_attn, _ = official_checkpoint([1, 2], 128, 16, 64, 64, 16, [1, 2], 4, TINY_MLM_WORDS, pre_attn=True)
+    with pytest.raises(ValueError, match=r"resblocks\.1\.adapter_pre_attn\.\* \(the model has TED adapters at"):
+        convert_official_checkpoint(pre_attn, tiny_model())
+    convert_official_checkpoint(pre_attn, tiny_model(ted_pre_attn=True))  # the SSv2 vision layout fits this one
+    with pytest.raises(ValueError, match=r"ted_adapters\.1_pre_mlp\.down_e\.weight: checkpoint \(16, 128\), model "
+                                         r"\(24, 128\)"):
+        convert_official_checkpoint(state, tiny_model(ted_bottleneck=24))
+    incomplete = dict(state)
+    del incomplete["visual.t_adapter.conv.bias"]
+    with pytest.raises(KeyError, match="visual.t_adapter.conv.bias"):
+        convert_official_checkpoint(incomplete, tiny_model())
+    stray = {**state, "visual.adapter_extra.weight": torch.zeros(1), "visual.proj": torch.zeros(128, 64)}
+    with pytest.raises(ValueError, match=r"no place for: visual\.adapter_extra\.weight"):
+        convert_official_checkpoint(stray, tiny_model())
+
+
+def test_cli_writes_a_checkpoint_evaluate_can_load(tiny_official, tmp_path):
+    state, _ = tiny_official
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(TINY_CLASSES) + "\n")
+    torch.save({"model": state, "optimizer": {}, "next_epoch": 12}, tmp_path / "checkpoint-11.pth")
+    out = tmp_path / "ours.pt"
+    assert convert_main([str(tmp_path / "checkpoint-11.pth"), "--out", str(out), "--preset", "tiny",
+                         "--pretrained", "none", "--class-names", str(classes)]) == 0
+    model, ckpt = load_model_checkpoint(out)
+    assert model.config.templates == ("A video of {}",)
+    assert torch.equal(model.ted_adapters["2_pre_mlp"].conv_d.weight,
+                       state["visual.transformer.resblocks.2.adapter_pre_mlp.offset_adapter.conv.weight"][:, :, 0])
+    assert torch.equal(model.text_adapters["1"].up.bias,
+                       state["transformer.resblocks.1.adapter_pre_mlp.textad_fc2.bias"])
+
+
+def test_the_official_k400_b16_layout_converts_completely():
+    """Every one of the official K400 B/16 run's 16,138,136 trained parameters finds its place in k400_b16_8f."""
+    words = [f"w{i}" for i in range(520)]  # the official K400 label-word file has 520 words
+    state, _ = official_checkpoint(range(12), 768, 384, 512, 512, 384, [11, 12], 400, words)
+    assert sum(v.numel() for v in state.values()) == 16_138_136
+    model = create_model("k400_b16_8f", pretrained=None)
+    ours, report = convert_official_checkpoint(state, model)
+    assert report.converted == len(state)
+    assert set(ours) | {"mlm_head.decoder.weight", "mlm_head.decoder.bias"} == set(model.tunable_state_dict())
