@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .data import DatasetError, check_samples, read_hmdb51, read_kinetics_csv, read_list_file, read_ssv2_json, read_ucf101
+from .data import DatasetError, VideoClipDataset, build_loader, check_samples, read_hmdb51, read_kinetics_csv, read_list_file, read_ssv2_json, read_ucf101
 
 # ------------------------------------------------------------------------------------------ distributed
 
@@ -167,12 +167,35 @@ def resolve_decoder(choice: str, device: torch.device) -> str:
             from .data import dali  # noqa: F401  -- raises a clear error when DALI is missing
         return choice
     if device.type == "cuda":
-        try:
-            from .data import dali  # noqa: F401
+        from .data.dali import dali_available
+        if dali_available():
             return "dali"
-        except ImportError:
-            pass
     return "pyav"
+
+
+def build_clip_loader(samples, *, train: bool, decoder: str, device: torch.device, batch_size: int, workers: int,
+                      num_frames: int, size: int, sampling: str, stride: int, seed: int, flip: bool = True,
+                      views: str = "1x1"):
+    """Batches of clips ({"video", "label", "index", "skipped"}) from ``samples``, with ``set_epoch``.
+
+    decoder "pyav": VideoClipDataset in ``workers`` DataLoader workers. decoder "dali": a DALIClipLoader,
+    one DALI pipeline (``workers`` threads) that decodes, resizes, crops and normalises whole batches, on
+    the GPU when ``device`` is CUDA. Either way sharded over torch.distributed ranks, training batches
+    shuffled and full, evaluation batches ``views`` (CLIPSxCROPS) per video.
+    """
+    clips, crops = (1, 1) if train else parse_views(views)
+    if decoder == "dali":
+        from .data.dali import DALIClipLoader
+
+        distributed = dist.is_available() and dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        return DALIClipLoader(samples, batch_size=batch_size, num_frames=num_frames, size=size, train=train,
+                              sampling=sampling, stride=stride, flip=flip, drop_last=train, seed=seed,
+                              device="mixed" if device.type == "cuda" else "cpu", num_threads=max(1, workers),
+                              shard_id=rank, num_shards=world, num_clips=clips, num_crops=crops)
+    dataset = VideoClipDataset(samples, num_frames=num_frames, sampling=sampling, stride=stride, size=size,
+                               train=train, flip=flip, num_clips=clips, num_crops=crops, decoder=decoder, seed=seed)
+    return build_loader(dataset, batch_size, workers, shuffle=train, drop_last=train, seed=seed)
 
 
 def read_annotations(path: str, data_root: Optional[str], class_names: Sequence[str]):

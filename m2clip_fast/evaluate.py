@@ -18,7 +18,6 @@ from typing import Dict, List, Optional
 import torch
 
 from . import engine
-from .data import VideoClipDataset, build_loader
 from .text import ZERO_SHOT_TEMPLATES, load_class_names
 
 
@@ -42,12 +41,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _loader(model, samples, args, decoder: str, sampling: str, stride: int, workers: int):
-    clips, crops = engine.parse_views(args.views)
+def _loader(model, samples, args, decoder: str, device, sampling: str, stride: int, workers: int):
     size = model.image_size if isinstance(model.image_size, int) else model.image_size[0]
-    dataset = VideoClipDataset(samples, num_frames=model.num_frames, sampling=sampling, stride=stride, train=False,
-                               size=size, num_clips=clips, num_crops=crops, decoder=decoder)
-    return build_loader(dataset, args.batch_size, workers, shuffle=False)
+    return engine.build_clip_loader(samples, train=False, decoder=decoder, device=device, views=args.views,
+                                    batch_size=args.batch_size, workers=workers, num_frames=model.num_frames,
+                                    size=size, sampling=sampling, stride=stride, seed=0)
 
 
 def evaluate(args: argparse.Namespace) -> Dict[str, object]:
@@ -70,7 +68,7 @@ def evaluate(args: argparse.Namespace) -> Dict[str, object]:
                              f"{len(model.class_names)}; use --zero-shot for another label set")
         samples, dropped = engine.checked(engine.read_annotations(args.val_list, args.data_root, names), len(names),
                                           args.skip_missing, f"validation list {args.val_list}")
-        metrics = engine.evaluate_loader(model, _loader(model, samples, args, decoder, sampling, stride, workers),
+        metrics = engine.evaluate_loader(model, _loader(model, samples, args, decoder, device, sampling, stride, workers),
                                          device, amp_dtype, progress=info.is_main)
         result.update(metrics, dropped=len(dropped))
         return result
@@ -81,7 +79,7 @@ def evaluate(args: argparse.Namespace) -> Dict[str, object]:
         samples = engine.read_split(args.zero_shot, args.split_dir, args.data_root, split, train=False,
                                     class_names=names)
         samples, dropped = engine.checked(samples, len(names), args.skip_missing, f"{args.zero_shot} split {split}")
-        metrics = engine.evaluate_loader(model, _loader(model, samples, args, decoder, sampling, stride, workers),
+        metrics = engine.evaluate_loader(model, _loader(model, samples, args, decoder, device, sampling, stride, workers),
                                          device, amp_dtype, class_names=names, templates=ZERO_SHOT_TEMPLATES,
                                          progress=info.is_main)
         per_split.append({"split": split, "top1": metrics["top1_text"], "top5": metrics["top5_text"],

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from . import engine
-from .data import DatasetError, VideoClipDataset, build_loader
+from .data import DatasetError
 from .model import M2CLIP, create_model
 from .presets import PRESETS, parse_overrides, resolve_config
 from .text import load_class_names
@@ -183,19 +183,18 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     decoder = engine.resolve_decoder(args.decoder, device)
     workers = tcfg["workers"] if args.workers is None else args.workers
     size = model.image_size if isinstance(model.image_size, int) else model.image_size[0]
-    common = dict(num_frames=model.num_frames, sampling=tcfg["sampling"], stride=tcfg["stride"], size=size,
-                  decoder=decoder, seed=args.seed)
-    train_set = VideoClipDataset(train_samples, train=True, flip=tcfg["flip"], **common)
+    common = dict(decoder=decoder, device=device, workers=workers, num_frames=model.num_frames, size=size,
+                  sampling=tcfg["sampling"], stride=tcfg["stride"], seed=args.seed)
     per_process = tcfg["batch_size"]
-    train_loader = build_loader(train_set, per_process, workers, shuffle=True, drop_last=True, seed=args.seed)
+    train_loader = engine.build_clip_loader(train_samples, train=True, batch_size=per_process, flip=tcfg["flip"],
+                                            **common)
     if len(train_loader) == 0:
         raise DatasetError(f"{len(train_samples)} training samples make no full batch of {per_process} per process")
     val_loader = None
     if val_samples:
         clips, crops = engine.parse_views(tcfg["views"])
-        val_set = VideoClipDataset(val_samples, train=False, num_clips=clips, num_crops=crops, **common)
-        val_loader = build_loader(val_set, max(1, per_process // (clips * crops)), workers, shuffle=False,
-                                  seed=args.seed)
+        val_loader = engine.build_clip_loader(val_samples, train=False, views=tcfg["views"],
+                                              batch_size=max(1, per_process // (clips * crops)), **common)
 
     accum = int(tcfg["accum_steps"])
     global_batch = per_process * accum * info.world_size

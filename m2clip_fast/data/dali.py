@@ -39,6 +39,10 @@ __all__ = [
     "DALIClipLoader",
 ]
 
+# Test-crop positions along the long side as fractions of its slack (long − size); the same
+# offsets as m2clip_fast.data.transforms.crop_offsets, there rounded down to whole pixels.
+CROP_FRACTIONS = {1: (0.5,), 3: (0.0, 0.5, 1.0), 4: (0.0, 0.25, 0.5, 1.0)}
+
 # Codecs DALI 2.x's CPU video decoder handles; everything else needs the mixed (NVDEC) backend.
 _CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
 _GPU_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "mjpeg"})
@@ -220,7 +224,7 @@ class _ClipSource:
                 index = get_index(path)
                 _check_codec(path, index.codec, ld.device)
                 frames = sample_indices(ld.sampling, index.num_frames, ld.num_frames, train=ld.train,
-                                        stride=ld.stride, rng=rng).reshape(-1)
+                                        stride=ld.stride, num_clips=ld.num_clips, rng=rng).reshape(-1)
                 encoded = _read_bytes(path)
             except VideoDecodeError as exc:
                 self.pending_skipped.append({"path": path, "reason": exc.reason, "index": j})
@@ -228,12 +232,14 @@ class _ClipSource:
             if ld.train:
                 lo, hi = round(ld.size * ld.scale_range[0]), round(ld.size * ld.scale_range[1])
                 target = float(rng.integers(lo, hi + 1))
-                pos_y, pos_x = rng.random(), rng.random()
+                pos_y, pos_x = np.array([rng.random()]), np.array([rng.random()])
                 mirror = int(ld.flip and rng.random() < 0.5)
             else:
-                target, pos_y, pos_x, mirror = float(ld.size), 0.5, 0.5, 0
-            return (encoded, frames.astype(np.int32), np.float32(target), np.float32(pos_x),
-                    np.float32(pos_y), np.int32(mirror), np.int64(label), np.int64(j))
+                target, mirror = float(ld.size), 0
+                along, across = np.array(CROP_FRACTIONS[ld.num_crops]), np.full(ld.num_crops, 0.5)
+                pos_x, pos_y = (along, across) if index.width >= index.height else (across, along)
+            return (encoded, frames.astype(np.int32), np.float32(target), pos_x.astype(np.float32),
+                    pos_y.astype(np.float32), np.int32(mirror), np.int64(label), np.int64(j))
         raise DatasetError(f"item {i}: all attempted videos failed "
                            f"({'; '.join(s['path'] + ': ' + s['reason'] for s in self.pending_skipped[-5:])})")
 
@@ -258,8 +264,11 @@ class DALIClipLoader:
 
     Training (``train=True``): short-side jitter in ``scale_range``, a random crop and, when
     ``flip``, a random horizontal flip — the same recipe as :func:`~m2clip_fast.data.train_transform`
-    but run by DALI. Validation: short side to ``size`` and a centre crop, one view per video
-    (multi-view testing: use VideoClipDataset, optionally with ``decoder="dali"``).
+    but run by DALI; ``video`` is (B, T, 3, size, size). Validation (``train=False``): like
+    :class:`~m2clip_fast.data.VideoClipDataset`, ``num_clips`` temporal clips (decoded in one call)
+    × ``num_crops`` (1, 3 or 4) crops along the long side after resizing the short side to ``size``,
+    at fractions 0, ¼, ½, 1 (4) or 0, ½, 1 (3) of the slack (the official offsets); ``video`` is
+    (B, V, T, 3, size, size), V = num_clips · num_crops views ordered clip-major.
     ``shard_id``/``num_shards`` split the data for distributed training. Call
     :meth:`set_epoch` before each epoch.
     """
@@ -286,10 +295,18 @@ class DALIClipLoader:
         shard_id: int = 0,
         num_shards: int = 1,
         max_attempts: int = 10,
+        num_clips: int = 1,
+        num_crops: int = 1,
     ):
         fn, pipeline_def, types = _dali()
         if not samples:
             raise DatasetError("DALIClipLoader needs at least one sample")
+        if train and (num_clips != 1 or num_crops != 1):
+            raise ValueError("multi-view (num_clips, num_crops > 1) is for evaluation: pass train=False")
+        if num_crops not in CROP_FRACTIONS or num_clips < 1:
+            raise ValueError(f"num_crops must be one of {sorted(CROP_FRACTIONS)} and num_clips >= 1, "
+                             f"got {num_crops} and {num_clips}")
+        self.num_clips, self.num_crops = num_clips, num_crops
         if sampling not in SAMPLINGS:
             raise ValueError(f"unknown sampling {sampling!r}; expected one of {SAMPLINGS}")
         if not 0 <= shard_id < num_shards:
@@ -305,20 +322,23 @@ class DALIClipLoader:
         self._source = _ClipSource(self)
         gpu = self.device == "mixed"
 
-        @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=0 if gpu else None,
+        @pipeline_def(batch_size=batch_size, num_threads=num_threads,
+                      device_id=torch.cuda.current_device() if gpu else None,
                       exec_dynamic=True, prefetch_queue_depth=1)
         def clip_pipeline():
             encoded, frames, short, pos_x, pos_y, mirror, label, index = fn.external_source(
                 source=self._source, num_outputs=8, batch=True, cycle="raise",
                 dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.FLOAT, types.INT32,
                        types.INT64, types.INT64])
-            video = fn.decoders.video(encoded, frames=frames, device=self.device)
+            video = fn.decoders.video(encoded, frames=frames, device=self.device)  # (clips·T, H, W, 3)
             video = fn.resize(video, resize_shorter=short, antialias=True, interp_type=types.INTERP_LINEAR)
-            video = fn.crop_mirror_normalize(
-                video, crop=(size, size), crop_pos_x=pos_x, crop_pos_y=pos_y, mirror=mirror,
+            # one crop op per view (pos_x / pos_y hold num_crops positions per sample), stacked:
+            # (crops, clips·T, 3, size, size)
+            views = [fn.crop_mirror_normalize(
+                video, crop=(size, size), crop_pos_x=pos_x[k], crop_pos_y=pos_y[k], mirror=mirror,
                 mean=(CLIP_MEAN * 255).tolist(), std=(CLIP_STD * 255).tolist(),
-                dtype=types.FLOAT, output_layout="FCHW")
-            return video, label, index
+                dtype=types.FLOAT, output_layout="FCHW") for k in range(num_crops)]
+            return fn.stack(*views), label, index
 
         self._pipe = clip_pipeline()
         self._pipe.build()
@@ -344,8 +364,12 @@ class DALIClipLoader:
             self._iterator.reset()
         for (batch,) in self._iterator:
             skipped = self._source.batch_skipped.popleft()
+            video = batch["video"]  # (B, crops, clips·T, 3, S, S)
+            b, crops, _, *chw = video.shape
+            video = video.view(b, crops, self.num_clips, self.num_frames, *chw).transpose(1, 2)
+            video = video[:, 0, 0] if self.train else video.reshape(b, self.num_clips * crops, self.num_frames, *chw)
             yield {
-                "video": batch["video"],
+                "video": video,
                 "label": batch["label"].reshape(-1).long(),
                 "index": batch["index"].reshape(-1).long(),
                 "skipped": skipped,
