@@ -144,12 +144,16 @@ class TEDAdapter(nn.Module):
 
         ``residual`` lets a caller add the adapter's update to a different tensor than the one it
         reads (the model uses it to place a pre-MLP adapter inside an unmodified open_clip block).
+        x (B·T, 1, C), class tokens alone (a last block whose patch outputs nobody reads): the same
+        rows of the full result, residual + E(x), since the D branch writes only patch rows.
         """
         frames = num_frames or self.num_frames
-        batch, frames, h, w = token_layout(x, frames, self.grid)
         base = x if residual is None else residual
         if base.shape != x.shape:
             raise ValueError(f"residual shape {tuple(base.shape)} != input shape {tuple(x.shape)}")
+        if x.dim() == 3 and x.shape[1] == 1:
+            return self._class_tokens_only(x, base, frames)
+        batch, frames, h, w = token_layout(x, frames, self.grid)
         update = None
         if self.enhance:
             update = self.up_e(temporal_conv(self.down_e(x), self.conv_e, batch, frames))
@@ -161,6 +165,14 @@ class TEDAdapter(nn.Module):
             d_update = F.pad(self.up_d(z), (0, 0, 1, 0))  # zero row for the class token
             update = d_update if update is None else update + d_update
         return base + update
+
+
+    def _class_tokens_only(self, x: torch.Tensor, base: torch.Tensor, frames: int) -> torch.Tensor:
+        if x.shape[0] % frames:
+            raise ValueError(f"batch dimension {x.shape[0]} is not a multiple of num_frames={frames}")
+        if not self.enhance:
+            return base
+        return base + self.up_e(temporal_conv(self.down_e(x), self.conv_e, x.shape[0] // frames, frames))
 
 
 class TemporalAdapter(nn.Module):

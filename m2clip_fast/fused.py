@@ -11,7 +11,8 @@ computation differs. Backends:
 * ``"reference"``: ``TEDAdapter.forward``.
 
 Falls back to the reference path, whatever the backend, for what the fused kernels do not cover:
-a disabled branch (TE-only / TD-only ablations), kernel sizes other than 3, dtypes other than
+class tokens alone (x of shape (B·T, 1, C), see ``TEDAdapter.forward``), a disabled branch
+(TE-only / TD-only ablations), kernel sizes other than 3, dtypes other than
 float32/bfloat16 on CPU (float16 also on Triton), forward-mode AD and torch.func transforms.
 Double backward (``create_graph=True`` through the adapter) is not supported by the fused paths:
 it raises, since their backward is hand-written and not itself differentiable.
@@ -90,6 +91,8 @@ class FusedTEDAdapter(TEDAdapter):
         """The path ``forward(x)`` takes: "triton", "cpu" or "reference" (may warn or raise, see module doc)."""
         if self.backend == "reference" or not self.fused_config_supported or _autograd_unsupported(x):
             return "reference"
+        if x.dim() == 3 and x.shape[1] == 1:
+            return "reference"  # class tokens alone: the E branch on B·T rows, no stencil to fuse
         if self.backend == "triton" or (self.backend == "auto" and x.is_cuda):
             fn, reason = _triton_entry()
             if fn is not None:

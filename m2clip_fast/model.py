@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .adapters import TEDAdapter, TemporalAdapter, TextAdapter
 from .attention import set_attention_backend
 from .heads import (HEADS, MLMHead, VisualClassifier, cmc_loss, cmlm_loss, kl_contrastive_loss, vc_loss)
-from .presets import TINY_BACKBONE, M2CLIPConfig, resolve_config
+from .presets import SHIPPED_BACKBONES, M2CLIPConfig, resolve_config
 from .text import (PromptTokenizer, humanize, label_words, load_class_names, mask_label_words)
 
 
@@ -72,6 +72,30 @@ class _AdapterPreHook:
         return (x, *rest), kwargs
 
 
+class _ClassTokenQueriesHook:
+    """Forward pre-hook for the last vision block, registered after its adapter hook (hooks run in order).
+
+    After the last block only the class token is read (ln_post, then the class-token pool), so only its
+    row needs an attention query, the MLP and the pre-MLP adapter: the block gets queries x[:, :1] and
+    keys / values x, and returns (B·T, 1, C). Exactly the rows the full block computes for the class
+    token, for about 1/L of its MLP and adapter work; ``enabled = False`` runs the full block.
+    """
+
+    def __init__(self, block: nn.Module, tap: Optional[PreMLPTap]):
+        # open_clip's block normalises keys/values with ln_1_kv when it has one; an alias of ln_1 kept
+        # out of the module tree, so the state_dict does not change
+        block.__dict__["ln_1_kv"] = block.ln_1
+        self.tap, self.enabled = tap, True
+
+    def __call__(self, module, args, kwargs):
+        if not self.enabled:
+            return args, kwargs
+        x, rest = (args[0], args[1:]) if args else (kwargs.pop("q_x"), ())
+        if self.tap is not None:
+            self.tap.block_input = self.tap.block_input[:, :1]
+        return (x[:, :1], *rest), {**kwargs, "k_x": x, "v_x": x}
+
+
 def attach_adapters(block: nn.Module, pre_attn: Optional[nn.Module] = None,
                     pre_mlp: Optional[nn.Module] = None) -> Optional["_AdapterPreHook"]:
     """Insert adapters into an open_clip ResidualAttentionBlock without touching its forward code.
@@ -105,19 +129,20 @@ def gather_batch(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- open_clip
-def _register_tiny_backbone() -> None:
+def _register_shipped_backbones() -> None:
     import open_clip
     from importlib import resources
 
-    if TINY_BACKBONE not in open_clip.list_models():
-        open_clip.add_model_config(Path(str(resources.files("m2clip_fast.assets").joinpath(f"{TINY_BACKBONE}.json"))))
+    for name in SHIPPED_BACKBONES:
+        if name not in open_clip.list_models():
+            open_clip.add_model_config(Path(str(resources.files("m2clip_fast.assets").joinpath(f"{name}.json"))))
 
 
 def load_clip(backbone: str, pretrained: Optional[str], quick_gelu: bool) -> nn.Module:
     """An open_clip CLIP model. ``pretrained``: an open_clip tag ("openai"), a local checkpoint, or None."""
     import open_clip
 
-    _register_tiny_backbone()
+    _register_shipped_backbones()
     if pretrained is not None and not Path(pretrained).exists():
         known = open_clip.list_pretrained_tags_by_model(backbone)
         if pretrained not in known:
@@ -184,6 +209,12 @@ class M2CLIP(nn.Module):
                     if adapter is not None:
                         self.ted_adapters[f"{i}_{where}"] = adapter
                         self._ted_hooks[f"{i}_{where}"] = hook
+        self._class_token_queries = None
+        if getattr(visual, "pool_type", "tok") == "tok" and getattr(visual, "attn_pool", None) is None:
+            last = vblocks[-1]
+            tap = last.ls_1 if isinstance(last.ls_1, PreMLPTap) else None
+            self._class_token_queries = _ClassTokenQueriesHook(last, tap)
+            last.register_forward_pre_hook(self._class_token_queries, with_kwargs=True)
         self.temporal_adapter = (TemporalAdapter(embed_dim, embed_dim // 2, config.num_frames)
                                  if config.temporal_adapter else None)
         self._pre_norm_class_token: Optional[torch.Tensor] = None
@@ -227,6 +258,31 @@ class M2CLIP(nn.Module):
         self._text_cache: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.use_text_cache = True
         self.use_eot_text_path = True
+
+    @property
+    def last_block_class_token_only(self) -> bool:
+        """True (default): the last vision block computes the class-token rows only (see _ClassTokenQueriesHook)."""
+        return self._class_token_queries is not None and self._class_token_queries.enabled
+
+    @last_block_class_token_only.setter
+    def last_block_class_token_only(self, value: bool) -> None:
+        if self._class_token_queries is None:
+            if value:
+                raise ValueError("this backbone does not pool the class token; its last block must run in full")
+            return
+        self._class_token_queries.enabled = bool(value)
+
+    def unused_parameters(self) -> List[str]:
+        """Tunable parameters no forward uses: the last block's pre-MLP D branch when that block computes the
+        class token only (the branch writes patch rows nobody reads; the official model trains it on zero
+        gradients). Kept so official checkpoints load; DDP must be told (find_unused_parameters)."""
+        last = f"{len(self.clip.visual.transformer.resblocks) - 1}_pre_mlp"
+        if not self.last_block_class_token_only or last not in self.ted_adapters:
+            return []
+        adapter = self.ted_adapters[last]
+        if not getattr(adapter, "difference", False):
+            return []
+        return [f"ted_adapters.{last}.{n}" for n, _ in adapter.named_parameters() if n.split(".")[0].endswith("_d")]
 
     def swap_ted_adapter(self, name: str, adapter: nn.Module) -> None:
         """Replace the TED adapter ``name`` (a key of ``ted_adapters``, e.g. "11_pre_mlp") by another module

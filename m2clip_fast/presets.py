@@ -17,14 +17,17 @@ from typing import Any, Dict, Iterable, Optional, Tuple, Union
 from .heads import DEFAULT_LOSS_WEIGHTS
 from .text import DEFAULT_TEMPLATES
 
-TINY_BACKBONE = "m2clip-tiny"
+TINY_BACKBONE = "m2clip-tiny"  # 32 px frames, 4 px patches: the unit tests' backbone
+DEMO_BACKBONE = "m2clip-demo"  # the same at 64 px with 8 px patches (same token count), for the synthetic demo
+# open_clip configs shipped in m2clip_fast/assets (random init: nothing to download)
+SHIPPED_BACKBONES = (TINY_BACKBONE, DEMO_BACKBONE)
 
 
 @dataclass
 class M2CLIPConfig:
     """Everything ``create_model`` needs to build an M2CLIP.
 
-    backbone: an open_clip model name (``ViT-B-16``) or ``m2clip-tiny`` (shipped, for tests and the demo).
+    backbone: an open_clip model name (``ViT-B-16``), or ``m2clip-tiny`` / ``m2clip-demo`` (shipped: tests, demo).
     ted_layers: TED adapters go into the last ``ted_layers`` vision blocks, before attention and/or the MLP.
     text_adapter_layers: text adapters (pre-MLP) in the last ``text_adapter_layers`` text blocks;
         the CMLM cross-attention block gets its own when ``cmlm`` is on.
@@ -80,10 +83,14 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "demo": {
         # Adapters before attention and before the MLP (as for SSv2, the motion-heavy dataset): direction
         # of motion needs the frozen blocks' nonlinearity between adapter updates.
-        "backbone": TINY_BACKBONE, "quick_gelu": True, "class_names": None, "ted_bottleneck": 64,
+        # A bottleneck twice the width is what tells a rotation or a growth from its reverse (translations are
+        # learnt at any width): top-1 after 16-24 epochs went from 81-86% at r = 64 to 94% at 128 and 96-99% at 256.
+        # The 64 px backbone sees the videos at full size, where a bar grows by about half a pixel per sampled
+        # frame (a quarter at 32 px): on a set where growing/shrinking stayed at 90.6% at 32 px it reached 97.9%.
+        "backbone": DEMO_BACKBONE, "quick_gelu": True, "class_names": None, "ted_bottleneck": 256,
         "ted_layers": 3, "ted_pre_attn": True, "text_bottleneck": 32, "templates": ("a video of a shape {}.",),
-        "train": {**_TRAIN_DEFAULTS, "epochs": 16, "batch_size": 16, "blr": 0.08, "warmup_epochs": 1,
-                  "grad_clip": 1.0, "stride": 2, "workers": 2, "amp": "none", "flip": False, "eval_every": 2},
+        "train": {**_TRAIN_DEFAULTS, "epochs": 20, "batch_size": 16, "blr": 0.08, "warmup_epochs": 1,
+                  "grad_clip": 1.0, "stride": 2, "workers": 2, "amp": "none", "flip": False, "eval_every": 4},
     },
     # A tiny model with 400 classes for unit tests.
     "tiny": {"backbone": TINY_BACKBONE, "ted_bottleneck": 16, "ted_layers": 2, "text_bottleneck": 16,

@@ -206,7 +206,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     total_steps = steps_per_epoch * tcfg["epochs"]
     warmup_steps = int(round(tcfg["warmup_epochs"] * steps_per_epoch))
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                  find_unused_parameters=bool(model.unused_parameters())) \
         if info.world_size > 1 else None
     net = ddp or model
 

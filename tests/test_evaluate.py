@@ -29,11 +29,12 @@ def test_multi_view_scores_match_a_hand_loop(synthetic_dataset, checkpoint, caps
     model, _ = load_model_checkpoint(checkpoint)
     model.eval()
     samples = read_list_file(synthetic_dataset / "val.txt")
-    data = VideoClipDataset(samples, num_frames=4, stride=1, train=False, size=32, num_clips=2, num_crops=3)
+    size = model.image_size
+    data = VideoClipDataset(samples, num_frames=4, stride=1, train=False, size=size, num_clips=2, num_crops=3)
     correct = {"vc": 0, "text": 0, "fused": 0}
     for i in range(len(data)):
         item = data[i]
-        assert item["video"].shape == (6, 4, 3, 32, 32)
+        assert item["video"].shape == (6, 4, 3, size, size)
         probs = model.predict(item["video"])
         for head in correct:
             correct[head] += int(probs[head].mean(dim=0).argmax()) == item["label"]

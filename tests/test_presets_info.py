@@ -65,7 +65,11 @@ def test_flop_count_of_adapters_matches_hand_count():
     tokens, patches = t * (1 + h * w), t * h * w
     c, r = with_adapters.clip.visual.transformer.width, with_adapters.config.ted_bottleneck
     per_ted = 2 * tokens * c * r * 2 + 2 * tokens * r * 3 + 2 * patches * c * r * 2 + 2 * patches * r * 9
+    # the last block's pre-MLP adapter sees the class tokens only (t rows): its E branch
+    last_ted = 2 * t * c * r * 2 + 2 * t * r * 3
     d = with_adapters.clip.text_projection.shape[1]
     temporal = 2 * t * d * (d // 2) * 2 + 2 * t * (d // 2) * 3
-    expected = len(with_adapters.ted_adapters) * per_ted + temporal
+    expected = (len(with_adapters.ted_adapters) - 1) * per_ted + last_ted + temporal
     assert forward_flops(with_adapters) - forward_flops(without) == expected
+    with_adapters.last_block_class_token_only = False
+    assert forward_flops(with_adapters) - forward_flops(without) > expected + per_ted - last_ted

@@ -288,7 +288,7 @@ def render_clip(label: int, rng: np.random.Generator, *, frames: int = 20, size:
         cy = cy + dy * speed * t
     elif name.startswith("rotating"):
         # radians per frame: < 90 degrees even between training frames 5 apart (no aliasing)
-        omega = np.deg2rad(rng.uniform(8.0, 13.0))
+        omega = np.deg2rad(rng.uniform(11.0, 16.0))
         # image y grows downwards, so a clockwise turn on screen is a positive angle here
         sign = 1.0 if name == "rotating_clockwise" else -1.0
         angle = angle + sign * omega * t
