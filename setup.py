@@ -48,7 +48,7 @@ setup(
         "torch>=2.4",
         "torchvision",
         "open_clip_torch>=2.24",
-        "av>=12",
+        "av>=17",  # VideoReformatter.reformat(threads=) (m2clip_fast.data.decode)
         "numpy",
         "pyyaml",
         "tqdm",

@@ -160,3 +160,21 @@ def test_video_decode_error_survives_pickling():
     err = pickle.loads(pickle.dumps(VideoDecodeError("/x/y.mp4", "zero frames")))
     assert isinstance(err, VideoDecodeError) and (err.path, err.reason) == ("/x/y.mp4", "zero frames")
     assert "y.mp4" in str(err) and "zero frames" in str(err)
+
+
+def test_reused_colour_converter_gives_pyavs_own_pixels(tmp_path):
+    """decode's one reused, single-threaded swscale context per thread equals PyAV's per-frame to_ndarray,
+    also when frames of different sizes and colours alternate through it."""
+    import av
+
+    from m2clip_fast.data.decode import _to_rgb
+
+    paths = [write_video(tmp_path / "a.mp4", textured_frames(6, 48, 64, seed=1)),
+             write_video(tmp_path / "b.avi", textured_frames(6, 30, 22, seed=2), codec="mpeg4")]
+    decoded = []
+    for path in paths:
+        with av.open(str(path)) as container:
+            decoded.append(list(container.decode(video=0)))
+    for a, b in zip(*decoded):
+        for frame in (a, b):
+            assert np.array_equal(_to_rgb(frame), frame.to_ndarray(format="rgb24"))

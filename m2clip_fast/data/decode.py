@@ -21,6 +21,7 @@ from fractions import Fraction
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import av
+import av.video.reformatter
 import numpy as np
 import torch
 
@@ -312,8 +313,23 @@ def num_frames(path: PathLike) -> int:
 # decoding
 
 
+class _Reformatters(threading.local):
+    """One swscale context holder per thread, reused for every frame.
+
+    ``frame.to_ndarray(format="rgb24")`` builds a new context for each frame, with an automatic (thread
+    pool) thread count: 0.46 ms per 64x64 frame, against 0.004 ms reusing one single-threaded context
+    (same pixels). DataLoader workers each convert their own clips, so one thread per conversion is right.
+    """
+
+    def __init__(self):
+        self.reformatter = av.video.reformatter.VideoReformatter()
+
+
+_REFORMATTERS = _Reformatters()
+
+
 def _to_rgb(frame) -> np.ndarray:
-    return frame.to_ndarray(format="rgb24")
+    return _REFORMATTERS.reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray()
 
 
 def _check_indices(indices, n: int, path: str) -> np.ndarray:

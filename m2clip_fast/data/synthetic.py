@@ -259,7 +259,7 @@ def _distinct_colours(rng: np.random.Generator, background_mean: np.ndarray, n: 
     return np.stack(colours)
 
 
-def render_clip(label: int, rng: np.random.Generator, *, frames: int = 20, size: int = 64) -> np.ndarray:
+def render_clip(label: int, rng: np.random.Generator, *, frames: int = 32, size: int = 64) -> np.ndarray:
     """Render one clip of class ``label`` (index into :data:`CLASSES`): uint8 (frames, size, size, 3)."""
     if not 0 <= label < len(CLASSES):
         raise ValueError(f"label must be in [0, {len(CLASSES)}), got {label}")
@@ -287,7 +287,8 @@ def render_clip(label: int, rng: np.random.Generator, *, frames: int = 20, size:
         cx = cx + dx * speed * t
         cy = cy + dy * speed * t
     elif name.startswith("rotating"):
-        # radians per frame: < 90 degrees even between training frames 5 apart (no aliasing)
+        # radians per frame: < 90 degrees between frames 5 apart, so the demo's every-4th-frame
+        # sampling never aliases a turn into its reverse
         omega = np.deg2rad(rng.uniform(11.0, 16.0))
         # image y grows downwards, so a clockwise turn on screen is a positive angle here
         sign = 1.0 if name == "rotating_clockwise" else -1.0
@@ -326,7 +327,7 @@ def make_dataset(
     codec: str = "h264",
     per_class: int = 48,
     val_per_class: int = 12,
-    frames: int = 20,
+    frames: int = 32,
     size: int = 64,
     gop: int = 12,
     fps: int = 25,
@@ -370,7 +371,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--codec", default="h264", choices=sorted(CODECS))
     parser.add_argument("--per-class", type=int, default=48, help="training videos per class")
     parser.add_argument("--val-per-class", type=int, default=12, help="validation videos per class")
-    parser.add_argument("--frames", type=int, default=20, help="frames per video")
+    parser.add_argument("--frames", type=int, default=32, help="frames per video")
     parser.add_argument("--size", type=int, default=64, help="frame width and height (even)")
     parser.add_argument("--gop", type=int, default=12, help="keyframe interval in frames")
     parser.add_argument("--fps", type=int, default=25)
