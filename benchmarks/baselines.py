@@ -136,11 +136,13 @@ class OfficialStyleM2CLIP(M2CLIP):
 def make_official_style(model: M2CLIP) -> OfficialStyleM2CLIP:
     """Turn ``model`` into the official-style baseline, in place, computing the same function from the same
     weights: every TED adapter is replaced by an ``OfficialStyleTEDAdapter`` copy of it (checked equal by
-    ``from_ted``), attention goes back to nn.MultiheadAttention, the text cache and the end-of-text path are off,
+    ``from_ted``), attention goes back to nn.MultiheadAttention, the last vision block runs on every token, the
+    text cache and the end-of-text path are off,
     and the class becomes ``OfficialStyleM2CLIP`` (same attributes, official text encoding)."""
     for name, ted in list(model.ted_adapters.items()):
         model.swap_ted_adapter(name, OfficialStyleTEDAdapter.from_ted(ted))
     set_attention_backend(model, "torch")
+    model.last_block_class_token_only = False  # the official last block runs on every token
     model.__class__ = OfficialStyleM2CLIP
     model.use_text_cache = False
     model.use_eot_text_path = False

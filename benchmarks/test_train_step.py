@@ -337,11 +337,13 @@ def test_same_loss_and_gradients(workers, device):
         worst[head] = _relative(ours.first["losses"][head], want)
         assert worst[head] <= FP32_LOSS_TOL, f"{head} loss: ours {ours.first['losses'][head]} vs baseline {want}"
     got, want = ours.grads(), base.grads()
-    assert sorted(got) == sorted(want), "the two models train different parameters"
+    assert set(got) <= set(want), "the two models train different parameters"
     grad_err = 0.0
     for name in want:
+        # ours leaves out what gets no gradient (the last block's D branch): the baseline's must be exactly 0
+        mine = got.get(name, torch.zeros_like(want[name]))
         scale = want[name].abs().max().item()
-        err = (got[name] - want[name]).abs().max().item() / max(scale, 1e-30)
+        err = (mine - want[name]).abs().max().item() / max(scale, 1e-30)
         grad_err = max(grad_err, err)
         assert err <= FP32_GRAD_TOL, f"gradient of {name}: error {err:.3g} of its largest magnitude"
     RESULTS.setdefault("_check" + suffix, {}).update(loss_rel_err=max(worst.values()), grad_rel_err=grad_err)
