@@ -90,10 +90,14 @@ class _ClassTokenQueriesHook:
     def __call__(self, module, args, kwargs):
         if not self.enabled:
             return args, kwargs
-        x, rest = (args[0], args[1:]) if args else (kwargs.pop("q_x"), ())
+        x, rest = (args[0], list(args[1:])) if args else (kwargs.pop("q_x"), [])
         if self.tap is not None:
             self.tap.block_input = self.tap.block_input[:, :1]
-        return (x[:, :1], *rest), {**kwargs, "k_x": x, "v_x": x}
+        if len(rest) >= 2:  # k_x, v_x passed positionally (open_clip's gradient checkpointing does)
+            rest[0] = rest[1] = x
+        else:
+            kwargs = {**kwargs, "k_x": x, "v_x": x}
+        return (x[:, :1], *rest), kwargs
 
 
 def attach_adapters(block: nn.Module, pre_attn: Optional[nn.Module] = None,

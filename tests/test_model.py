@@ -270,3 +270,24 @@ def test_class_token_only_last_block_changes_nothing_but_the_work(fused, pre_att
     assert set(grads) | {n for n in full_grads if "_pre_mlp." in n and "_d." in n} == set(full_grads)
     for n, g in grads.items():
         torch.testing.assert_close(g, full_grads[n], rtol=1e-4, atol=1e-6 * full_grads[n].abs().max().item() + 1e-9)
+
+
+def test_gradient_checkpointing_computes_the_same():
+    """open_clip's checkpointing passes the block's arguments positionally; the adapter hooks must still apply."""
+    model = tiny(fused=True, ted_pre_attn=True, attention="sdpa")
+    randomise_tunable(model, scale=0.2)
+    v, labels = video(), torch.tensor([1, 3])
+    results = []
+    for checkpointing in (False, True):
+        model.clip.visual.set_grad_checkpointing(checkpointing)
+        torch.manual_seed(5)
+        model.zero_grad(set_to_none=True)
+        losses = model(v, labels)
+        losses["loss"].backward()
+        results.append((losses["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                  if p.grad is not None}))
+    (plain, plain_grads), (ckpt, ckpt_grads) = results
+    torch.testing.assert_close(ckpt, plain)
+    assert set(ckpt_grads) == set(plain_grads)
+    for n, g in ckpt_grads.items():
+        torch.testing.assert_close(g, plain_grads[n], rtol=1e-5, atol=1e-7)
