@@ -154,9 +154,7 @@ class TEDAdapter(nn.Module):
         if x.dim() == 3 and x.shape[1] == 1:
             return self._class_tokens_only(x, base, frames)
         batch, frames, h, w = token_layout(x, frames, self.grid)
-        update = None
-        if self.enhance:
-            update = self.up_e(temporal_conv(self.down_e(x), self.conv_e, batch, frames))
+        update = self._enhance_update(x, batch, frames) if self.enhance else None
         if self.difference:
             n, c, r = h * w, x.shape[-1], self.bottleneck
             diff = frame_difference(x[:, 1:].reshape(batch, frames, n, c)).reshape(batch * frames, n, c)
@@ -166,13 +164,14 @@ class TEDAdapter(nn.Module):
             update = d_update if update is None else update + d_update
         return base + update
 
+    def _enhance_update(self, x: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
+        """The E branch: up_e(temporal conv(down_e(x))) on every row of x (B·T, L, C)."""
+        return self.up_e(temporal_conv(self.down_e(x), self.conv_e, batch, frames))
 
     def _class_tokens_only(self, x: torch.Tensor, base: torch.Tensor, frames: int) -> torch.Tensor:
         if x.shape[0] % frames:
             raise ValueError(f"batch dimension {x.shape[0]} is not a multiple of num_frames={frames}")
-        if not self.enhance:
-            return base
-        return base + self.up_e(temporal_conv(self.down_e(x), self.conv_e, x.shape[0] // frames, frames))
+        return base + self._enhance_update(x, x.shape[0] // frames, frames) if self.enhance else base
 
 
 class TemporalAdapter(nn.Module):

@@ -227,6 +227,7 @@ def convert_official_checkpoint(checkpoint, model, mlm_labels: Optional[Union[st
     report = ConversionReport()
     ours: Dict[str, torch.Tensor] = {}
     text_layers = len(model.clip.transformer.resblocks)
+    module_names = {name for name, _ in model.named_modules()}
     unplaced = []
     handled = set()
 
@@ -244,7 +245,7 @@ def convert_official_checkpoint(checkpoint, model, mlm_labels: Optional[Union[st
         if where == "attn":
             unplaced.append(f"{prefix}* (text adapters before attention are not supported: ours sit before the "
                             f"MLP, where the text cache stays valid)")
-        elif target not in dict(model.named_modules()):
+        elif target not in module_names:
             unplaced.append(f"{prefix}* (the model has text adapters in blocks {sorted(model.text_adapters)}"
                             f"{' and the CMLM block' if model.config.cmlm else ''})")
         else:
@@ -294,7 +295,7 @@ def convert_official_checkpoint(checkpoint, model, mlm_labels: Optional[Union[st
     if wrong:
         raise ValueError("shapes differ (is the preset's bottleneck / class list the checkpoint's?): "
                          + "; ".join(wrong[:8]))
-    report.converted = len(handled) - report.ignored_frozen
+    report.converted = len(handled)
     report.kept_initial = sorted(k for k in model.tunable_state_dict() if k not in ours)
     return {k: v.to(expected[k].dtype) for k, v in ours.items()}, report
 

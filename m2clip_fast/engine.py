@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .data import DatasetError, VideoClipDataset, build_loader, check_samples, read_hmdb51, read_kinetics_csv, read_list_file, read_ssv2_json, read_ucf101
+from .data import (DatasetError, VideoClipDataset, build_loader, check_samples, read_hmdb51, read_kinetics_csv,
+                   read_list_file, read_ssv2_json, read_ucf101)
 
 # ------------------------------------------------------------------------------------------ distributed
 
@@ -164,7 +165,8 @@ def add_data_args(parser: argparse.ArgumentParser, train: bool) -> None:
 def resolve_decoder(choice: str, device: torch.device) -> str:
     if choice != "auto":
         if choice == "dali":
-            from .data import dali  # noqa: F401  -- raises a clear error when DALI is missing
+            from .data.dali import require_dali
+            require_dali()  # a clear error now, not after the model is built
         return choice
     if device.type == "cuda":
         from .data.dali import dali_available

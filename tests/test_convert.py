@@ -148,8 +148,10 @@ def test_whole_checkpoint_computes_the_official_functions(tiny_official, tmp_pat
     labels.write_text("".join(f"{w} {i}\n" for i, w in enumerate(TINY_MLM_WORDS)))
     model = tiny_model()
     unk_row = model.mlm_head.decoder.weight[model.vocabulary.index("[UNK]")].detach().clone()
-    report = load_official_checkpoint(model, {"model": {f"module.{k}": v for k, v in state.items()}}, labels)
-    assert report.converted == len(state) and report.kept_initial == []
+    frozen = {"visual.proj": model.clip.visual.proj.detach().clone()}  # a full state dict also holds these
+    report = load_official_checkpoint(model, {"model": {f"module.{k}": v for k, v in {**state, **frozen}.items()}},
+                                      labels)
+    assert report.converted == len(state) and report.ignored_frozen == 1 and report.kept_initial == []
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for name, theirs in modules.items():  # TED adapters: the official-style eager module's output

@@ -34,6 +34,7 @@ from .transforms import CLIP_MEAN, CLIP_STD
 __all__ = [
     "DALIUnavailableError",
     "dali_available",
+    "require_dali",
     "cpu_codecs",
     "decode_frames_dali",
     "DALIClipLoader",
@@ -60,6 +61,11 @@ def _dali():
         raise DALIUnavailableError(f"backend 'dali' needs NVIDIA DALI, which is not importable "
                                    f"({exc}); {_INSTALL_HINT}") from exc
     return fn, pipeline_def, types
+
+
+def require_dali() -> None:
+    """Raise DALIUnavailableError (with the install hint) unless NVIDIA DALI can be imported."""
+    _dali()
 
 
 def dali_available() -> bool:
