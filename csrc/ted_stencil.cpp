@@ -1,9 +1,12 @@
 // CPU stencil of the fused TED adapter (forward and backward): all of the op's non-GEMM work.
 //
-// Layout: Z, S, dS, dZ are (B·T·L, 2r) row-major, E half in columns [0, r), D half in [r, 2r);
+// Layout: S, dS, dZ are (B·T·L, 2r) row-major, E half in columns [0, r), D half in [r, 2r);
 // row (b·T + t)·L + l is token l of frame t of clip b, l = 0 the class token, l ≥ 1 the patch
 // grid row-major. Z holds x·[W_e; W_d]ᵀ WITHOUT biases: b_e and b_d are applied here, so the down
-// projection stays a plain GEMM and Z_d can be differenced across frames exactly.
+// projection stays a plain GEMM and Z_d can be differenced across frames exactly. Z comes in two
+// tensors (ZRows): its patch rows ((B·T)·(L−1), 2r) and the E half of its class rows (B·T, r; the
+// class row has no D branch), because Z is what autograd saves and the class rows are cheaper to
+// recompute (a GEMM of B·T rows) than to keep.
 //
 //   S_e[t]   = cb_e + Σ_k w_e[k]·(Z_e[t+k−1] + b_e)                       (zero padded in t)
 //   U[t, p]  = [t ≥ 1]·(Z_d[t, p] − Z_d[t−1, p]) + b_d                    (= down_d(x_t − x_{t−1}))
@@ -167,12 +170,27 @@ Split split_for(const Geometry& g, int threads) {
   return Split{chunks, per(g.r), per(g.C)};
 }
 
+// Z's rows: the patch rows of frame f = b·T + t at patch + f·(L−1)·2r, the E half of its class row
+// at cls + f·r.
+template <typename Tz>
+struct ZRows {
+  const Tz* patch;
+  const Tz* cls;
+  // Token l of frame f, and the distance from a row to the same token one frame later.
+  M2_INLINE const Tz* row(const Geometry& g, int64_t f, int64_t l) const {
+    return l == 0 ? cls + f * g.r : patch + (f * (g.L - 1) + l - 1) * 2 * g.r;
+  }
+  static M2_INLINE int64_t frame_stride(const Geometry& g, bool class_row) {
+    return class_row ? g.r : (g.L - 1) * 2 * g.r;
+  }
+};
+
 // ---- forward ---------------------------------------------------------------------------------
 template <typename Tz, typename To>
 struct FwdArgs {
   Geometry g;
   Params p;
-  const Tz* Z;
+  ZRows<Tz> Z;
   Tz* S;
   const To* residual;       // null: no output initialisation requested
   To* out;                  // residual + up biases, completed in place by the up GEMM (beta = 1)
@@ -180,38 +198,45 @@ struct FwdArgs {
   const float* bias_patch;  // b_ue + b_ud
 };
 
-// The E branch at frame t, channel block c: its taps, biases, and the neighbour frames' offsets.
-// Out-of-range neighbours point at the centre row and are scaled by 0: branch-free and in bounds.
-template <int W>
+// The E branch at frame t, channel block c: its taps, biases, and the neighbour frames' offsets, in
+// Z and in the (B·T·L)-row tensors. Out-of-range neighbours point at the centre row and are scaled
+// by 0: branch-free and in bounds.
+template <int W, typename Tz>
 struct TemporalTaps {
   using F = typename Vec<W>::F;
   F be, cb, w0, w1, w2;
   float fm, fp;        // 1 where frame t−1 / t+1 exists, else 0
-  int64_t om, op;      // element offsets of frames t−1 / t+1
+  int64_t om, op;      // element offsets of frames t−1 / t+1 in S, dS, dZ
+  int64_t zm, zp;      // the same in Z
   int64_t row0, rows;  // first row and count of the unit's tokens at frame t
-  M2_INLINE TemporalTaps(const Geometry& g, const Params& P, const Unit& u, int64_t t, int64_t c)
+  const Tz* z;         // Z row of the unit's first token at frame t, channel c
+  M2_INLINE TemporalTaps(const Geometry& g, const Params& P, const ZRows<Tz>& Z, const Unit& u, int64_t t,
+                         int64_t c)
       : be(vload<W>(P.b_e + c)), cb(vload<W>(P.cb_e + c)), w0(vload<W>(P.w_e + c)),
         w1(vload<W>(P.w_e + g.r + c)), w2(vload<W>(P.w_e + 2 * g.r + c)), fm(t > 0 ? 1.f : 0.f),
         fp(t + 1 < g.T ? 1.f : 0.f), om(t > 0 ? -g.L * 2 * g.r : 0), op(t + 1 < g.T ? g.L * 2 * g.r : 0),
-        row0((u.b * g.T + t) * g.L + u.first_token(g)), rows(u.tokens(g)) {}
-  // Y at frames t−1, t, t+1 (zero outside the clip) for the row at z.
-  template <typename Tz>
-  M2_INLINE void inputs(const Tz* z, F& y0, F& y1, F& y2) const {
-    y0 = fm * (vload<W>(z + om) + be);
-    y1 = vload<W>(z) + be;
-    y2 = fp * (vload<W>(z + op) + be);
+        zm(t > 0 ? -ZRows<Tz>::frame_stride(g, u.gi < 0) : 0),
+        zp(t + 1 < g.T ? ZRows<Tz>::frame_stride(g, u.gi < 0) : 0),
+        row0((u.b * g.T + t) * g.L + u.first_token(g)), rows(u.tokens(g)),
+        z(Z.row(g, u.b * g.T + t, u.first_token(g)) + c) {}
+  // Y at frames t−1, t, t+1 (zero outside the clip) for the unit's token k.
+  M2_INLINE void inputs(int64_t k, const Geometry& g, F& y0, F& y1, F& y2) const {
+    const Tz* zk = z + k * 2 * g.r;
+    y0 = fm * (vload<W>(zk + zm) + be);
+    y1 = vload<W>(zk) + be;
+    y2 = fp * (vload<W>(zk + zp) + be);
   }
 };
 
 template <int W, typename Tz>
-M2_INLINE void e_forward(const Geometry& g, const Params& P, const Tz* Z, Tz* S, const Unit& u, int64_t t,
+M2_INLINE void e_forward(const Geometry& g, const Params& P, const ZRows<Tz>& Z, Tz* S, const Unit& u, int64_t t,
                          int64_t c) {
   using F = typename Vec<W>::F;
-  const TemporalTaps<W> e(g, P, u, t, c);
+  const TemporalTaps<W, Tz> e(g, P, Z, u, t, c);
   for (int64_t k = 0; k < e.rows; ++k) {
     const int64_t off = (e.row0 + k) * 2 * g.r + c;
     F y0, y1, y2;
-    e.inputs(Z + off, y0, y1, y2);
+    e.inputs(k, g, y0, y1, y2);
     vstream<W>(S + off, e.cb + e.w0 * y0 + e.w1 * y1 + e.w2 * y2);
   }
 }
@@ -239,13 +264,13 @@ struct SpatialTaps {
   const Tz *zt, *zprev, *dst;
   float fm;
   F wd[9], bd, cb;
-  M2_INLINE SpatialTaps(const Geometry& g, const Params& P, const Tz* Z, const Tz* dS, const Unit& u, int64_t t,
-                        int64_t c) {
+  M2_INLINE SpatialTaps(const Geometry& g, const Params& P, const ZRows<Tz>& Z, const Tz* dS, const Unit& u,
+                        int64_t t, int64_t c) {
     stride = 2 * g.r;
     const int64_t patch0 = (u.b * g.T + t) * g.L + 1;
     rowi = patch0 + u.gi * g.w;
-    zt = Z + patch0 * stride + g.r + c;
-    zprev = t > 0 ? zt - g.L * stride : zt;
+    zt = Z.row(g, u.b * g.T + t, 1) + g.r + c;
+    zprev = t > 0 ? zt - ZRows<Tz>::frame_stride(g, false) : zt;
     dst = dS + patch0 * stride + g.r + c;
     fm = t > 0 ? 1.f : 0.f;
     for (int k = 0; k < 9; ++k) wd[k] = vload<W>(P.w_d + k * g.r + c);
@@ -255,10 +280,10 @@ struct SpatialTaps {
 };
 
 template <int W, typename Tz>
-M2_INLINE void d_forward(const Geometry& g, const Params& P, const Tz* Z, Tz* S, const Unit& u, int64_t t,
+M2_INLINE void d_forward(const Geometry& g, const Params& P, const ZRows<Tz>& Z, Tz* S, const Unit& u, int64_t t,
                          int64_t c) {
   using F = typename Vec<W>::F;
-  const SpatialTaps<W, Tz> d(g, P, Z, Z, u, t, c);
+  const SpatialTaps<W, Tz> d(g, P, Z, S, u, t, c);
   F prev[3] = {vzero<W>(), vzero<W>(), vzero<W>()}, cur[3], next[3];
   u_column<W>(cur, g, d.zt, d.zprev, u.gi, 0, d.fm, d.bd);
   for (int64_t j = 0; j < g.w; ++j) {
@@ -329,7 +354,7 @@ template <typename Tz, typename To>
 struct BwdArgs {
   Geometry g;
   Params p;
-  const Tz* Z;
+  ZRows<Tz> Z;
   const Tz* dS;
   Tz* S;  // recomputed for dW_up = gᵀS rather than saved by the forward
   Tz* dZ;
@@ -356,16 +381,16 @@ struct Partials {
 };
 
 template <int W, typename Tz>
-M2_INLINE void e_backward(const Geometry& g, const Params& P, const Tz* Z, const Tz* dS, Tz* S, Tz* dZ,
+M2_INLINE void e_backward(const Geometry& g, const Params& P, const ZRows<Tz>& Z, const Tz* dS, Tz* S, Tz* dZ,
                           Partials& pt, const Unit& u, int64_t t, int64_t c) {
   using F = typename Vec<W>::F;
-  const TemporalTaps<W> e(g, P, u, t, c);
+  const TemporalTaps<W, Tz> e(g, P, Z, u, t, c);
   F dw0 = vzero<W>(), dw1 = vzero<W>(), dw2 = vzero<W>(), dbe = vzero<W>(), dcb = vzero<W>();
   for (int64_t k = 0; k < e.rows; ++k) {
     const int64_t off = (e.row0 + k) * 2 * g.r + c;
     const Tz* ds = dS + off;
     F y0, y1, y2;
-    e.inputs(Z + off, y0, y1, y2);
+    e.inputs(k, g, y0, y1, y2);
     const F d = vload<W>(ds);
     vstream<W>(S + off, e.cb + e.w0 * y0 + e.w1 * y1 + e.w2 * y2);
     dw0 += d * y0;
@@ -395,8 +420,8 @@ M2_INLINE void ds_column(typename Vec<W>::F col[3], const Geometry& g, const Tz*
 
 // S_d recomputed, and the tap and bias partials, from the U window and the centre dS.
 template <int W, typename Tz>
-M2_INLINE void d_backward_taps(const Geometry& g, const Params& P, const Tz* Z, const Tz* dS, Tz* S, Partials& pt,
-                               const Unit& u, int64_t t, int64_t c) {
+M2_INLINE void d_backward_taps(const Geometry& g, const Params& P, const ZRows<Tz>& Z, const Tz* dS, Tz* S,
+                               Partials& pt, const Unit& u, int64_t t, int64_t c) {
   using F = typename Vec<W>::F;
   const SpatialTaps<W, Tz> d(g, P, Z, dS, u, t, c);
   F dw[9];
@@ -428,10 +453,10 @@ M2_INLINE void d_backward_taps(const Geometry& g, const Params& P, const Tz* Z, 
 // dU[p] = Σ_m w[−m]·dS[p+m] (tap 8−k mirrors tap k), then dZ_d[t] = [t ≥ 1]·dU[t] − dU[t+1], with
 // dU[t+1] left in pt.du_next by the previous (later) frame.
 template <int W, typename Tz>
-M2_INLINE void d_backward_dz(const Geometry& g, const Params& P, const Tz* dS, Tz* dZ, Partials& pt, const Unit& u,
-                             int64_t t, int64_t c) {
+M2_INLINE void d_backward_dz(const Geometry& g, const Params& P, const ZRows<Tz>& Z, const Tz* dS, Tz* dZ,
+                             Partials& pt, const Unit& u, int64_t t, int64_t c) {
   using F = typename Vec<W>::F;
-  const SpatialTaps<W, Tz> d(g, P, dS, dS, u, t, c);
+  const SpatialTaps<W, Tz> d(g, P, Z, dS, u, t, c);
   F dbd = vzero<W>();
   F prev[3] = {vzero<W>(), vzero<W>(), vzero<W>()}, cur[3], next[3];
   ds_column<W>(cur, g, d.dst, u.gi, 0);
@@ -493,7 +518,7 @@ M2_INLINE void bwd_unit_impl(const BwdArgs<Tz, To>& a, const Unit& u, Partials& 
     }
     std::fill(pt.du_next, pt.du_next + a.g.w * a.g.r, 0.f);  // dU[T] = 0: the last frame has no successor
     for (int64_t t = a.g.T - 1; t >= 0; --t) {
-#define M2_CALL(V) d_backward_dz<V>(a.g, a.p, a.dS, a.dZ, pt, u, t, c_)
+#define M2_CALL(V) d_backward_dz<V>(a.g, a.p, a.Z, a.dS, a.dZ, pt, u, t, c_)
       M2_FOR_BLOCKS(u.r0, u.r1, M2_CALL);
 #undef M2_CALL
       std::swap(pt.du_cur, pt.du_next);
@@ -656,23 +681,32 @@ struct Checked {
     return {b_e.data_ptr<float>(), w_e.data_ptr<float>(), cb_e.data_ptr<float>(),
             b_d.data_ptr<float>(), w_d.data_ptr<float>(), cb_d.data_ptr<float>()};
   }
+  // Shape of the (B·T·L, 2r) tensors S, dS, dZ.
+  std::vector<int64_t> full_shape() const { return {g.B * g.T * g.L, 2 * g.r}; }
 };
 
-Checked check_common(const at::Tensor& Z, int64_t C, int64_t T, int64_t h, int64_t w, const at::Tensor& b_e,
-                     const at::Tensor& w_e, const at::Tensor& cb_e, const at::Tensor& b_d, const at::Tensor& w_d,
-                     const at::Tensor& cb_d) {
-  TORCH_CHECK(Z.device().is_cpu(), "ted_stencil: Z must be a CPU tensor");
-  TORCH_CHECK(Z.dim() == 2 && Z.size(1) % 2 == 0 && Z.size(1) > 0, "ted_stencil: Z must be (B*T*L, 2r), got ",
-              Z.sizes());
-  TORCH_CHECK(Z.is_contiguous(), "ted_stencil: Z must be contiguous");
-  TORCH_CHECK(Z.scalar_type() == at::kFloat || Z.scalar_type() == at::kBFloat16,
-              "ted_stencil: Z must be float32 or bfloat16, got ", Z.scalar_type());
+Checked check_common(const at::Tensor& Zp, const at::Tensor& Zc, int64_t C, int64_t T, int64_t h, int64_t w,
+                     const at::Tensor& b_e, const at::Tensor& w_e, const at::Tensor& cb_e, const at::Tensor& b_d,
+                     const at::Tensor& w_d, const at::Tensor& cb_d) {
+  for (const at::Tensor* z : {&Zp, &Zc}) {
+    const char* name = z == &Zp ? "Z_patch" : "Z_class";
+    TORCH_CHECK(z->device().is_cpu() && z->is_contiguous(), "ted_stencil: ", name, " must be a contiguous CPU tensor");
+    TORCH_CHECK(z->scalar_type() == at::kFloat || z->scalar_type() == at::kBFloat16, "ted_stencil: ", name,
+                " must be float32 or bfloat16, got ", z->scalar_type());
+  }
+  TORCH_CHECK(Zp.dim() == 2 && Zp.size(1) % 2 == 0 && Zp.size(1) > 0,
+              "ted_stencil: Z_patch must be (B*T*h*w, 2r), got ", Zp.sizes());
   TORCH_CHECK(T >= 1 && h >= 1 && w >= 1, "ted_stencil: need T, h, w >= 1, got ", T, ", ", h, ", ", w);
-  const int64_t L = 1 + h * w, rows = Z.size(0);
-  TORCH_CHECK(rows > 0 && rows % (T * L) == 0, "ted_stencil: ", rows, " rows are not a positive multiple of T*L = ",
-              T, "*", L);
+  const int64_t L = 1 + h * w, rows = Zp.size(0);
+  TORCH_CHECK(rows > 0 && rows % (T * (L - 1)) == 0, "ted_stencil: Z_patch's ", rows,
+              " rows are not a positive multiple of T*h*w = ", T, "*", h, "*", w);
+  const int64_t B = rows / (T * (L - 1));
+  TORCH_CHECK(Zc.dim() == 2 && Zc.size(0) == B * T && Zc.size(1) == Zp.size(1) / 2,
+              "ted_stencil: Z_class must be (", B * T, ", ", Zp.size(1) / 2, ") to match Z_patch, got ", Zc.sizes());
+  TORCH_CHECK(Zc.scalar_type() == Zp.scalar_type(), "ted_stencil: Z_class dtype ", Zc.scalar_type(),
+              " != Z_patch dtype ", Zp.scalar_type());
   Checked ck;
-  ck.g = Geometry{rows / (T * L), T, L, h, w, Z.size(1) / 2, C};
+  ck.g = Geometry{B, T, L, h, w, Zp.size(1) / 2, C};
   const int64_t r = ck.g.r;
   ck.b_e = as_float_vec(b_e, r, "down_e.bias");
   ck.w_e = taps_major(w_e, r, 3, "conv_e.weight");
@@ -699,11 +733,12 @@ void dispatch_types(at::ScalarType z, at::ScalarType o, F&& f) {
 }
 
 // A caller-provided buffer (a reused workspace: fresh pages cost more than the stencil) or a new one.
-at::Tensor buffer_like(const c10::optional<at::Tensor>& given, const at::Tensor& like, const char* name) {
-  if (!given.has_value() || !given->defined()) return at::empty_like(like);
-  TORCH_CHECK(given->sizes() == like.sizes() && given->scalar_type() == like.scalar_type() &&
-                  given->is_contiguous() && given->device().is_cpu(),
-              name, ": buffer must be a contiguous CPU ", like.scalar_type(), " tensor of shape ", like.sizes());
+at::Tensor buffer(const c10::optional<at::Tensor>& given, at::IntArrayRef shape, at::ScalarType dtype,
+                  const char* name) {
+  if (!given.has_value() || !given->defined()) return at::empty(shape, at::TensorOptions().dtype(dtype));
+  TORCH_CHECK(given->sizes() == shape && given->scalar_type() == dtype && given->is_contiguous() &&
+                  given->device().is_cpu(),
+              name, ": buffer must be a contiguous CPU ", dtype, " tensor of shape ", shape);
   return *given;
 }
 
@@ -734,7 +769,8 @@ void copy_rows(const Ts* src, Td* dst, int64_t rows, int64_t cols, int64_t ss0, 
 
 // S (Z's dtype) and, when residual is given, out = residual + up_e.bias + [patch rows]·up_d.bias in
 // residual's dtype, for the up GEMM to accumulate into.
-std::vector<at::Tensor> ted_stencil_forward(const at::Tensor& Z, const c10::optional<at::Tensor>& residual,
+std::vector<at::Tensor> ted_stencil_forward(const at::Tensor& Z_patch, const at::Tensor& Z_class,
+                                            const c10::optional<at::Tensor>& residual,
                                             const at::Tensor& down_e_b, const at::Tensor& conv_e_w,
                                             const at::Tensor& conv_e_b, const at::Tensor& down_d_b,
                                             const at::Tensor& conv_d_w, const at::Tensor& conv_d_b,
@@ -743,8 +779,10 @@ std::vector<at::Tensor> ted_stencil_forward(const at::Tensor& Z, const c10::opti
                                             int64_t w, const c10::optional<at::Tensor>& s_buffer) {
   const bool with_out = residual.has_value() && residual->defined();
   const int64_t C = with_out ? residual->size(-1) : 0;
-  Checked ck = check_common(Z, C, T, h, w, down_e_b, conv_e_w, conv_e_b, down_d_b, conv_d_w, conv_d_b);
-  at::Tensor S = buffer_like(s_buffer, Z, "s_buffer");
+  Checked ck = check_common(Z_patch, Z_class, C, T, h, w, down_e_b, conv_e_w, conv_e_b, down_d_b, conv_d_w,
+                            conv_d_b);
+  const at::ScalarType z_type = Z_patch.scalar_type();
+  at::Tensor S = buffer(s_buffer, ck.full_shape(), z_type, "s_buffer");
   at::Tensor out, bias_cls, bias_patch;
   if (with_out) {
     check_rows(*residual, ck.g, C, "residual");
@@ -753,11 +791,12 @@ std::vector<at::Tensor> ted_stencil_forward(const at::Tensor& Z, const c10::opti
     bias_patch = bias_cls + as_float_vec(*up_d_b, C, "up_d.bias");
     out = at::empty_like(*residual);
   }
-  const at::ScalarType out_type = with_out ? residual->scalar_type() : Z.scalar_type();
-  dispatch_types(Z.scalar_type(), out_type, [&](auto z_tag, auto o_tag) {
+  const at::ScalarType out_type = with_out ? residual->scalar_type() : z_type;
+  dispatch_types(z_type, out_type, [&](auto z_tag, auto o_tag) {
     using Tz = decltype(z_tag);
     using To = decltype(o_tag);
-    FwdArgs<Tz, To> a{ck.g, ck.params(), ptr<const Tz>(Z), ptr<Tz>(S), nullptr, nullptr, nullptr, nullptr};
+    const ZRows<Tz> z{ptr<const Tz>(Z_patch), ptr<const Tz>(Z_class)};
+    FwdArgs<Tz, To> a{ck.g, ck.params(), z, ptr<Tz>(S), nullptr, nullptr, nullptr, nullptr};
     if (with_out) {
       a.residual = ptr<const To>(*residual);
       a.out = ptr<To>(out);
@@ -771,7 +810,8 @@ std::vector<at::Tensor> ted_stencil_forward(const at::Tensor& Z, const c10::opti
 
 // → (S, dZ, dconv_e.weight (r,1,3), dconv_e.bias, ddown_e.bias, dconv_d.weight (r,1,3,3), dconv_d.bias,
 //    ddown_d.bias, dup_e.bias, dup_d.bias, dx_init or undefined); the small gradients in float32.
-std::vector<at::Tensor> ted_stencil_backward(const at::Tensor& Z, const at::Tensor& dS, const at::Tensor& grad,
+std::vector<at::Tensor> ted_stencil_backward(const at::Tensor& Z_patch, const at::Tensor& Z_class,
+                                             const at::Tensor& dS, const at::Tensor& grad,
                                              const at::Tensor& down_e_b, const at::Tensor& conv_e_w,
                                              const at::Tensor& conv_e_b, const at::Tensor& down_d_b,
                                              const at::Tensor& conv_d_w, const at::Tensor& conv_d_b, int64_t T,
@@ -779,21 +819,24 @@ std::vector<at::Tensor> ted_stencil_backward(const at::Tensor& Z, const at::Tens
                                              const c10::optional<at::Tensor>& s_buffer,
                                              const c10::optional<at::Tensor>& dz_buffer) {
   const int64_t C = grad.size(-1);
-  Checked ck = check_common(Z, C, T, h, w, down_e_b, conv_e_w, conv_e_b, down_d_b, conv_d_w, conv_d_b);
+  Checked ck = check_common(Z_patch, Z_class, C, T, h, w, down_e_b, conv_e_w, conv_e_b, down_d_b, conv_d_w,
+                            conv_d_b);
   const Geometry& g = ck.g;
+  const at::ScalarType z_type = Z_patch.scalar_type();
   check_rows(dS, g, 2 * g.r, "dS");
-  TORCH_CHECK(dS.scalar_type() == Z.scalar_type(), "ted_stencil_backward: dS dtype ", dS.scalar_type(),
-              " != Z dtype ", Z.scalar_type());
+  TORCH_CHECK(dS.scalar_type() == z_type, "ted_stencil_backward: dS dtype ", dS.scalar_type(), " != Z dtype ",
+              z_type);
   check_rows(grad, g, C, "grad");
-  at::Tensor S = buffer_like(s_buffer, Z, "s_buffer");
-  at::Tensor dZ = buffer_like(dz_buffer, Z, "dz_buffer");
+  at::Tensor S = buffer(s_buffer, ck.full_shape(), z_type, "s_buffer");
+  at::Tensor dZ = buffer(dz_buffer, ck.full_shape(), z_type, "dz_buffer");
   TORCH_CHECK(!S.is_same(dZ) && !S.is_same(dS) && !dZ.is_same(dS), "ted_stencil_backward: S, dZ and dS must differ");
   at::Tensor dx = init_dx ? at::empty_like(grad) : at::Tensor();
   std::vector<std::vector<float>> sums;
-  dispatch_types(Z.scalar_type(), grad.scalar_type(), [&](auto z_tag, auto o_tag) {
+  dispatch_types(z_type, grad.scalar_type(), [&](auto z_tag, auto o_tag) {
     using Tz = decltype(z_tag);
     using To = decltype(o_tag);
-    BwdArgs<Tz, To> a{g, ck.params(), ptr<const Tz>(Z), ptr<const Tz>(dS), ptr<Tz>(S), ptr<Tz>(dZ),
+    const ZRows<Tz> z{ptr<const Tz>(Z_patch), ptr<const Tz>(Z_class)};
+    BwdArgs<Tz, To> a{g, ck.params(), z, ptr<const Tz>(dS), ptr<Tz>(S), ptr<Tz>(dZ),
                       ptr<const To>(grad), init_dx ? ptr<To>(dx) : nullptr};
     sums = run_backward(a);
   });

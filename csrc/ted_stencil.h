@@ -6,14 +6,16 @@
 #include <vector>
 
 namespace m2clip {
-std::vector<at::Tensor> ted_stencil_forward(const at::Tensor& Z, const c10::optional<at::Tensor>& residual,
+std::vector<at::Tensor> ted_stencil_forward(const at::Tensor& Z_patch, const at::Tensor& Z_class,
+                                            const c10::optional<at::Tensor>& residual,
                                             const at::Tensor& down_e_b, const at::Tensor& conv_e_w,
                                             const at::Tensor& conv_e_b, const at::Tensor& down_d_b,
                                             const at::Tensor& conv_d_w, const at::Tensor& conv_d_b,
                                             const c10::optional<at::Tensor>& up_e_b,
                                             const c10::optional<at::Tensor>& up_d_b, int64_t T, int64_t h,
                                             int64_t w, const c10::optional<at::Tensor>& s_buffer);
-std::vector<at::Tensor> ted_stencil_backward(const at::Tensor& Z, const at::Tensor& dS, const at::Tensor& grad,
+std::vector<at::Tensor> ted_stencil_backward(const at::Tensor& Z_patch, const at::Tensor& Z_class,
+                                             const at::Tensor& dS, const at::Tensor& grad,
                                              const at::Tensor& down_e_b, const at::Tensor& conv_e_w,
                                              const at::Tensor& conv_e_b, const at::Tensor& down_d_b,
                                              const at::Tensor& conv_d_w, const at::Tensor& conv_d_b, int64_t T,

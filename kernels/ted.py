@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..adapters import token_layout
 
@@ -40,8 +41,7 @@ def _kernels_interpreted() -> bool:
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
 
-    kernel = ted_stencil._ted_stencil_kernel.fn
-    return isinstance(kernel, InterpretedFunction) and isinstance(tl.sum, InterpretedFunction)
+    return ted_stencil.INTERPRETED and isinstance(tl.sum, InterpretedFunction)
 
 
 def triton_available() -> bool:
@@ -60,7 +60,7 @@ def _kernel_scope(t: torch.Tensor):
     # Triton launches on the current CUDA device; tensors on another GPU need it switched.
     # Autocast is off inside: precision follows x.dtype (the Triton GEMM requires matching
     # operand dtypes), where autocast would turn the cuBLAS GEMMs' outputs bf16 under fp32 x.
-    with torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext():
+    with ted_stencil.launch_device(t):
         with torch.autocast(device_type=t.device.type, enabled=False):
             yield
 
@@ -112,6 +112,7 @@ class TEDTritonFunction(torch.autograd.Function):
         return out.reshape(bt, length, c)
 
     @staticmethod
+    @once_differentiable  # hand-written: create_graph=True must raise, not build a partial graph
     def backward(ctx, grad_out):
         (x, z, down_e_w, down_d_w, conv_e_w, conv_e_b, conv_d_w, conv_d_b, down_d_b,
          up_e_w, up_d_w) = ctx.saved_tensors

@@ -25,17 +25,16 @@ live in other output tiles.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from .ted_stencil import launch_device
 
 
-def _configs():
-    if _INTERPRET:  # the interpreter's autotuner accepts a single config only
+def _configs(interpreted: bool):
+    if interpreted:  # the interpreter's autotuner accepts a single config only
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
     # Hopper-sized tiles for K = 2r ∈ [256, 1024] and N = C ∈ {512, 768, 1024}; 64-row tiles cover
     # small batches (M = B·T·197 is a few thousand). All compile to wgmma on sm_90 without spills;
@@ -52,11 +51,10 @@ def _configs():
     ]
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K"])
 @triton.jit
 def _ted_up_kernel(
     a_ptr, b_ptr, res_ptr, out_ptr, bias_e_ptr, bias_d_ptr,
-    M, N, K, L,
+    M, N, K, L, M_BUCKET,
     stride_am, stride_bk, stride_rm, stride_rn, stride_om,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -102,6 +100,27 @@ def _ted_up_kernel(
              mask=mask)
 
 
+_INTERPRETED = isinstance(_ted_up_kernel, InterpretedFunction)  # built for the CPU interpreter
+# Tuned per (N, K) and a power-of-two bucket of M: M = B·T·L changes with every partial batch and
+# evaluation view, and a full sweep per new M would stall each of them.
+_ted_up_kernel_tuned = triton.autotune(configs=_configs(_INTERPRETED), key=["M_BUCKET", "N", "K"])(_ted_up_kernel)
+
+
+def fp32_matmul_uses_tf32() -> bool:
+    """Whether torch's CUDA fp32 matmuls may use TF32, read through whichever API set it.
+
+    From torch 2.9 reading the legacy ``allow_tf32`` raises once the new ``fp32_precision`` API was
+    used; the new API reports legacy settings too, so it is read first.
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # torch < 2.9
+        return bool(matmul.allow_tf32)
+    if precision == "none":  # not set for matmul: the global setting applies
+        precision = getattr(torch.backends, "fp32_precision", "ieee")
+    return precision == "tf32"
+
+
 def ted_up_projection(s: torch.Tensor, w_up_t: torch.Tensor, residual: torch.Tensor,
                       bias_e: torch.Tensor, bias_d: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
     """residual + s·w_up_t + bias_e + [row % tokens_per_frame ≠ 0]·bias_d.
@@ -120,12 +139,13 @@ def ted_up_projection(s: torch.Tensor, w_up_t: torch.Tensor, residual: torch.Ten
         raise TypeError(f"dtypes differ: S {s.dtype}, W_upᵀ {w_up_t.dtype}, residual {residual.dtype}")
     out = torch.empty((m, n), device=s.device, dtype=s.dtype)
     # fp32 inputs follow torch's matmul policy, so the Triton and cuBLAS halves of the op agree.
-    precision = "tf32" if (s.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+    precision = "tf32" if s.dtype == torch.float32 and s.is_cuda and fp32_matmul_uses_tf32() else "ieee"
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _ted_up_kernel[grid](
-        s, w_up_t, residual, out, bias_e, bias_d,
-        m, n, k, tokens_per_frame,
-        s.stride(0), w_up_t.stride(0), residual.stride(0), residual.stride(1), out.stride(0),
-        UPCAST=_INTERPRET, INPUT_PRECISION=precision,
-    )
+    with launch_device(s):
+        _ted_up_kernel_tuned[grid](
+            s, w_up_t, residual, out, bias_e.contiguous(), bias_d.contiguous(),  # the kernel reads unit stride
+            m, n, k, tokens_per_frame, triton.next_power_of_2(m),
+            s.stride(0), w_up_t.stride(0), residual.stride(0), residual.stride(1), out.stride(0),
+            UPCAST=_INTERPRETED, INPUT_PRECISION=precision,
+        )
     return out

@@ -13,7 +13,9 @@ computation differs. Backends:
 Falls back to the reference path, whatever the backend, for what the fused kernels do not cover:
 class tokens alone (x of shape (B·T, 1, C), see ``TEDAdapter.forward``), a disabled branch
 (TE-only / TD-only ablations), kernel sizes other than 3, dtypes other than
-float32/bfloat16 on CPU (float16 also on Triton), forward-mode AD and torch.func transforms.
+float32/bfloat16 on CPU (float16 also on Triton), a residual of another dtype than x (the
+reference promotes), and forward-mode AD or torch.func transforms over x, the residual or the
+parameters.
 Double backward (``create_graph=True`` through the adapter) is not supported by the fused paths:
 it raises, since their backward is hand-written and not itself differentiable.
 """
@@ -55,12 +57,16 @@ def _triton_entry():
     return triton_ted.ted_adapter_triton, None
 
 
-def _autograd_unsupported(x: torch.Tensor) -> Optional[str]:
-    """Why a hand-written backward cannot serve this call, or None."""
-    if torch._C._functorch.is_functorch_wrapped_tensor(x):
-        return "torch.func transform"
-    if torch.autograd.forward_ad.unpack_dual(x).tangent is not None:
-        return "forward-mode AD"
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autograd_unsupported(tensors) -> Optional[str]:
+    """Why a hand-written backward cannot serve a call on these tensors (inputs and parameters), or None."""
+    for t in tensors:
+        if torch._C._functorch.is_functorch_wrapped_tensor(t):
+            return "torch.func transform"
+        if torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+            return "forward-mode AD"
     return None
 
 
@@ -87,16 +93,22 @@ class FusedTEDAdapter(TEDAdapter):
         """Both branches on and 3-tap kernels: the only configuration the fused kernels implement."""
         return self.enhance and self.difference and self.temporal_kernel == 3 and self.spatial_kernel == 3
 
-    def select_backend(self, x: torch.Tensor) -> str:
-        """The path ``forward(x)`` takes: "triton", "cpu" or "reference" (may warn or raise, see module doc)."""
-        if self.backend == "reference" or not self.fused_config_supported or _autograd_unsupported(x):
+    def select_backend(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> str:
+        """The path ``forward(x, residual=residual)`` takes: "triton", "cpu" or "reference" (may warn or
+        raise, see module doc)."""
+        if self.backend == "reference" or not self.fused_config_supported:
+            return "reference"
+        inputs = (x,) if residual is None else (x, residual)
+        if _autograd_unsupported((*inputs, *self.parameters())):
             return "reference"
         if x.dim() == 3 and x.shape[1] == 1:
             return "reference"  # class tokens alone: the E branch on B·T rows, no stencil to fuse
+        if residual is not None and residual.dtype != x.dtype:
+            return "reference"
         if self.backend == "triton" or (self.backend == "auto" and x.is_cuda):
             fn, reason = _triton_entry()
             if fn is not None:
-                return "triton"
+                return "triton" if x.dtype in TRITON_DTYPES else "reference"
             if self.backend == "triton":
                 raise RuntimeError(f"FusedTEDAdapter(backend='triton'): {reason}")
             _notice_once("triton", f"FusedTEDAdapter: Triton path unavailable ({reason}); using the reference path")
@@ -116,7 +128,7 @@ class FusedTEDAdapter(TEDAdapter):
 
     def forward(self, x: torch.Tensor, num_frames: Optional[int] = None,
                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        path = self.select_backend(x)
+        path = self.select_backend(x, residual)
         if path == "reference":
             return super().forward(x, num_frames, residual)
         _, frames, h, w = token_layout(x, num_frames or self.num_frames, self.grid)

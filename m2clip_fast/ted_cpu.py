@@ -4,7 +4,10 @@ The E and D down projections share one GEMM because down_d(x_t − x_{t−1}) = 
 Z = x·W_dᵀ, so the frame difference moves onto the r-wide Z instead of the C-wide x, and the stencil
 (``m2clip_fast._C``) applies b_e, b_d, both depthwise convs and the class-row mask in one pass while
 also writing ``residual + up biases`` into the output buffer that the up GEMM then accumulates into.
-Only x and Z are saved; S = [S_e | S_d] is recomputed by the backward stencil, which in the same pass
+Only x and Z's patch rows are saved (exactly half of what the eager adapter keeps): Z's class rows,
+x's class rows times W_e, are a GEMM of B·T rows that the backward recomputes, so the down GEMM is
+batched over frames to write the patch rows compactly. S = [S_e | S_d] is recomputed by the backward
+stencil, which in the same pass
 produces dZ, every conv / bias gradient, the up-bias sums of the incoming gradient and, when the
 residual is x itself, dx's initial value g (so dx = g + dZ·W_down is one in-place GEMM).
 
@@ -126,8 +129,27 @@ def _check(x: torch.Tensor, residual: torch.Tensor, weights: Tuple[torch.Tensor,
         raise ValueError(f"down_e_w expects C={c}, tokens have C={x.shape[2]}")
 
 
+def _down_projection(xg: torch.Tensor, w_down: torch.Tensor, tokens: int, z_patch: Optional[torch.Tensor] = None,
+                     class_only: bool = False):
+    """Z = x·[W_e; W_d]ᵀ as (patch rows (B·T·(L−1), 2r), E half of the class rows (B·T, r)).
+
+    xg: (B·T·L, C) in the GEMM dtype; w_down: packed (2r, C). The batched GEMM reads x's patch rows
+    in place (one strided matrix per frame) and writes them compactly; with ``class_only`` only the
+    class rows are computed (the backward's recompute) and the patch part is None.
+    """
+    frames, r = xg.shape[0] // tokens, w_down.shape[0] // 2
+    x3 = xg.view(frames, tokens, xg.shape[1])
+    z_class = torch.mm(x3[:, 0], w_down[:r].t(), out=_WORKSPACE.get("z_class", (frames, r), xg.dtype))
+    if class_only:
+        return None, z_class
+    if z_patch is not None:
+        z_patch = z_patch.view(frames, tokens - 1, 2 * r)
+    z_patch = torch.bmm(x3[:, 1:], w_down.t().expand(frames, *w_down.t().shape), out=z_patch)
+    return z_patch.view(-1, 2 * r), z_class
+
+
 class TEDAdapterCPUFunction(torch.autograd.Function):
-    """Autograd node of the fused CPU adapter; saves x (in the GEMM dtype) and Z, nothing C-sized else.
+    """Autograd node of the fused CPU adapter; saves x (in the GEMM dtype) and Z's patch rows, nothing else.
 
     ``residual=None`` means the residual is x itself: its gradient g is then folded into dx inside
     the dx GEMM instead of autograd adding two C-sized tensors afterwards.
@@ -141,11 +163,13 @@ class TEDAdapterCPUFunction(torch.autograd.Function):
             x2 = x.reshape(-1, channels).contiguous()
             res2 = x2 if residual is None else residual.reshape(-1, channels).contiguous()
             xg = x2.to(dtype)
-            # Z is saved for backward; without one (inference) it is scratch like S.
-            z_out = None if for_backward else _WORKSPACE.get("z", (x2.shape[0], 2 * down_e_w.shape[0]), dtype)
-            z = torch.mm(xg, _packed("w_down", (down_e_w, down_d_w), 0, dtype).t(), out=z_out)
-            s, out = _C.ted_stencil_forward(z, res2, down_e_b, conv_e_w, conv_e_b, down_d_b, conv_d_w, conv_d_b,
-                                            up_e_b, up_d_b, num_frames, h, w, _WORKSPACE.get("s", z.shape, dtype))
+            tokens, r = 1 + h * w, down_e_w.shape[0]
+            # Z's patch rows are saved for backward; without one (inference) they are scratch like S.
+            z_out = None if for_backward else _WORKSPACE.get("z", (x2.shape[0] // tokens * (tokens - 1), 2 * r), dtype)
+            z, z_class = _down_projection(xg, _packed("w_down", (down_e_w, down_d_w), 0, dtype), tokens, z_out)
+            s, out = _C.ted_stencil_forward(z, z_class, res2, down_e_b, conv_e_w, conv_e_b, down_d_b, conv_d_w,
+                                            conv_d_b, up_e_b, up_d_b, num_frames, h, w,
+                                            _WORKSPACE.get("s", (x2.shape[0], 2 * r), dtype))
             w_up = _packed("w_up", (up_e_w, up_d_w), 1, dtype)
             if out.dtype == dtype:
                 torch.addmm(out, s, w_up.t(), out=out)
@@ -167,20 +191,23 @@ class TEDAdapterCPUFunction(torch.autograd.Function):
          up_d_w) = ctx.saved_tensors
         need = ctx.needs_input_grad
         dtype, r, channels = z.dtype, down_e_w.shape[0], grad_out.shape[-1]
+        num_frames, h, w = ctx.geometry
         with torch.autocast("cpu", enabled=False):
             g = grad_out.reshape(-1, channels).contiguous()
             gg = g.to(dtype)
-            ds = torch.mm(gg, _packed("w_up", (up_e_w, up_d_w), 1, dtype), out=_WORKSPACE.get("ds", z.shape, dtype))
+            w_down = _packed("w_down", (down_e_w, down_d_w), 0, dtype)
+            _, z_class = _down_projection(xg, w_down, 1 + h * w, class_only=True)
+            full = (g.shape[0], 2 * r)
+            ds = torch.mm(gg, _packed("w_up", (up_e_w, up_d_w), 1, dtype), out=_WORKSPACE.get("ds", full, dtype))
             fold = ctx.residual_is_x and need[0] and g.dtype == dtype
             (s, dz, d_conv_e_w, d_conv_e_b, d_down_e_b, d_conv_d_w, d_conv_d_b, d_down_d_b, d_up_e_b, d_up_d_b,
-             dx) = _C.ted_stencil_backward(z, ds, g, down_e_b, conv_e_w, conv_e_b, down_d_b, conv_d_w, conv_d_b,
-                                           *ctx.geometry, fold, _WORKSPACE.get("s", z.shape, dtype),
-                                           _WORKSPACE.get("dz", z.shape, dtype))
+             dx) = _C.ted_stencil_backward(z, z_class, ds, g, down_e_b, conv_e_w, conv_e_b, down_d_b, conv_d_w,
+                                           conv_d_b, num_frames, h, w, fold, _WORKSPACE.get("s", full, dtype),
+                                           _WORKSPACE.get("dz", full, dtype))
             d_up_e_w = d_up_d_w = d_down_e_w = d_down_d_w = None
             if need[6] or need[12]:
                 d_up_e_w, d_up_d_w = _column_halves(torch.mm(gg.t(), s), r, up_e_w.dtype)
             if need[0]:
-                w_down = _packed("w_down", (down_e_w, down_d_w), 0, dtype)
                 if fold:
                     torch.addmm(dx, dz, w_down, out=dx)
                 else:

@@ -232,7 +232,8 @@ def test_up_projection_epilogue_with_strided_residual():
     s = torch.randn(rows, k, generator=g).to(DEVICE)
     w_up_t = torch.randn(k, n, generator=g).to(DEVICE)
     residual = torch.randn(n, rows, generator=g).to(DEVICE).t()  # column-major view
-    bias_e, bias_d = torch.randn(n, generator=g).to(DEVICE), torch.randn(n, generator=g).to(DEVICE)
+    # Biases as strided views (every other element of a packed buffer): the kernel reads unit stride.
+    bias_e, bias_d = torch.randn(2, 2 * n, generator=g).to(DEVICE)[:, ::2]
     out = ted_matmul.ted_up_projection(s, w_up_t, residual, bias_e, bias_d, tokens)
     is_patch = (torch.arange(rows, device=DEVICE) % tokens != 0).float()[:, None]
     expected = residual + s @ w_up_t + bias_e + is_patch * bias_d
@@ -337,6 +338,27 @@ def test_rejects_inconsistent_inputs():
     bad[PARAMS.index("conv_d.weight")] = torch.zeros(r, 1, 5, 5, device=DEVICE)
     with pytest.raises(ValueError, match="conv_d_w"):
         ted.ted_adapter_triton(x, x, *bad, frames, h, w)
+
+
+@pytest.mark.parametrize("api", ["legacy", "matmul", "global"])
+def test_tf32_policy_read_through_either_api(api):
+    """torch ≥ 2.9 raises on reading allow_tf32 once the fp32_precision API was used."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch predates the fp32_precision API")
+    saved = (matmul.fp32_precision, torch.backends.fp32_precision)
+    try:
+        for tf32 in (True, False):
+            if api == "legacy":
+                matmul.allow_tf32 = tf32
+            elif api == "matmul":
+                matmul.fp32_precision = "tf32" if tf32 else "ieee"
+            else:
+                matmul.fp32_precision = "none"
+                torch.backends.fp32_precision = "tf32" if tf32 else "ieee"
+            assert ted_matmul.fp32_matmul_uses_tf32() is tf32
+    finally:
+        matmul.fp32_precision, torch.backends.fp32_precision = saved
 
 
 def test_triton_available_here():
