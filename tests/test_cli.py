@@ -1,0 +1,58 @@
+"""The shared CLI plumbing: one-line user errors with exit code 2, and checkpoint files that explain
+what is wrong with them."""
+import argparse
+
+import pytest
+import torch
+
+from m2clip_fast.cli import CheckpointError, load_checkpoint_file, run_main
+from m2clip_fast.data.datasets import DatasetError
+
+
+def test_user_errors_are_one_line_and_exit_2(capsys, monkeypatch):
+    monkeypatch.delenv("M2CLIP_DEBUG", raising=False)
+
+    def bad():
+        raise DatasetError("training list x.txt: 3 problem(s)")
+
+    assert run_main(bad, "m2clip-train") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("m2clip-train: error: training list x.txt: 3 problem(s)")
+    assert "Traceback" not in err
+
+
+def test_debug_env_keeps_the_traceback(monkeypatch):
+    monkeypatch.setenv("M2CLIP_DEBUG", "1")
+    with pytest.raises(ValueError, match="boom"):
+        run_main(lambda: (_ for _ in ()).throw(ValueError("boom")), "prog")
+
+
+def test_bugs_are_not_swallowed():
+    with pytest.raises(ZeroDivisionError):
+        run_main(lambda: 1 // 0, "prog")
+
+
+def test_interrupt_exits_130_with_hint(capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert run_main(interrupted, "prog", on_interrupt=lambda: "resume with --resume") == 130
+    assert "prog: interrupted; resume with --resume" in capsys.readouterr().err
+
+
+def test_checkpoint_files(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"model": {"w": torch.arange(3.0)}, "args": argparse.Namespace(lr=1.0)}, good)
+    loaded = load_checkpoint_file(good)
+    assert torch.equal(loaded["model"]["w"], torch.arange(3.0)) and loaded["args"].lr == 1.0
+
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "text.pt").write_text("ApplyEyeMakeup 1\n")
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    for name, message in [("missing.pt", "does not exist"), ("empty.pt", "empty"),
+                          ("text.pt", "not a readable PyTorch checkpoint"),
+                          ("cut.pt", "not a readable PyTorch checkpoint")]:
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint_file(tmp_path / name)
+    with pytest.raises(CheckpointError, match="not a file"):
+        load_checkpoint_file(tmp_path)
