@@ -38,6 +38,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .cli import load_checkpoint_file, run_main
+
 # official key → ours; weights of the D conv additionally change rank (Conv3d → Conv2d).
 _KEY_MAP: Dict[str, str] = {
     "fc1.weight": "down_e.weight",
@@ -106,7 +108,7 @@ def convert_official_adapter(state: Mapping[str, torch.Tensor], prefix: str = ""
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if not state:
             raise KeyError(f"no keys start with prefix {prefix!r}")
-    ours = _rename(state, _KEY_MAP, "official")
+    ours = _rename(state, _KEY_MAP, f"official {prefix}*" if prefix else "official")
     _check_shapes(ours, official=True, naming={v: k for k, v in _KEY_MAP.items()})
     ours["conv_d.weight"] = ours["conv_d.weight"].squeeze(2)
     return ours
@@ -169,6 +171,39 @@ def _official_model_state(checkpoint) -> Dict[str, torch.Tensor]:
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
+def _is_official_key(key: str) -> bool:
+    """A key only the official M²-CLIP code writes: an adapter or head of the table in this module's docstring."""
+    return bool(_VISION_ADAPTER.fullmatch(key) or _TEXT_ADAPTER_KEY.fullmatch(key)
+                or key.startswith(("visual.t_adapter.", "visual.adapter_fc.", "mlm_adapter.")))
+
+
+def _require_official_keys(checkpoint, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse a checkpoint with none of the official adapter/head keys: converting it would write a model
+    at its random initialisation that evaluate scores without complaint (a plain CLIP, ours, a wrong file)."""
+    if any(_is_official_key(k) for k in state):
+        return
+    found = sorted(state)
+    hint = ""
+    if isinstance(checkpoint, Mapping) and "config" in checkpoint and "class_names" in checkpoint:
+        hint = " (it looks like an m2clip-fast checkpoint already: evaluate --checkpoint reads it as it is)"
+    raise ValueError(f"no official M²-CLIP keys found in {source}; is this an official checkpoint? It holds "
+                     f"{len(found)} keys, e.g. {found[:4]}, and none like visual.adapter_fc.weight or "
+                     f"visual.transformer.resblocks.N.adapter_pre_mlp.fc1.weight{hint}")
+
+
+# Every key of the official MLM head ("decoder.weight" and "bias" are the decoder's rows, by label word).
+_MLM_KEYS = tuple(f"mlm_adapter.{k}" for k in ("transform.dense.weight", "transform.dense.bias",
+                                                "transform.LayerNorm.weight", "transform.LayerNorm.bias",
+                                                "decoder.weight", "bias"))
+
+
+def _require_complete_mlm_head(state: Mapping[str, torch.Tensor]) -> None:
+    """A partial MLM head means a damaged file: refuse it whether or not its decoder rows would be used."""
+    missing = [k for k in _MLM_KEYS if k not in state]
+    if missing:
+        raise KeyError(f"official checkpoint has mlm_adapter.* but lacks {', '.join(missing)}")
+
+
 def _adapter_prefixes(state: Mapping[str, torch.Tensor], pattern: "re.Pattern") -> Dict[Tuple[str, str], str]:
     """{(block, "attn" | "mlp"): key prefix} of every adapter the pattern finds among the keys."""
     found = {}
@@ -213,17 +248,21 @@ def _mlm_rows(weight: torch.Tensor, bias: torch.Tensor, vocabulary: Sequence[str
     return new_weight, new_bias
 
 
-def convert_official_checkpoint(checkpoint, model, mlm_labels: Optional[Union[str, Path, Dict[str, int]]] = None
+def convert_official_checkpoint(checkpoint, model, mlm_labels: Optional[Union[str, Path, Dict[str, int]]] = None,
+                                *, source: str = "the checkpoint"
                                 ) -> Tuple[Dict[str, torch.Tensor], ConversionReport]:
     """An official training checkpoint → (our tunable state dict for ``model``, report).
 
     checkpoint: what ``torch.load`` returns for an official ``checkpoint-N.pth`` (or its "model" entry).
     model: an ``M2CLIP`` with the matching layout (``k400_b16_8f`` for the official K400 B/16 run).
     mlm_labels: the official label-word file or its {word: row} mapping, to carry the MLM decoder over.
-    Raises ValueError when the checkpoint's layout does not fit the model (naming what differs) and
-    KeyError for an incomplete group of official keys.
+    source: how error messages name the checkpoint (its path).
+    Raises ValueError when the checkpoint holds no official adapter or head key at all, or its layout
+    does not fit the model (naming what differs), and KeyError for an incomplete group of official
+    keys (an MLM head lacking a key included, even when its decoder rows would not be used).
     """
     state = _official_model_state(checkpoint)
+    _require_official_keys(checkpoint, state, source)
     report = ConversionReport()
     ours: Dict[str, torch.Tensor] = {}
     text_layers = len(model.clip.transformer.resblocks)
@@ -265,6 +304,7 @@ def convert_official_checkpoint(checkpoint, model, mlm_labels: Optional[Union[st
 
     mlm_keys = {k for k in state if k.startswith("mlm_adapter.")}
     if mlm_keys:
+        _require_complete_mlm_head(state)
         handled.update(mlm_keys)
         if not model.config.cmlm:
             report.notes.append("MLM head: the model has no CMLM head; the checkpoint's is dropped")
@@ -300,11 +340,14 @@ def convert_official_checkpoint(checkpoint, model, mlm_labels: Optional[Union[st
     return {k: v.to(expected[k].dtype) for k, v in ours.items()}, report
 
 
-def load_official_checkpoint(model, checkpoint, mlm_labels=None) -> ConversionReport:
-    """Convert (see :func:`convert_official_checkpoint`) and load into ``model``; ``checkpoint`` may be a path."""
+def load_official_checkpoint(model, checkpoint, mlm_labels=None, *, source: Optional[str] = None) -> ConversionReport:
+    """Convert (see :func:`convert_official_checkpoint`) and load into ``model``; ``checkpoint`` may be a path
+    (an unreadable file raises :class:`m2clip_fast.cli.CheckpointError`, a ValueError, naming it).
+    ``source`` names the checkpoint in errors (default: its path, or "the checkpoint")."""
     if isinstance(checkpoint, (str, Path)):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    state, report = convert_official_checkpoint(checkpoint, model, mlm_labels)
+        source = source or str(checkpoint)
+        checkpoint = load_checkpoint_file(checkpoint, "official checkpoint")
+    state, report = convert_official_checkpoint(checkpoint, model, mlm_labels, source=source or "the checkpoint")
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected, unexpected  # every key was checked against model.state_dict() above
     return report
@@ -313,11 +356,11 @@ def load_official_checkpoint(model, checkpoint, mlm_labels=None) -> ConversionRe
 OFFICIAL_TEMPLATE = "A video of {}"  # the official text_prompt(): no trailing period
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .engine import atomic_save, model_checkpoint
-    from .model import create_model
+PROG = "python -m m2clip_fast.convert"
 
-    p = argparse.ArgumentParser(prog="python -m m2clip_fast.convert",
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog=PROG,
                                 description="Convert an official M²-CLIP checkpoint into an m2clip-fast one.")
     p.add_argument("official", help="the official checkpoint-N.pth")
     p.add_argument("--out", required=True, help="m2clip-fast checkpoint to write")
@@ -329,12 +372,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="prompt template the text adapters were trained with (default: the official one)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     args = p.parse_args(argv)
+    return run_main(lambda: _convert(args), PROG)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .engine import atomic_save, model_checkpoint
+    from .model import create_model
     from .presets import parse_overrides
 
+    # Both input files first: a wrong file should fail before the (possibly downloaded) CLIP is built.
+    checkpoint = load_checkpoint_file(args.official, "official checkpoint")
+    _require_official_keys(checkpoint, _official_model_state(checkpoint), args.official)
+    mlm_labels = read_mlm_labels(args.mlm_labels) if args.mlm_labels is not None else None
     pretrained = None if args.pretrained.lower() == "none" else args.pretrained
-    model = create_model(args.preset, pretrained=pretrained, class_names=args.class_names,
-                         templates=(args.template,), **parse_overrides(args.set))
-    report = load_official_checkpoint(model, args.official, args.mlm_labels)
+    try:
+        model = create_model(args.preset, pretrained=pretrained, class_names=args.class_names,
+                             templates=(args.template,), **parse_overrides(args.set))
+        report = load_official_checkpoint(model, checkpoint, mlm_labels, source=args.official)
+    except KeyError as exc:  # an unknown preset or --set key, or an incomplete official group: the message names it
+        raise ValueError(exc.args[0]) from None
     atomic_save(model_checkpoint(model, pretrained), Path(args.out))
     print(report.summary())
     print(f"wrote {args.out}")

@@ -89,7 +89,7 @@ import torch.nn.functional as F  # noqa: E402
 from m2clip_fast import create_model  # noqa: E402
 from m2clip_fast.convert import convert_official_checkpoint, load_official_checkpoint  # noqa: E402
 from m2clip_fast.convert import main as convert_main  # noqa: E402
-from m2clip_fast.engine import load_model_checkpoint  # noqa: E402
+from m2clip_fast.engine import load_model_checkpoint, model_checkpoint  # noqa: E402
 
 
 def linear(state, prefix, n_out, n_in, gen):
@@ -240,3 +240,56 @@ def test_the_official_k400_b16_layout_converts_completely():
     ours, report = convert_official_checkpoint(state, model)
     assert report.converted == len(state)
     assert set(ours) | {"mlm_head.decoder.weight", "mlm_head.decoder.bias"} == set(model.tunable_state_dict())
+
+
+def test_checkpoint_without_official_keys_is_refused(tiny_official, tmp_path, capsys):
+    """A plain CLIP, one of ours or a wrong file must not 'convert' into a randomly initialised model."""
+    torch.save({"model": {"foo": torch.zeros(2), "visual.proj": torch.zeros(128, 64)}}, tmp_path / "unrelated.pth")
+    out = tmp_path / "out.pt"
+    assert convert_main([str(tmp_path / "unrelated.pth"), "--out", str(out), "--preset", "tiny",
+                         "--pretrained", "none"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m m2clip_fast.convert: error: no official M²-CLIP keys found in ")
+    assert "unrelated.pth; is this an official checkpoint?" in err and "['foo', 'visual.proj']" in err
+    assert not out.exists()
+    ours = model_checkpoint(tiny_model(), "none")  # our own format names its tuned keys differently
+    with pytest.raises(ValueError, match="no official M²-CLIP keys found in the checkpoint.*m2clip-fast checkpoint "
+                                         "already"):
+        convert_official_checkpoint(ours, tiny_model())
+    with pytest.raises(ValueError, match="no official M²-CLIP keys"):  # the API refuses it too
+        convert_official_checkpoint({"visual.proj": torch.zeros(128, 64)}, tiny_model())
+
+
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_partial_mlm_head_is_named(tiny_official, tmp_path, capsys, with_labels):
+    state, _ = tiny_official
+    del state["mlm_adapter.bias"]
+    labels = tmp_path / "mlm_labels.txt"
+    labels.write_text("".join(f"{w} {i}\n" for i, w in enumerate(TINY_MLM_WORDS)))
+    with pytest.raises(KeyError, match="lacks mlm_adapter.bias"):
+        convert_official_checkpoint(state, tiny_model(), labels if with_labels else None)
+    torch.save({"model": state}, tmp_path / "checkpoint-5.pth")
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(TINY_CLASSES) + "\n")
+    argv = [str(tmp_path / "checkpoint-5.pth"), "--out", str(tmp_path / "out.pt"), "--preset", "tiny",
+            "--pretrained", "none", "--class-names", str(classes)]
+    assert convert_main(argv + (["--mlm-labels", str(labels)] if with_labels else [])) == 2
+    err = capsys.readouterr().err
+    assert "python -m m2clip_fast.convert: error: official checkpoint has mlm_adapter.* but lacks mlm_adapter.bias\n" \
+        in err
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_cli_names_an_unreadable_checkpoint_in_one_line(tiny_official, tmp_path, capsys):
+    state, _ = tiny_official
+    torch.save({"model": state}, tmp_path / "good.pth")
+    data = (tmp_path / "good.pth").read_bytes()
+    (tmp_path / "trunc.pth").write_bytes(data[: len(data) // 2])
+    (tmp_path / "zero.pth").write_bytes(b"")
+    for name, reason in (("trunc.pth", "is not a readable PyTorch checkpoint"), ("zero.pth", "is empty (0 bytes)"),
+                         ("missing.pth", "does not exist")):
+        assert convert_main([str(tmp_path / name), "--out", str(tmp_path / "out.pt"), "--preset", "tiny",
+                             "--pretrained", "none"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"python -m m2clip_fast.convert: error: official checkpoint {tmp_path / name} {reason}")
+        assert "Traceback" not in err
