@@ -3,10 +3,11 @@
 // Layout: S, dS, dZ are (B·T·L, 2r) row-major, E half in columns [0, r), D half in [r, 2r);
 // row (b·T + t)·L + l is token l of frame t of clip b, l = 0 the class token, l ≥ 1 the patch
 // grid row-major. Z holds x·[W_e; W_d]ᵀ WITHOUT biases: b_e and b_d are applied here, so the down
-// projection stays a plain GEMM and Z_d can be differenced across frames exactly. Z comes in two
-// tensors (ZRows): its patch rows ((B·T)·(L−1), 2r) and the E half of its class rows (B·T, r; the
-// class row has no D branch), because Z is what autograd saves and the class rows are cheaper to
-// recompute (a GEMM of B·T rows) than to keep.
+// projection stays a plain GEMM and Z_d can be differenced across frames exactly. Z is read through
+// ZRows: either one (B·T·L, 2r) tensor like S, or (what the backward gets) its patch rows
+// ((B·T)·(L−1), 2r) and the E half of its class rows (B·T, r; the class row has no D branch) apart,
+// because Z is what autograd saves and the class rows are cheaper to recompute (a GEMM of B·T rows)
+// than to keep.
 //
 //   S_e[t]   = cb_e + Σ_k w_e[k]·(Z_e[t+k−1] + b_e)                       (zero padded in t)
 //   U[t, p]  = [t ≥ 1]·(Z_d[t, p] − Z_d[t−1, p]) + b_d                    (= down_d(x_t − x_{t−1}))
@@ -170,19 +171,22 @@ Split split_for(const Geometry& g, int threads) {
   return Split{chunks, per(g.r), per(g.C)};
 }
 
-// Z's rows: the patch rows of frame f = b·T + t at patch + f·(L−1)·2r, the E half of its class row
-// at cls + f·r.
+// Z's rows: frame f = b·T + t has its patch rows (2r apart) from patch + f·patch_frame and the E half
+// of its class row at cls + f·cls_frame.
 template <typename Tz>
 struct ZRows {
   const Tz* patch;
   const Tz* cls;
+  int64_t patch_frame, cls_frame;
+  static ZRows full(const Tz* z, const Geometry& g) { return {z + 2 * g.r, z, g.L * 2 * g.r, g.L * 2 * g.r}; }
+  static ZRows split(const Tz* patch, const Tz* cls, const Geometry& g) {
+    return {patch, cls, (g.L - 1) * 2 * g.r, g.r};
+  }
   // Token l of frame f, and the distance from a row to the same token one frame later.
   M2_INLINE const Tz* row(const Geometry& g, int64_t f, int64_t l) const {
-    return l == 0 ? cls + f * g.r : patch + (f * (g.L - 1) + l - 1) * 2 * g.r;
+    return l == 0 ? cls + f * cls_frame : patch + f * patch_frame + (l - 1) * 2 * g.r;
   }
-  static M2_INLINE int64_t frame_stride(const Geometry& g, bool class_row) {
-    return class_row ? g.r : (g.L - 1) * 2 * g.r;
-  }
+  M2_INLINE int64_t frame_stride(bool class_row) const { return class_row ? cls_frame : patch_frame; }
 };
 
 // ---- forward ---------------------------------------------------------------------------------
@@ -215,8 +219,7 @@ struct TemporalTaps {
       : be(vload<W>(P.b_e + c)), cb(vload<W>(P.cb_e + c)), w0(vload<W>(P.w_e + c)),
         w1(vload<W>(P.w_e + g.r + c)), w2(vload<W>(P.w_e + 2 * g.r + c)), fm(t > 0 ? 1.f : 0.f),
         fp(t + 1 < g.T ? 1.f : 0.f), om(t > 0 ? -g.L * 2 * g.r : 0), op(t + 1 < g.T ? g.L * 2 * g.r : 0),
-        zm(t > 0 ? -ZRows<Tz>::frame_stride(g, u.gi < 0) : 0),
-        zp(t + 1 < g.T ? ZRows<Tz>::frame_stride(g, u.gi < 0) : 0),
+        zm(t > 0 ? -Z.frame_stride(u.gi < 0) : 0), zp(t + 1 < g.T ? Z.frame_stride(u.gi < 0) : 0),
         row0((u.b * g.T + t) * g.L + u.first_token(g)), rows(u.tokens(g)),
         z(Z.row(g, u.b * g.T + t, u.first_token(g)) + c) {}
   // Y at frames t−1, t, t+1 (zero outside the clip) for the unit's token k.
@@ -270,7 +273,7 @@ struct SpatialTaps {
     const int64_t patch0 = (u.b * g.T + t) * g.L + 1;
     rowi = patch0 + u.gi * g.w;
     zt = Z.row(g, u.b * g.T + t, 1) + g.r + c;
-    zprev = t > 0 ? zt - ZRows<Tz>::frame_stride(g, false) : zt;
+    zprev = t > 0 ? zt - Z.frame_stride(false) : zt;
     dst = dS + patch0 * stride + g.r + c;
     fm = t > 0 ? 1.f : 0.f;
     for (int k = 0; k < 9; ++k) wd[k] = vload<W>(P.w_d + k * g.r + c);
@@ -685,28 +688,34 @@ struct Checked {
   std::vector<int64_t> full_shape() const { return {g.B * g.T * g.L, 2 * g.r}; }
 };
 
-Checked check_common(const at::Tensor& Zp, const at::Tensor& Zc, int64_t C, int64_t T, int64_t h, int64_t w,
-                     const at::Tensor& b_e, const at::Tensor& w_e, const at::Tensor& cb_e, const at::Tensor& b_d,
-                     const at::Tensor& w_d, const at::Tensor& cb_d) {
-  for (const at::Tensor* z : {&Zp, &Zc}) {
-    const char* name = z == &Zp ? "Z_patch" : "Z_class";
-    TORCH_CHECK(z->device().is_cpu() && z->is_contiguous(), "ted_stencil: ", name, " must be a contiguous CPU tensor");
-    TORCH_CHECK(z->scalar_type() == at::kFloat || z->scalar_type() == at::kBFloat16, "ted_stencil: ", name,
-                " must be float32 or bfloat16, got ", z->scalar_type());
-  }
-  TORCH_CHECK(Zp.dim() == 2 && Zp.size(1) % 2 == 0 && Zp.size(1) > 0,
-              "ted_stencil: Z_patch must be (B*T*h*w, 2r), got ", Zp.sizes());
+
+// Z: (B·T·L, 2r) with Z_class absent, or Z's patch rows (B·T·h·w, 2r) with Z_class (B·T, r).
+Checked check_common(const at::Tensor& Z, const c10::optional<at::Tensor>& Z_class, int64_t C, int64_t T, int64_t h,
+                     int64_t w, const at::Tensor& b_e, const at::Tensor& w_e, const at::Tensor& cb_e,
+                     const at::Tensor& b_d, const at::Tensor& w_d, const at::Tensor& cb_d) {
+  const bool split = Z_class.has_value() && Z_class->defined();
+  auto check_tensor = [](const at::Tensor& z, const char* name) {
+    TORCH_CHECK(z.device().is_cpu() && z.is_contiguous(), "ted_stencil: ", name, " must be a contiguous CPU tensor");
+    TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kBFloat16, "ted_stencil: ", name,
+                " must be float32 or bfloat16, got ", z.scalar_type());
+  };
+  check_tensor(Z, "Z");
+  TORCH_CHECK(Z.dim() == 2 && Z.size(1) % 2 == 0 && Z.size(1) > 0, "ted_stencil: Z must be (rows, 2r), got ",
+              Z.sizes());
   TORCH_CHECK(T >= 1 && h >= 1 && w >= 1, "ted_stencil: need T, h, w >= 1, got ", T, ", ", h, ", ", w);
-  const int64_t L = 1 + h * w, rows = Zp.size(0);
-  TORCH_CHECK(rows > 0 && rows % (T * (L - 1)) == 0, "ted_stencil: Z_patch's ", rows,
-              " rows are not a positive multiple of T*h*w = ", T, "*", h, "*", w);
-  const int64_t B = rows / (T * (L - 1));
-  TORCH_CHECK(Zc.dim() == 2 && Zc.size(0) == B * T && Zc.size(1) == Zp.size(1) / 2,
-              "ted_stencil: Z_class must be (", B * T, ", ", Zp.size(1) / 2, ") to match Z_patch, got ", Zc.sizes());
-  TORCH_CHECK(Zc.scalar_type() == Zp.scalar_type(), "ted_stencil: Z_class dtype ", Zc.scalar_type(),
-              " != Z_patch dtype ", Zp.scalar_type());
+  const int64_t L = 1 + h * w, rows = Z.size(0), per_clip = T * (split ? L - 1 : L);
+  TORCH_CHECK(rows > 0 && rows % per_clip == 0, "ted_stencil: Z's ", rows, " rows are not a positive multiple of ",
+              split ? "T*h*w = " : "T*(1+h*w) = ", per_clip);
+  const int64_t B = rows / per_clip;
+  if (split) {
+    check_tensor(*Z_class, "Z_class");
+    TORCH_CHECK(Z_class->dim() == 2 && Z_class->size(0) == B * T && Z_class->size(1) == Z.size(1) / 2,
+                "ted_stencil: Z_class must be (", B * T, ", ", Z.size(1) / 2, ") to match Z, got ", Z_class->sizes());
+    TORCH_CHECK(Z_class->scalar_type() == Z.scalar_type(), "ted_stencil: Z_class dtype ", Z_class->scalar_type(),
+                " != Z dtype ", Z.scalar_type());
+  }
   Checked ck;
-  ck.g = Geometry{B, T, L, h, w, Zp.size(1) / 2, C};
+  ck.g = Geometry{B, T, L, h, w, Z.size(1) / 2, C};
   const int64_t r = ck.g.r;
   ck.b_e = as_float_vec(b_e, r, "down_e.bias");
   ck.w_e = taps_major(w_e, r, 3, "conv_e.weight");
@@ -747,6 +756,13 @@ T* ptr(const at::Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr());
 }
 
+template <typename Tz>
+ZRows<Tz> z_rows(const at::Tensor& Z, const c10::optional<at::Tensor>& Z_class, const Geometry& g) {
+  if (Z_class.has_value() && Z_class->defined())
+    return ZRows<Tz>::split(ptr<const Tz>(Z), ptr<const Tz>(*Z_class), g);
+  return ZRows<Tz>::full(ptr<const Tz>(Z), g);
+}
+
 template <typename Ts, typename Td>
 void copy_rows(const Ts* src, Td* dst, int64_t rows, int64_t cols, int64_t ss0, int64_t ss1, int64_t ds0,
                int64_t ds1) {
@@ -769,7 +785,7 @@ void copy_rows(const Ts* src, Td* dst, int64_t rows, int64_t cols, int64_t ss0, 
 
 // S (Z's dtype) and, when residual is given, out = residual + up_e.bias + [patch rows]·up_d.bias in
 // residual's dtype, for the up GEMM to accumulate into.
-std::vector<at::Tensor> ted_stencil_forward(const at::Tensor& Z_patch, const at::Tensor& Z_class,
+std::vector<at::Tensor> ted_stencil_forward(const at::Tensor& Z, const c10::optional<at::Tensor>& Z_class,
                                             const c10::optional<at::Tensor>& residual,
                                             const at::Tensor& down_e_b, const at::Tensor& conv_e_w,
                                             const at::Tensor& conv_e_b, const at::Tensor& down_d_b,
@@ -779,9 +795,8 @@ std::vector<at::Tensor> ted_stencil_forward(const at::Tensor& Z_patch, const at:
                                             int64_t w, const c10::optional<at::Tensor>& s_buffer) {
   const bool with_out = residual.has_value() && residual->defined();
   const int64_t C = with_out ? residual->size(-1) : 0;
-  Checked ck = check_common(Z_patch, Z_class, C, T, h, w, down_e_b, conv_e_w, conv_e_b, down_d_b, conv_d_w,
-                            conv_d_b);
-  const at::ScalarType z_type = Z_patch.scalar_type();
+  Checked ck = check_common(Z, Z_class, C, T, h, w, down_e_b, conv_e_w, conv_e_b, down_d_b, conv_d_w, conv_d_b);
+  const at::ScalarType z_type = Z.scalar_type();
   at::Tensor S = buffer(s_buffer, ck.full_shape(), z_type, "s_buffer");
   at::Tensor out, bias_cls, bias_patch;
   if (with_out) {
@@ -795,8 +810,8 @@ std::vector<at::Tensor> ted_stencil_forward(const at::Tensor& Z_patch, const at:
   dispatch_types(z_type, out_type, [&](auto z_tag, auto o_tag) {
     using Tz = decltype(z_tag);
     using To = decltype(o_tag);
-    const ZRows<Tz> z{ptr<const Tz>(Z_patch), ptr<const Tz>(Z_class)};
-    FwdArgs<Tz, To> a{ck.g, ck.params(), z, ptr<Tz>(S), nullptr, nullptr, nullptr, nullptr};
+    FwdArgs<Tz, To> a{ck.g, ck.params(), z_rows<Tz>(Z, Z_class, ck.g), ptr<Tz>(S), nullptr, nullptr, nullptr,
+                      nullptr};
     if (with_out) {
       a.residual = ptr<const To>(*residual);
       a.out = ptr<To>(out);
@@ -810,7 +825,7 @@ std::vector<at::Tensor> ted_stencil_forward(const at::Tensor& Z_patch, const at:
 
 // → (S, dZ, dconv_e.weight (r,1,3), dconv_e.bias, ddown_e.bias, dconv_d.weight (r,1,3,3), dconv_d.bias,
 //    ddown_d.bias, dup_e.bias, dup_d.bias, dx_init or undefined); the small gradients in float32.
-std::vector<at::Tensor> ted_stencil_backward(const at::Tensor& Z_patch, const at::Tensor& Z_class,
+std::vector<at::Tensor> ted_stencil_backward(const at::Tensor& Z, const c10::optional<at::Tensor>& Z_class,
                                              const at::Tensor& dS, const at::Tensor& grad,
                                              const at::Tensor& down_e_b, const at::Tensor& conv_e_w,
                                              const at::Tensor& conv_e_b, const at::Tensor& down_d_b,
@@ -819,10 +834,9 @@ std::vector<at::Tensor> ted_stencil_backward(const at::Tensor& Z_patch, const at
                                              const c10::optional<at::Tensor>& s_buffer,
                                              const c10::optional<at::Tensor>& dz_buffer) {
   const int64_t C = grad.size(-1);
-  Checked ck = check_common(Z_patch, Z_class, C, T, h, w, down_e_b, conv_e_w, conv_e_b, down_d_b, conv_d_w,
-                            conv_d_b);
+  Checked ck = check_common(Z, Z_class, C, T, h, w, down_e_b, conv_e_w, conv_e_b, down_d_b, conv_d_w, conv_d_b);
   const Geometry& g = ck.g;
-  const at::ScalarType z_type = Z_patch.scalar_type();
+  const at::ScalarType z_type = Z.scalar_type();
   check_rows(dS, g, 2 * g.r, "dS");
   TORCH_CHECK(dS.scalar_type() == z_type, "ted_stencil_backward: dS dtype ", dS.scalar_type(), " != Z dtype ",
               z_type);
@@ -835,8 +849,7 @@ std::vector<at::Tensor> ted_stencil_backward(const at::Tensor& Z_patch, const at
   dispatch_types(z_type, grad.scalar_type(), [&](auto z_tag, auto o_tag) {
     using Tz = decltype(z_tag);
     using To = decltype(o_tag);
-    const ZRows<Tz> z{ptr<const Tz>(Z_patch), ptr<const Tz>(Z_class)};
-    BwdArgs<Tz, To> a{g, ck.params(), z, ptr<const Tz>(dS), ptr<Tz>(S), ptr<Tz>(dZ),
+    BwdArgs<Tz, To> a{g, ck.params(), z_rows<Tz>(Z, Z_class, g), ptr<const Tz>(dS), ptr<Tz>(S), ptr<Tz>(dZ),
                       ptr<const To>(grad), init_dx ? ptr<To>(dx) : nullptr};
     sums = run_backward(a);
   });

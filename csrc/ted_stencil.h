@@ -6,7 +6,7 @@
 #include <vector>
 
 namespace m2clip {
-std::vector<at::Tensor> ted_stencil_forward(const at::Tensor& Z_patch, const at::Tensor& Z_class,
+std::vector<at::Tensor> ted_stencil_forward(const at::Tensor& Z, const c10::optional<at::Tensor>& Z_class,
                                             const c10::optional<at::Tensor>& residual,
                                             const at::Tensor& down_e_b, const at::Tensor& conv_e_w,
                                             const at::Tensor& conv_e_b, const at::Tensor& down_d_b,
@@ -14,7 +14,7 @@ std::vector<at::Tensor> ted_stencil_forward(const at::Tensor& Z_patch, const at:
                                             const c10::optional<at::Tensor>& up_e_b,
                                             const c10::optional<at::Tensor>& up_d_b, int64_t T, int64_t h,
                                             int64_t w, const c10::optional<at::Tensor>& s_buffer);
-std::vector<at::Tensor> ted_stencil_backward(const at::Tensor& Z_patch, const at::Tensor& Z_class,
+std::vector<at::Tensor> ted_stencil_backward(const at::Tensor& Z, const c10::optional<at::Tensor>& Z_class,
                                              const at::Tensor& dS, const at::Tensor& grad,
                                              const at::Tensor& down_e_b, const at::Tensor& conv_e_w,
                                              const at::Tensor& conv_e_b, const at::Tensor& down_d_b,

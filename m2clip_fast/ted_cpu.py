@@ -4,10 +4,10 @@ The E and D down projections share one GEMM because down_d(x_t − x_{t−1}) = 
 Z = x·W_dᵀ, so the frame difference moves onto the r-wide Z instead of the C-wide x, and the stencil
 (``m2clip_fast._C``) applies b_e, b_d, both depthwise convs and the class-row mask in one pass while
 also writing ``residual + up biases`` into the output buffer that the up GEMM then accumulates into.
-Only x and Z's patch rows are saved (exactly half of what the eager adapter keeps): Z's class rows,
-x's class rows times W_e, are a GEMM of B·T rows that the backward recomputes, so the down GEMM is
-batched over frames to write the patch rows compactly. S = [S_e | S_d] is recomputed by the backward
-stencil, which in the same pass
+Only x and a compact copy of Z's patch rows are saved (exactly half of what the eager adapter keeps):
+Z's class rows, x's class rows times W_e, are a GEMM of B·T rows that the backward recomputes. (The
+copy costs less than writing the patch rows directly: a GEMM batched over frames is 2× slower in bf16
+on oneDNN.) S = [S_e | S_d] is recomputed by the backward stencil, which in the same pass
 produces dZ, every conv / bias gradient, the up-bias sums of the incoming gradient and, when the
 residual is x itself, dx's initial value g (so dx = g + dZ·W_down is one in-place GEMM).
 
@@ -27,9 +27,27 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
+ABI_VERSION = 2  # must equal _C.ABI_VERSION (csrc/bindings.cpp): the kernels' signatures changed with it
+
+
+def stale_extension(module) -> Optional[str]:
+    """Why an imported ``_C`` cannot serve this code (built from older sources), or None.
+
+    An editable install whose Python was updated without a rebuild would otherwise fail on its first
+    call with pybind's wall of printed tensors; instead the reference path runs and the notice says why.
+    """
+    built = getattr(module, "ABI_VERSION", 1)
+    if built == ABI_VERSION:
+        return None
+    return (f"it is out of date (ABI {built}, this code needs {ABI_VERSION}); "
+            f"rebuild with `pip install --no-build-isolation -e .`")
+
+
 try:
     from m2clip_fast import _C
     _IMPORT_ERROR: Optional[BaseException] = None
+    if stale_extension(_C) is not None:
+        _C, _IMPORT_ERROR = None, ImportError(stale_extension(_C))
 except ImportError as exc:  # not built (no compiler at install time, or M2CLIP_NO_EXT=1)
     _C = None
     _IMPORT_ERROR = exc
@@ -129,23 +147,11 @@ def _check(x: torch.Tensor, residual: torch.Tensor, weights: Tuple[torch.Tensor,
         raise ValueError(f"down_e_w expects C={c}, tokens have C={x.shape[2]}")
 
 
-def _down_projection(xg: torch.Tensor, w_down: torch.Tensor, tokens: int, z_patch: Optional[torch.Tensor] = None,
-                     class_only: bool = False):
-    """Z = x·[W_e; W_d]ᵀ as (patch rows (B·T·(L−1), 2r), E half of the class rows (B·T, r)).
-
-    xg: (B·T·L, C) in the GEMM dtype; w_down: packed (2r, C). The batched GEMM reads x's patch rows
-    in place (one strided matrix per frame) and writes them compactly; with ``class_only`` only the
-    class rows are computed (the backward's recompute) and the patch part is None.
-    """
+def _class_rows_e(xg: torch.Tensor, w_down: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Z's class rows, E half: x's class rows · W_eᵀ, (B·T, r). xg: (B·T·L, C); w_down: packed (2r, C)."""
     frames, r = xg.shape[0] // tokens, w_down.shape[0] // 2
-    x3 = xg.view(frames, tokens, xg.shape[1])
-    z_class = torch.mm(x3[:, 0], w_down[:r].t(), out=_WORKSPACE.get("z_class", (frames, r), xg.dtype))
-    if class_only:
-        return None, z_class
-    if z_patch is not None:
-        z_patch = z_patch.view(frames, tokens - 1, 2 * r)
-    z_patch = torch.bmm(x3[:, 1:], w_down.t().expand(frames, *w_down.t().shape), out=z_patch)
-    return z_patch.view(-1, 2 * r), z_class
+    x_class = xg.view(frames, tokens, xg.shape[1])[:, 0]
+    return torch.mm(x_class, w_down[:r].t(), out=_WORKSPACE.get("z_class", (frames, r), xg.dtype))
 
 
 class TEDAdapterCPUFunction(torch.autograd.Function):
@@ -163,20 +169,18 @@ class TEDAdapterCPUFunction(torch.autograd.Function):
             x2 = x.reshape(-1, channels).contiguous()
             res2 = x2 if residual is None else residual.reshape(-1, channels).contiguous()
             xg = x2.to(dtype)
-            tokens, r = 1 + h * w, down_e_w.shape[0]
-            # Z's patch rows are saved for backward; without one (inference) they are scratch like S.
-            z_out = None if for_backward else _WORKSPACE.get("z", (x2.shape[0] // tokens * (tokens - 1), 2 * r), dtype)
-            z, z_class = _down_projection(xg, _packed("w_down", (down_e_w, down_d_w), 0, dtype), tokens, z_out)
-            s, out = _C.ted_stencil_forward(z, z_class, res2, down_e_b, conv_e_w, conv_e_b, down_d_b, conv_d_w,
-                                            conv_d_b, up_e_b, up_d_b, num_frames, h, w,
-                                            _WORKSPACE.get("s", (x2.shape[0], 2 * r), dtype))
+            full = (x2.shape[0], 2 * down_e_w.shape[0])
+            z = torch.mm(xg, _packed("w_down", (down_e_w, down_d_w), 0, dtype).t(), out=_WORKSPACE.get("z", full, dtype))
+            s, out = _C.ted_stencil_forward(z, None, res2, down_e_b, conv_e_w, conv_e_b, down_d_b, conv_d_w, conv_d_b,
+                                            up_e_b, up_d_b, num_frames, h, w, _WORKSPACE.get("s", full, dtype))
             w_up = _packed("w_up", (up_e_w, up_d_w), 1, dtype)
             if out.dtype == dtype:
                 torch.addmm(out, s, w_up.t(), out=out)
             else:  # fp32 residual under bf16 autocast: ATen has no bf16 × bf16 → fp32 GEMM on CPU
                 out += torch.mm(s, w_up.t())
         if for_backward:
-            ctx.save_for_backward(xg, z, down_e_w, down_e_b, conv_e_w, conv_e_b, up_e_w, down_d_w, down_d_b,
+            z_patch = z.view(-1, 1 + h * w, full[1])[:, 1:].reshape(-1, full[1])  # a copy: z is scratch
+            ctx.save_for_backward(xg, z_patch, down_e_w, down_e_b, conv_e_w, conv_e_b, up_e_w, down_d_w, down_d_b,
                                   conv_d_w, conv_d_b, up_d_w)
             ctx.geometry = (num_frames, h, w)
             ctx.residual_is_x = residual is None
@@ -196,7 +200,7 @@ class TEDAdapterCPUFunction(torch.autograd.Function):
             g = grad_out.reshape(-1, channels).contiguous()
             gg = g.to(dtype)
             w_down = _packed("w_down", (down_e_w, down_d_w), 0, dtype)
-            _, z_class = _down_projection(xg, w_down, 1 + h * w, class_only=True)
+            z_class = _class_rows_e(xg, w_down, 1 + h * w)
             full = (g.shape[0], 2 * r)
             ds = torch.mm(gg, _packed("w_up", (up_e_w, up_d_w), 1, dtype), out=_WORKSPACE.get("ds", full, dtype))
             fold = ctx.residual_is_x and need[0] and g.dtype == dtype

@@ -405,6 +405,18 @@ def test_triton_backend_on_cpu_tensors_in_interpreter():
         assert_scaled_close(grads[name], grads_ref[name], 1e-4, f"grad {name}")
 
 
+def test_stale_extension_is_named_not_called():
+    """A _C built from older sources (no or another ABI_VERSION) is refused with the rebuild command."""
+    from types import SimpleNamespace
+
+    assert ted_cpu.stale_extension(SimpleNamespace(ABI_VERSION=ted_cpu.ABI_VERSION)) is None
+    for old in (SimpleNamespace(), SimpleNamespace(ABI_VERSION=ted_cpu.ABI_VERSION - 1)):
+        reason = ted_cpu.stale_extension(old)
+        assert "out of date" in reason and "pip install --no-build-isolation -e ." in reason
+    if extension_available():
+        assert ted_cpu.stale_extension(ted_cpu._C) is None  # this build matches its sources
+
+
 def test_unavailable_triton_raises_when_requested(monkeypatch):
     monkeypatch.setattr(fused, "_triton_entry", lambda: (None, "m2clip_fast.kernels.ted is not importable (test)"))
     x = tokens(1, 2, (3, 3), 32)
