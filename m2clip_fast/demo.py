@@ -1,7 +1,10 @@
 """``python -m m2clip_fast.demo``: the synthetic motion demo, end to end on a CPU.
 
-1. writes the synthetic dataset (real H.264 files; classes visible only in motion) unless it exists;
-2. trains the ``demo`` preset (a tiny frozen CLIP-like backbone + TED adapters);
+1. writes the synthetic dataset (real H.264 files; classes visible only in motion) unless the data folder
+   already holds the one this run asks for (its ``meta.json`` records the seed and count); another set there
+   is rewritten in place;
+2. trains the ``demo`` preset (a tiny frozen CLIP-like backbone + TED adapters) in the output folder,
+   after deleting what an earlier run left there (logs, skipped list, checkpoints, curves);
 3. evaluates on the held-out videos, prints top-1, and plots the training curves to a PNG.
 
 With ``--no-adapters`` the same run has no temporal modelling (no TED or temporal adapters): single
@@ -14,11 +17,65 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from . import train as train_module
+from .cli import run_main
+from .data.synthetic import CLASSES, dataset_meta, int_at_least, make_dataset, read_meta
 
 CHANCE_CLASSES = 8
+PROG = "python -m m2clip_fast.demo"
+
+# What train writes into its output folder and appends to or keeps across runs (config.json is rewritten).
+RUN_OUTPUTS = ("metrics.jsonl", "train_log.csv", "skipped.jsonl", "checkpoints/last.pt", "checkpoints/best.pt",
+               "training_curves.png")
+
+
+def prepare_data(data: Path, **params: Any) -> str:
+    """Make ``data`` hold the synthetic set ``make_dataset(data, **params)`` writes; returns what was done.
+
+    Kept when ``data/meta.json`` records exactly these parameters; otherwise written, or rewritten in
+    place when the folder holds another synthetic set (other parameters, or one from before meta.json).
+    A folder with annotation lists the generator did not write is refused with ValueError, never
+    overwritten: the demo's --data-dir may be mistyped as a real dataset's.
+    """
+    wanted = dataset_meta(**params)
+    held = read_meta(data)
+    if held == wanted:
+        return f"using the synthetic set in {data} (seed {wanted['seed']}, {wanted['per_class']} per class)"
+    lists = [name for name in ("train.txt", "val.txt") if (data / name).exists()]
+    if held is None and lists and not _holds_motion_classes(data):
+        raise ValueError(f"{data} holds {' and '.join(lists)} but no synthetic set (no meta.json, and classes.txt "
+                         f"does not list the motion classes): pass another --data-dir")
+    if held is not None:
+        changed = ", ".join(f"{k} {held.get(k)} -> {v}" for k, v in wanted.items() if held.get(k) != v)
+        action = f"rewrote the synthetic set in {data} ({changed})"
+    elif lists:
+        action = f"rewrote the synthetic set in {data} (it had no meta.json: written by an older version)"
+    else:
+        action = f"wrote the synthetic set to {data}"
+    make_dataset(data, **params)
+    return action
+
+
+def _holds_motion_classes(data: Path) -> bool:
+    try:
+        return (data / "classes.txt").read_text(encoding="utf-8").split() == list(CLASSES)
+    except OSError:
+        return False
+
+
+def clear_previous_run(out: Path) -> List[Path]:
+    """Delete what an earlier training run left in ``out``; returns the deleted files.
+
+    train appends to its logs and keeps best.pt unless beaten, so without this a new demo run's curves,
+    skipped list and best checkpoint would mix with the old run's (and TensorBoard would show both).
+    """
+    stale = [out / name for name in RUN_OUTPUTS] + sorted((out / "tensorboard").glob("events.out.tfevents.*"))
+    deleted = [path for path in stale if path.is_file()]
+    for path in deleted:
+        path.unlink()
+    return deleted
 
 
 def plot_curves(run_dir: Path, png: Path, title: str) -> None:
@@ -57,26 +114,27 @@ def plot_curves(run_dir: Path, png: Path, title: str) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m m2clip_fast.demo", description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", default="m2clip_demo/data", help="where the synthetic set is (or is written)")
-    p.add_argument("--output-dir", default=None, help="run folder (default m2clip_demo/run or run_no_adapters)")
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", default="m2clip_demo/data",
+                   help="where the synthetic set is written; rewritten when it holds another --seed / --per-class")
+    p.add_argument("--output-dir", default=None, help="run folder (default m2clip_demo/run or run_no_adapters); "
+                                                      "an earlier run's logs and checkpoints there are deleted")
     p.add_argument("--no-adapters", action="store_true", help="disable TED and temporal adapters (the control)")
-    p.add_argument("--per-class", type=int, default=48, help="training videos per class when writing the set")
+    p.add_argument("--per-class", type=int_at_least(1), default=48, help="training videos per class in the set")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds both the synthetic set and training")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     args = p.parse_args(argv)
+    return run_main(lambda: _run(args), PROG)
 
+
+def _run(args: argparse.Namespace) -> int:
     data = Path(args.data_dir)
-    if not (data / "train.txt").is_file():
-        from .data.synthetic import main as write_synthetic
-        write_synthetic(["--out", str(data), "--seed", str(args.seed), "--per-class", str(args.per_class)])
+    print(prepare_data(data, seed=args.seed, per_class=args.per_class))
     out = Path(args.output_dir or f"m2clip_demo/run{'_no_adapters' if args.no_adapters else ''}")
-    if (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()  # a fresh run: its curves must not mix with an older one's
-    if (out / "train_log.csv").exists():
-        (out / "train_log.csv").unlink()
+    if clear_previous_run(out):
+        print(f"deleted the previous run's logs and checkpoints in {out}")
     overrides = list(args.set) + (["ted_adapters=False", "temporal_adapter=False"] if args.no_adapters else [])
     train_argv = ["--preset", "demo", "--train-list", str(data / "train.txt"), "--val-list", str(data / "val.txt"),
                   "--class-names", str(data / "classes.txt"), "--output-dir", str(out), "--seed", str(args.seed),

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from m2clip_fast.data import decode_all_frames, load_class_names, num_frames, read_list_file
-from m2clip_fast.data.synthetic import CLASSES, main, render_clip, write_video
+from m2clip_fast.data.synthetic import CLASSES, dataset_meta, main, make_dataset, read_meta, render_clip, write_video
 
 
 def foreground(clip):
@@ -107,3 +107,44 @@ def test_write_video_validates_input(tmp_path):
         write_video(tmp_path / "x.mp4", np.zeros((2, 32, 32, 3), np.float32))
     with pytest.raises(ValueError, match="unknown codec"):
         write_video(tmp_path / "x.mp4", np.zeros((2, 32, 32, 3), np.uint8), codec="av1")
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--frames", "0", "argument --frames: must be >= 1, got 0"),
+    ("--size", "-4", "argument --size: must be >= 2, got -4"),
+    ("--size", "31", "argument --size: must be even"),
+    ("--per-class", "0", "argument --per-class: must be >= 1, got 0"),
+    ("--val-per-class", "-1", "argument --val-per-class: must be >= 0, got -1"),
+    ("--gop", "x", "argument --gop: expected an integer, got 'x'"),
+])
+def test_cli_refuses_bad_counts_and_sizes_as_usage_errors(tmp_path, capsys, option, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "set"), option, value])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "set").exists()
+    with pytest.raises(ValueError, match="frames must be >= 1"):  # the API says so too, before writing anything
+        make_dataset(tmp_path / "set", frames=0)
+    assert not (tmp_path / "set").exists()
+
+
+def test_a_new_set_replaces_the_earlier_one_and_val_0_writes_no_val_list(tmp_path, capsys):
+    tiny = ["--frames", "2", "--size", "16"]
+    assert main(["--out", str(tmp_path), "--per-class", "2", "--val-per-class", "1", *tiny]) == 0
+    assert read_meta(tmp_path) == dataset_meta(per_class=2, val_per_class=1, frames=2, size=16)
+    assert len(list((tmp_path / "videos").rglob("*.mp4"))) == 24
+    (tmp_path / "videos" / "growing" / "notes.txt").write_text("not the generator's")
+    capsys.readouterr()
+    assert main(["--out", str(tmp_path), "--per-class", "1", "--val-per-class", "0", "--seed", "4", *tiny]) == 0
+    assert "(no validation set)" in capsys.readouterr().out
+    assert not (tmp_path / "val.txt").exists()  # not a list with one empty line: train would call it unusable
+    assert sorted(p.name for p in (tmp_path / "videos").rglob("*.mp4")) == sorted(
+        f"train_{name}_0000.mp4" for name in CLASSES)  # no stray videos of the earlier, larger set
+    assert (tmp_path / "videos" / "growing" / "notes.txt").exists()  # files with other names are left alone
+    assert read_meta(tmp_path) == dataset_meta(per_class=1, val_per_class=0, frames=2, size=16, seed=4)
+    assert len(read_list_file(tmp_path / "train.txt")) == 8
+    (tmp_path / "meta.json").write_text('{"generator": "someone else"}')
+    assert read_meta(tmp_path) is None
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "0 writes no val.txt" in capsys.readouterr().out

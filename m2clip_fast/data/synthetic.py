@@ -15,17 +15,20 @@ So a single frame carries no label; two frames a few steps apart do. Horizontal 
 left/right and clockwise/anticlockwise: train on this set with ``flip=False``.
 
 Run ``python -m m2clip_fast.data.synthetic --out DIR`` to write ``DIR/videos/<class>/*.mp4``,
-``DIR/train.txt`` and ``DIR/val.txt`` (mmaction2 list format, paths relative to ``DIR``) and
-``DIR/classes.txt``. :func:`write_video` and :func:`write_broken_video` are reused by the tests and
-benchmarks.
+``DIR/train.txt`` and ``DIR/val.txt`` (mmaction2 list format, paths relative to ``DIR``),
+``DIR/classes.txt`` and ``DIR/meta.json`` (the generation parameters, so a reader such as the demo
+can tell which set a folder holds). :func:`write_video` and :func:`write_broken_video` are reused by
+the tests and benchmarks.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
+import json
 import os
 import time
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import av
 import numpy as np
@@ -39,6 +42,8 @@ __all__ = [
     "render_clip",
     "textured_frames",
     "make_dataset",
+    "dataset_meta",
+    "read_meta",
     "main",
 ]
 
@@ -321,6 +326,36 @@ def render_clip(label: int, rng: np.random.Generator, *, frames: int = 32, size:
     return out
 
 
+# Bumped whenever rendering or the folder layout changes, so that a set written by an older version no
+# longer matches the parameters a reader asks for (see meta.json).
+SET_VERSION = 1
+GENERATOR = "m2clip_fast.data.synthetic"
+
+
+def _check_parameters(codec: str, per_class: int, val_per_class: int, frames: int, size: int, gop: int,
+                      fps: int) -> None:
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}; expected one of {sorted(CODECS)}")
+    for name, value, low in (("per_class", per_class, 1), ("val_per_class", val_per_class, 0), ("frames", frames, 1),
+                             ("size", size, 2), ("gop", gop, 1), ("fps", fps, 1)):
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    if size % 2:
+        raise ValueError(f"size must be even (yuv420p), got {size}")
+
+
+def _remove_earlier_set(out: Path) -> None:
+    """Delete what an earlier :func:`make_dataset` wrote to ``out`` (recognised by its file names only), so
+    the folder ends up holding exactly the new set: a smaller count or another codec leaves no stray videos."""
+    for name in ("meta.json", "train.txt", "val.txt"):
+        (out / name).unlink(missing_ok=True)
+    for name in CLASSES:
+        for split in ("train", "val"):
+            for ext in {entry[1] for entry in CODECS.values()}:
+                for stale in (out / "videos" / name).glob(f"{split}_{name}_[0-9][0-9][0-9][0-9]{ext}"):
+                    stale.unlink()
+
+
 def make_dataset(
     out: PathLike,
     *,
@@ -333,20 +368,24 @@ def make_dataset(
     fps: int = 25,
     seed: int = 0,
 ) -> Dict[str, Path]:
-    """Write the synthetic dataset under ``out``; returns the paths of train/val lists and classes.
+    """Write the synthetic dataset under ``out``; returns the paths of train/val lists, classes and meta.
 
     The rendered frames are deterministic from ``seed`` (each video has its own generator seeded
     by ``(seed, split, class, index)``, so adding classes or videos leaves the others unchanged);
     the encoded bytes may vary slightly between runs (see :func:`write_video`).
+    ``val_per_class=0`` writes no ``val.txt`` (and the result has no "val" entry). A set written
+    earlier to ``out`` is replaced: its lists and videos are deleted first (only files with this
+    generator's names). ``meta.json`` holds every parameter above plus the generator's version; it is
+    written last, so a folder without it holds no complete set. Raises ValueError for bad parameters.
     """
-    if codec not in CODECS:
-        raise ValueError(f"unknown codec {codec!r}; expected one of {sorted(CODECS)}")
-    if size % 2:
-        raise ValueError(f"size must be even (yuv420p), got {size}")
+    _check_parameters(codec, per_class, val_per_class, frames, size, gop, fps)
     out = Path(out)
+    _remove_earlier_set(out)
     ext = CODECS[codec][1]
     lists = {}
     for split_id, (split, count) in enumerate((("train", per_class), ("val", val_per_class))):
+        if count == 0:
+            continue  # an empty list file would only fail later, in train, as "no usable samples"
         lines = []
         for label, name in enumerate(CLASSES):
             for i in range(count):
@@ -359,32 +398,82 @@ def make_dataset(
         lists[split].write_text("\n".join(lines) + "\n")
     lists["classes"] = out / "classes.txt"
     lists["classes"].write_text("\n".join(CLASSES) + "\n")
+    meta = dataset_meta(codec=codec, per_class=per_class, val_per_class=val_per_class, frames=frames, size=size,
+                        gop=gop, fps=fps, seed=seed)
+    lists["meta"] = out / "meta.json"
+    lists["meta"].write_text(json.dumps(meta, indent=1) + "\n")
     return lists
 
 
+def dataset_meta(**params: Any) -> Dict[str, Any]:
+    """What ``make_dataset(out, **params)`` stores in meta.json: every parameter, defaults filled in, plus
+    the generator's name and version. Compare it with :func:`read_meta` to tell whether a folder holds
+    that set. Raises TypeError for a name make_dataset does not take."""
+    bound = inspect.signature(make_dataset).bind(None, **params)
+    bound.apply_defaults()
+    return {"generator": GENERATOR, "version": SET_VERSION, **bound.kwargs}
+
+
+def read_meta(out: PathLike) -> Optional[Dict[str, Any]]:
+    """The parameters :func:`make_dataset` stored in ``out/meta.json``; None when the folder has no
+    complete set written by this generator (no file, unreadable, or another program's JSON)."""
+    try:
+        meta = json.loads((Path(out) / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("generator") == GENERATOR else None
+
+
+def int_at_least(minimum: int, even: bool = False):
+    """argparse type: an int >= ``minimum`` (and even), so bad sizes fail as a usage error, not in numpy."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if even and value % 2:
+            raise argparse.ArgumentTypeError(f"must be even (yuv420p video), got {value}")
+        return value
+    return parse
+
+
+PROG = "python -m m2clip_fast.data.synthetic"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line; bad options exit 2 with argparse's usage line, other user errors with one line."""
+    from ..cli import run_main
+
     parser = argparse.ArgumentParser(
-        prog="python -m m2clip_fast.data.synthetic",
+        prog=PROG,
         description="Write a real encoded synthetic action dataset (classes only visible in motion).",
     )
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--out", required=True, help="output directory (a set written there earlier is replaced)")
     parser.add_argument("--codec", default="h264", choices=sorted(CODECS))
-    parser.add_argument("--per-class", type=int, default=48, help="training videos per class")
-    parser.add_argument("--val-per-class", type=int, default=12, help="validation videos per class")
-    parser.add_argument("--frames", type=int, default=32, help="frames per video")
-    parser.add_argument("--size", type=int, default=64, help="frame width and height (even)")
-    parser.add_argument("--gop", type=int, default=12, help="keyframe interval in frames")
-    parser.add_argument("--fps", type=int, default=25)
+    parser.add_argument("--per-class", type=int_at_least(1), default=48, help="training videos per class (>= 1)")
+    parser.add_argument("--val-per-class", type=int_at_least(0), default=12,
+                        help="validation videos per class; 0 writes no val.txt")
+    parser.add_argument("--frames", type=int_at_least(1), default=32, help="frames per video (>= 1)")
+    parser.add_argument("--size", type=int_at_least(2, even=True), default=64, help="frame width and height (even)")
+    parser.add_argument("--gop", type=int_at_least(1), default=12, help="keyframe interval in frames")
+    parser.add_argument("--fps", type=int_at_least(1), default=25)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    return run_main(lambda: _write(args), PROG)
+
+
+def _write(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     paths = make_dataset(
         args.out, codec=args.codec, per_class=args.per_class, val_per_class=args.val_per_class,
         frames=args.frames, size=args.size, gop=args.gop, fps=args.fps, seed=args.seed,
     )
     n = len(CLASSES) * (args.per_class + args.val_per_class)
+    lists = ", ".join(str(paths[k]) for k in ("train", "val") if k in paths)
     print(f"wrote {n} videos ({len(CLASSES)} classes, codec {args.codec}) to {args.out} "
-          f"in {time.perf_counter() - start:.1f}s; lists: {paths['train']}, {paths['val']}")
+          f"in {time.perf_counter() - start:.1f}s; lists: {lists}{'' if 'val' in paths else ' (no validation set)'}")
     return 0
 
 
