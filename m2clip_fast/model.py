@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .adapters import TEDAdapter, TemporalAdapter, TextAdapter
 from .attention import set_attention_backend
 from .heads import (HEADS, MLMHead, VisualClassifier, cmc_loss, cmlm_loss, kl_contrastive_loss, vc_loss)
-from .presets import SHIPPED_BACKBONES, M2CLIPConfig, resolve_config
+from .presets import SHIPPED_BACKBONES, ConfigError, M2CLIPConfig, resolve_config
 from .text import (PromptTokenizer, humanize, label_words, load_class_names, mask_label_words)
 
 
@@ -118,18 +118,39 @@ def attach_adapters(block: nn.Module, pre_attn: Optional[nn.Module] = None,
     return hook
 
 
+class _GatherRows(torch.autograd.Function):
+    """All processes' x (equal shapes) concatenated along dim 0; backward sums every process's
+    gradient of the whole result and keeps this process's rows. all_reduce rather than
+    reduce_scatter, which gloo (CPU) lacks; torch.distributed.nn's all_gather is deprecated."""
+
+    @staticmethod
+    def forward(ctx, x):
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows, ctx.rank = x.shape[0], dist.get_rank()
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
 def gather_batch(x: torch.Tensor) -> torch.Tensor:
     """Concatenate x over all processes (differentiable); x itself when not distributed.
 
-    Every process then computes the same global loss; the all-gather's backward sums the gradients
+    Every process then computes the same global loss; the gather's backward sums the gradients
     of each process's own rows, and DDP's average turns that into the single-process gradient."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
+    return _GatherRows.apply(x)
 
 
 # ---------------------------------------------------------------------------------------------- open_clip
@@ -243,7 +264,7 @@ class M2CLIP(nn.Module):
         w = config.loss_weights
         unknown = set(w) - set(HEADS)
         if unknown:
-            raise KeyError(f"unknown heads in loss_weights: {sorted(unknown)}; heads are {HEADS}")
+            raise ConfigError(f"unknown heads in loss_weights: {sorted(unknown)}; heads are {HEADS}")
         self.loss_weights = {h: float(w.get(h, 0.0)) for h in HEADS}
         self.vc_head = VisualClassifier(width, self.num_classes, config.vc_dropout)
         self.prompts = PromptTokenizer(tokenizer, clip.context_length)
@@ -554,7 +575,7 @@ def create_model(preset_or_config: Union[str, M2CLIPConfig] = "k400_b16_8f", pre
         config = copy.deepcopy(preset_or_config)
         for key, value in overrides.items():
             if not hasattr(config, key):
-                raise KeyError(f"unknown config key {key!r}")
+                raise ConfigError(f"unknown config key {key!r}")
             setattr(config, key, value)
     else:
         config = resolve_config(preset_or_config, overrides=overrides)

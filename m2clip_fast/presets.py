@@ -23,6 +23,13 @@ DEMO_BACKBONE = "m2clip-demo"  # the same at 64 px with 8 px patches (same token
 SHIPPED_BACKBONES = (TINY_BACKBONE, DEMO_BACKBONE)
 
 
+class ConfigError(ValueError, KeyError):
+    """An unknown preset or config key (a KeyError for dict-style callers, a ValueError for the CLIs)."""
+
+    def __str__(self) -> str:  # KeyError's would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 @dataclass
 class M2CLIPConfig:
     """Everything ``create_model`` needs to build an M2CLIP.
@@ -108,7 +115,7 @@ def _merge(base: Dict[str, Any], update: Dict[str, Any], where: str) -> Dict[str
     out = copy.deepcopy(base)
     for key, value in update.items():
         if key not in _field_names():
-            raise KeyError(f"unknown config key {key!r} in {where}; known keys: {sorted(_field_names())}")
+            raise ConfigError(f"unknown config key {key!r} in {where}; known keys: {sorted(_field_names())}")
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = {**out[key], **value}
         else:
@@ -155,13 +162,20 @@ def resolve_config(
     values: Dict[str, Any] = {}
     if preset is not None:
         if preset not in PRESETS:
-            raise KeyError(f"unknown preset {preset!r}; available: {', '.join(sorted(PRESETS))}")
+            raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(sorted(PRESETS))}")
         values = _merge(values, PRESETS[preset], f"preset {preset}")
     if loaded:
         values = _merge(values, loaded, str(config_file))
     if overrides:
         values = _merge(values, overrides, "overrides")
-    train = {**_TRAIN_DEFAULTS, **values.pop("train", {})}
+    train_section = values.pop("train", {})
+    if not isinstance(train_section, dict):
+        raise ConfigError(f"'train' must be a mapping of training keys, got {train_section!r}")
+    unknown = sorted(set(train_section) - set(_TRAIN_DEFAULTS))
+    if unknown:  # a typo such as train.lr (the key is blr) would otherwise be stored and ignored
+        raise ConfigError(f"unknown training key(s) {', '.join('train.' + k for k in unknown)}; known keys: "
+                          f"{sorted(_TRAIN_DEFAULTS)}")
+    train = {**_TRAIN_DEFAULTS, **train_section}
     for key in ("templates",):
         if key in values and isinstance(values[key], list):
             values[key] = tuple(values[key])
