@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import argparse
 import collections
-from typing import Dict, List, Tuple
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .cli import run_main
 from .model import M2CLIP, create_model
-from .presets import PRESETS, parse_overrides
+from .presets import PRESETS, parse_overrides, resolve_config
+
+PROG = "python -m m2clip_fast.info"
 
 # The official K400 ViT-B/16 release, by module (see the core issue): the MLM decoder adds 513 per word.
 OFFICIAL_K400 = {
@@ -84,15 +88,29 @@ def report(model: M2CLIP, groups: Dict[str, int]) -> List[Tuple[str, str]]:
     return rows
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="k400_b16_8f", choices=sorted(PRESETS))
     parser.add_argument("--class-names", default=None, help="class-name file (required for the demo preset)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     args = parser.parse_args(argv)
-    overrides = parse_overrides(args.set)
-    model = create_model(args.preset, pretrained=None, class_names=args.class_names, **overrides)
+    return run_main(lambda: _info(args), PROG)
+
+
+def build_model(preset: str, class_names: Optional[str], overrides: Sequence[str]) -> M2CLIP:
+    """The preset's model with random weights; ValueError in command-line terms (--class-names, --set)."""
+    try:
+        config = resolve_config(preset, overrides=parse_overrides(overrides))
+    except KeyError as exc:  # an unknown --set key: resolve_config's message names it and the known ones
+        raise ValueError(exc.args[0]) from None
+    if class_names is None and config.class_names is None:
+        raise ValueError(f"preset {preset} has no class list: pass --class-names FILE (one class name per line)")
+    return create_model(config, pretrained=None, class_names=class_names)
+
+
+def _info(args: argparse.Namespace) -> int:
+    model = build_model(args.preset, args.class_names, args.set)
     print(f"preset {args.preset}: backbone {model.config.backbone}, {model.num_frames} frames "
           f"of {model.image_size}px, {model.num_classes} classes, {len(model.ted_adapters)} TED adapters")
     groups = tunable_by_module(model)
@@ -116,7 +134,8 @@ def main(argv=None) -> None:
                   f"special words {special}")
     if not args.no_flops:
         print(f"forward GFLOPs per view ({model.num_frames} frames, predict): {forward_flops(model) / 1e9:.2f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

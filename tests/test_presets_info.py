@@ -73,3 +73,20 @@ def test_flop_count_of_adapters_matches_hand_count():
     assert forward_flops(with_adapters) - forward_flops(without) == expected
     with_adapters.last_block_class_token_only = False
     assert forward_flops(with_adapters) - forward_flops(without) > expected + per_ted - last_ted
+
+
+def test_info_cli_errors_speak_command_line(capsys, tmp_path):
+    """A preset without a class list asks for --class-names FILE (not the Python API's class_names=[...])."""
+    assert info_main(["--preset", "demo", "--no-flops"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m m2clip_fast.info: error: preset demo has no class list: pass --class-names FILE")
+    assert "class_names=[" not in err
+    assert info_main(["--preset", "tiny", "--no-flops", "--set", "ted_botleneck=3"]) == 2
+    assert "error: unknown config key 'ted_botleneck'" in capsys.readouterr().err
+    classes = tmp_path / "classes.txt"
+    classes.write_text("left\nright\n")
+    assert info_main(["--preset", "demo", "--no-flops", "--class-names", str(classes)]) == 0
+    assert ", 2 classes," in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        info_main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m m2clip_fast.info ")
