@@ -36,7 +36,8 @@ def test_a_set_from_before_meta_json_is_rewritten_and_a_foreign_folder_refused(t
     data = tmp_path / "data"
     prepare_data(data, seed=0, per_class=1, **TINY)
     (data / "meta.json").unlink()  # as an older version left it
-    assert prepare_data(data, seed=0, per_class=1, **TINY).endswith("(it had no meta.json: written by an older version)")
+    message = prepare_data(data, seed=0, per_class=1, **TINY)
+    assert message.endswith("(it had no meta.json: written by an older version)")
     assert read_meta(data) is not None
 
     foreign = tmp_path / "kinetics"
