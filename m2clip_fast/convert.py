@@ -389,7 +389,7 @@ def _convert(args: argparse.Namespace) -> int:
         model = create_model(args.preset, pretrained=pretrained, class_names=args.class_names,
                              templates=(args.template,), **parse_overrides(args.set))
         report = load_official_checkpoint(model, checkpoint, mlm_labels, source=args.official)
-    except KeyError as exc:  # an unknown preset or --set key, or an incomplete official group: the message names it
+    except KeyError as exc:  # an incomplete group of official keys: the message names the missing key
         raise ValueError(exc.args[0]) from None
     atomic_save(model_checkpoint(model, pretrained), Path(args.out))
     print(report.summary())

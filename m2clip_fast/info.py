@@ -100,10 +100,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def build_model(preset: str, class_names: Optional[str], overrides: Sequence[str]) -> M2CLIP:
     """The preset's model with random weights; ValueError in command-line terms (--class-names, --set)."""
-    try:
-        config = resolve_config(preset, overrides=parse_overrides(overrides))
-    except KeyError as exc:  # an unknown --set key: resolve_config's message names it and the known ones
-        raise ValueError(exc.args[0]) from None
+    config = resolve_config(preset, overrides=parse_overrides(overrides))  # ConfigError (a ValueError) names bad keys
     if class_names is None and config.class_names is None:
         raise ValueError(f"preset {preset} has no class list: pass --class-names FILE (one class name per line)")
     return create_model(config, pretrained=None, class_names=class_names)
