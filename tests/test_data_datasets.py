@@ -13,6 +13,7 @@ from m2clip_fast.data import (
     read_ssv2_json,
     read_ucf101,
 )
+from m2clip_fast.data.datasets import official_split, read_split_file
 
 
 def write(path, text):
@@ -85,6 +86,18 @@ def test_read_kinetics_csv_errors_and_default_classes(tmp_path):
         read_kinetics_csv(write(tmp_path / "c.csv", "label,id\na,b\n"), tmp_path)
 
 
+def test_read_kinetics_csv_short_rows_and_binary_files(tmp_path):
+    """A partly downloaded CSV (a row cut short) names the line; a binary file says it is not text."""
+    cut = write(tmp_path / "cut.csv", KINETICS_CSV + "\nabseiling,zz,1\nabseiling\n")
+    with pytest.raises(DatasetError) as info:
+        read_kinetics_csv(cut, tmp_path, ["abseiling", "air drumming"])
+    assert [p.split(":")[0] for p in info.value.problems] == ["line 6", "line 7"]  # line 5 is blank
+    assert "expected 5 fields (label,youtube_id,time_start,time_end,split), got 3" in info.value.problems[0]
+    binary = touch(tmp_path / "binary.csv", b"label,youtube_id\n\xff\xfe\x00junk")
+    with pytest.raises(DatasetError, match=r"binary.csv is not UTF-8 text \(byte 0xff at offset 17\)"):
+        read_kinetics_csv(binary, tmp_path)
+
+
 def test_read_ssv2_json(tmp_path):
     entries = [
         {"id": "78687", "label": "holding potato next to vicks vaporub bottle",
@@ -142,18 +155,61 @@ def test_check_samples_reports_everything_at_once(tmp_path):
     missing = [str(tmp_path / f"missing{i}.mp4") for i in range(25)]
     samples = [(str(good), 0), (str(empty), 1)] + [(m, 0) for m in missing] + [(str(good), 5), (str(good), -1)]
     with pytest.raises(DatasetError) as info:
-        check_samples(samples, num_classes=3)
+        check_samples(samples, num_classes=3, what="training list t.txt")
     problems = info.value.problems
-    assert len(problems) == 2 + 1 + 25  # two bad labels, one empty file, 25 missing files
+    assert len(problems) == 2 + 25  # two bad labels, 25 missing files (the empty file is the loader's to replace)
     assert problems[0].endswith("label 5 not in [0, 3)") and problems[1].endswith("label -1 not in [0, 3)")
-    assert "... and 8 more" in str(info.value)
+    assert str(info.value).startswith("training list t.txt: 27 problem(s)")
+    assert "... and 7 more" in str(info.value) and "25 missing file(s): --skip-missing" in str(info.value)
 
     ok_labels = [s for s in samples if 0 <= s[1] < 3]
     kept, dropped = check_samples(ok_labels, 3, skip_missing=True)
-    assert kept == [(str(good), 0)]
-    assert dropped[0] == {"path": str(empty), "reason": "empty file"}
-    assert [d["path"] for d in dropped[1:]] == missing and {d["reason"] for d in dropped[1:]} == {"file not found"}
+    assert kept == [(str(good), 0), (str(empty), 1)]
+    assert [d["path"] for d in dropped] == missing and {d["reason"] for d in dropped} == {"file not found"}
     with pytest.raises(DatasetError, match="label 5"):
         check_samples([(str(good), 5)], 3, skip_missing=True)
     assert check_samples([(str(good), 2)], 3) == ([(str(good), 2)], [])
     assert os.path.exists(good)
+
+
+@pytest.mark.parametrize("skip_missing", [False, True])
+def test_check_samples_names_the_root_when_no_file_exists(tmp_path, skip_missing):
+    samples = [(str(tmp_path / f"v{i}.mp4"), 0) for i in range(3)]
+    with pytest.raises(DatasetError, match=f"none of the 3 listed files exists under {tmp_path}: is the data root"):
+        check_samples(samples, 1, skip_missing=skip_missing, root=tmp_path)
+    with pytest.raises(DatasetError, match="validation list v.txt: no samples"):
+        check_samples([], 1, what="validation list v.txt")
+
+
+def test_official_split_files_are_recognised_by_name(tmp_path):
+    assert official_split("a/trainlist02.txt") == ("ucf101", 2) and official_split("testlist03.txt") == ("ucf101", 3)
+    assert official_split("s/brush_hair_test_split1.txt") == ("hmdb51", 1)
+    for name in ("train.txt", "trainlist04.txt", "mytrainlist01.txt", "trainlist01.csv", "brush_hair_split1.txt"):
+        assert official_split(name) is None, name
+
+    split = tmp_path / "ucfTrainTestlist"
+    write(split / "classInd.txt", "1 ApplyEyeMakeup\n2 ApplyLipstick\n")
+    write(split / "trainlist01.txt", "ApplyLipstick/v_ApplyLipstick_g08_c01.avi 2\n")
+    write(split / "testlist01.txt", "ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi\n")
+    names = ["apply eye makeup", "apply_lipstick"]  # spelt otherwise: compared without case and punctuation
+    # the name, not which list it is given as, decides train or test rows
+    assert read_split_file(split / "trainlist01.txt", "/u", train=False, class_names=names) == [
+        ("/u/ApplyLipstick/v_ApplyLipstick_g08_c01.avi", 1)]
+    assert read_split_file(split / "testlist01.txt", "/u", train=True) == [
+        ("/u/ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi", 0)]
+    with pytest.raises(DatasetError, match="label 0: classInd.txt has 'ApplyEyeMakeup', the class names have 'Archery'"):
+        read_split_file(split / "trainlist01.txt", "/u", train=True, class_names=["Archery", "ApplyLipstick"])
+    with pytest.raises(DatasetError, match="classInd.txt lists 2 classes, the class names 3"):
+        read_split_file(split / "trainlist01.txt", "/u", train=True, class_names=names + ["x"])
+    write(tmp_path / "lonely" / "trainlist01.txt", "A/v.avi 1\n")
+    with pytest.raises(DatasetError, match="no classInd.txt next to it"):
+        read_split_file(tmp_path / "lonely" / "trainlist01.txt", "/u", train=True)
+
+    hmdb = tmp_path / "hmdb"
+    write(hmdb / "brush_hair_test_split1.txt", "a.avi 1\nb.avi 2\n")
+    write(hmdb / "cartwheel_test_split1.txt", "c.avi 2\nd.avi 1\n")
+    # any one class's file stands for the whole split; train/test come from the caller
+    assert read_split_file(hmdb / "cartwheel_test_split1.txt", "/h", train=True) == [
+        ("/h/brush_hair/a.avi", 0), ("/h/cartwheel/d.avi", 1)]
+    assert read_split_file(hmdb / "brush_hair_test_split1.txt", "/h", train=False) == [
+        ("/h/brush_hair/b.avi", 0), ("/h/cartwheel/c.avi", 1)]

@@ -3,11 +3,13 @@
 Every reader returns a list of ``(path, label_index)`` samples with ``path`` joined to the data
 root. Malformed annotations raise one :class:`DatasetError` that lists every problem found (the
 first 20 and a count), not just the first. :func:`check_samples` does the same for missing files
-and labels out of range, or drops missing files and reports them.
+and labels out of range, or drops missing files and reports them. :func:`read_split_file` reads a
+UCF101 / HMDB51 official split file recognised by its name (see :func:`official_split`).
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -23,6 +25,8 @@ __all__ = [
     "read_ssv2_json",
     "read_ucf101",
     "read_hmdb51",
+    "official_split",
+    "read_split_file",
     "check_samples",
 ]
 
@@ -42,21 +46,30 @@ class DatasetError(ValueError):
         return (type(self), (self.args[0], self.problems))
 
 
-def _raise_if(problems: List[str], what: str) -> None:
+def _raise_if(problems: List[str], what: str, notes: Sequence[str] = ()) -> None:
+    """Raise one DatasetError listing the first problems and a count, then ``notes`` (hints at the cause)."""
     if not problems:
         return
     shown = "\n  ".join(problems[:_SHOWN])
     more = f"\n  ... and {len(problems) - _SHOWN} more" if len(problems) > _SHOWN else ""
-    raise DatasetError(f"{what}: {len(problems)} problem(s):\n  {shown}{more}", problems)
+    hints = "".join(f"\n{note}" for note in notes)
+    raise DatasetError(f"{what}: {len(problems)} problem(s):\n  {shown}{more}{hints}", problems)
+
+
+def _read_text(path: PathLike, what: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DatasetError(f"{what} not found: {os.fspath(path)}") from None
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{what} {os.fspath(path)} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
+                           f"offset {exc.start}): a binary file, or another encoding?") from None
+    except OSError as exc:
+        raise DatasetError(f"cannot read {what} {os.fspath(path)}: {exc}") from exc
 
 
 def _read_lines(path: PathLike, what: str) -> List[str]:
-    try:
-        return Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DatasetError(f"{what} not found: {os.fspath(path)}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"cannot read {what} {os.fspath(path)}: {exc}") from exc
+    return _read_text(path, what).splitlines()
 
 
 def load_class_names(path: PathLike) -> List[str]:
@@ -148,30 +161,20 @@ def read_kinetics_csv(
     rows of that split.
     """
     root = os.fspath(data_root)
-    try:
-        with open(csv_path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    except FileNotFoundError:
-        raise DatasetError(f"Kinetics CSV not found: {os.fspath(csv_path)}") from None
-    required = {"label", "youtube_id", "time_start", "time_end"}
-    if not rows:
-        raise DatasetError(f"Kinetics CSV {os.fspath(csv_path)} has no rows")
-    missing_cols = required - set(rows[0])
-    if missing_cols:
-        raise DatasetError(f"Kinetics CSV {os.fspath(csv_path)} lacks columns {sorted(missing_cols)}")
+    what = f"Kinetics CSV {os.fspath(csv_path)}"
+    rows, problems = _csv_rows(csv_path, "Kinetics CSV", required={"label", "youtube_id", "time_start", "time_end"})
     if split is not None:
-        rows = [r for r in rows if r.get("split") == split]
+        rows = [(n, r) for n, r in rows if r.get("split") == split]
     labels = _label_map(class_names) if class_names is not None else {
-        name: i for i, name in enumerate(sorted({r["label"] for r in rows}))}
+        name: i for i, name in enumerate(sorted({r["label"] for _, r in rows}))}
     if layout not in ("auto", "per_label", "flat"):
         raise ValueError(f"layout must be 'auto', 'per_label' or 'flat', got {layout!r}")
-    folders = {name: _kinetics_folder(root, name) for name in {r["label"] for r in rows}}
+    folders = {name: _kinetics_folder(root, name) for name in {r["label"] for _, r in rows}}
     if layout == "auto":
         layout = "per_label" if any(folders.values()) else "flat"
 
     samples: List[Sample] = []
-    problems = []
-    for n, row in enumerate(rows, 2):  # line 1 is the header
+    for n, row in rows:
         label = row["label"]
         if label not in labels:
             problems.append(f"line {n}: unknown class {label!r}")
@@ -184,8 +187,35 @@ def read_kinetics_csv(
         name = f"{row['youtube_id']}_{start:06d}_{end:06d}{ext}"
         rel = os.path.join(folders[label] or label, name) if layout == "per_label" else name
         samples.append((os.path.join(root, rel), labels[label]))
-    _raise_if(problems, f"Kinetics CSV {os.fspath(csv_path)}")
+    _raise_if(problems, what)
     return samples
+
+
+def _csv_rows(csv_path: PathLike, kind: str, required: set) -> Tuple[List[Tuple[int, Dict[str, str]]], List[str]]:
+    """``(line number, row dict)`` of a CSV with a header naming at least ``required``, and one problem per
+    row with fewer fields than the header (a partly downloaded file, a stray line). Blank lines are skipped."""
+    what = f"{kind} {os.fspath(csv_path)}"
+    reader = csv.reader(io.StringIO(_read_text(csv_path, kind), newline=""))
+    header = next(reader, None)
+    while header == []:
+        header = next(reader, None)
+    if header is None:
+        raise DatasetError(f"{what} has no rows")
+    missing_cols = required - set(header)
+    if missing_cols:
+        raise DatasetError(f"{what} lacks columns {sorted(missing_cols)}")
+    rows, problems = [], []
+    for fields in reader:
+        if not fields:
+            continue
+        if len(fields) < len(header):
+            problems.append(f"line {reader.line_num}: expected {len(header)} fields ({','.join(header)}), "
+                            f"got {len(fields)}: {','.join(fields)[:80]!r}")
+            continue
+        rows.append((reader.line_num, dict(zip(header, fields))))
+    if not rows and not problems:
+        raise DatasetError(f"{what} has no rows")
+    return rows, problems
 
 
 def _template_name(template: str) -> str:
@@ -351,34 +381,106 @@ def read_hmdb51(
     return samples
 
 
+_UCF_SPLIT = re.compile(r"^(?P<part>train|test)list0(?P<split>[123])\.txt$")
+
+
+def official_split(path: PathLike) -> Optional[Tuple[str, int]]:
+    """``("ucf101", N)`` for a UCF101 ``trainlist0N.txt`` / ``testlist0N.txt``, ``("hmdb51", N)`` for an HMDB51
+    ``{class}_test_splitN.txt``, ``None`` for any other file name. Only the name is looked at."""
+    name = Path(path).name
+    for dataset, pattern in (("ucf101", _UCF_SPLIT), ("hmdb51", _HMDB_SPLIT)):
+        m = pattern.match(name)
+        if m:
+            return dataset, int(m.group("split"))
+    return None
+
+
+def _squeeze(name: str) -> str:
+    return re.sub(r"[^0-9a-z]", "", name.lower())
+
+
+def _check_ucf_classes(split_dir: Path, class_names: Sequence[str]) -> None:
+    """classInd.txt decides the labels of a UCF101 split: it must list ``class_names`` in the same order
+    (compared without case and punctuation, so "ApplyEyeMakeup" matches "apply eye makeup")."""
+    ordered = sorted(_ucf_classes(split_dir).items(), key=lambda kv: kv[1])
+    problems = [f"label {i}: classInd.txt has {ind!r}, the class names have {given!r}"
+                for i, ((ind, _), given) in enumerate(zip(ordered, class_names)) if _squeeze(ind) != _squeeze(given)]
+    if len(ordered) != len(class_names):
+        problems.insert(0, f"classInd.txt lists {len(ordered)} classes, the class names {len(class_names)}")
+    _raise_if(problems, f"UCF101 {split_dir / 'classInd.txt'} disagrees with the class names")
+
+
+def read_split_file(
+    path: PathLike,
+    data_root: PathLike,
+    *,
+    train: bool,
+    class_names: Optional[Sequence[str]] = None,
+) -> List[Sample]:
+    """Samples of the official split that ``path`` names (see :func:`official_split`).
+
+    UCF101: ``trainlist0N.txt`` gives the training videos of split N, ``testlist0N.txt`` the test videos
+    (labelled by their class folder); ``classInd.txt`` must be next to it, and the labels are its
+    (1-based) numbers minus one, checked against ``class_names`` when given. HMDB51: any one
+    ``{class}_test_splitN.txt`` stands for split N of its folder (every class's file): the videos marked 1
+    when ``train``, else those marked 2. Raises ``ValueError`` for another file name.
+    """
+    found = official_split(path)
+    if found is None:
+        raise ValueError(f"{os.fspath(path)} is not named like a UCF101 or HMDB51 official split file")
+    dataset, split = found
+    split_dir = Path(path).parent
+    if dataset == "hmdb51":
+        return read_hmdb51(split_dir, data_root, split=split, train=train, class_names=class_names)
+    if not (split_dir / "classInd.txt").is_file():
+        raise DatasetError(f"{os.fspath(path)} is named like a UCF101 split file, but there is no classInd.txt "
+                           f"next to it (in {split_dir}) to number the classes; put it there, or write an "
+                           f"mmaction2 list ('path label', labels from 0) under another name")
+    if class_names is not None:
+        _check_ucf_classes(split_dir, class_names)
+    return read_ucf101(split_dir, data_root, split=split, train=_UCF_SPLIT.match(Path(path).name)["part"] == "train")
+
+
 def check_samples(
     samples: Iterable[Sample],
     num_classes: int,
     *,
     skip_missing: bool = False,
+    what: Optional[str] = None,
+    root: Optional[PathLike] = None,
 ) -> Tuple[List[Sample], List[Dict[str, str]]]:
-    """Check every sample at once: file present and non-empty, label an int in [0, num_classes).
+    """Check every sample at once: file present, label an int in [0, num_classes).
 
     Returns ``(kept, dropped)``. Labels out of range always raise :class:`DatasetError` (they
-    mean a wrong class list, which skipping would hide). Missing or empty files raise too, listing
-    all of them, unless ``skip_missing``: then they are dropped and returned in ``dropped`` as
-    ``{"path", "reason"}`` dicts so the caller can report them.
+    mean a wrong class list, which skipping would hide). Missing files raise too, listing all of
+    them, unless ``skip_missing``: then they are dropped and returned in ``dropped`` as
+    ``{"path", "reason"}`` dicts so the caller can report them. When no listed file exists the
+    error says so, naming ``root`` (where the paths were joined), since a wrong data root is the
+    usual cause; no sample at all is an error too. Empty (0-byte) files are kept: like any other
+    undecodable video, the loader replaces them, counts them and reports them.
+
+    ``what`` names the samples in messages (e.g. "training list train.txt").
     """
     samples = list(samples)
+    what = what or f"dataset of {len(samples)} samples"
+    if not samples:
+        raise DatasetError(f"{what}: no samples")
     bad_labels, missing, kept = [], [], []
     for path, label in samples:
         if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_classes:
             bad_labels.append(f"{path}: label {label!r} not in [0, {num_classes})")
             continue
-        try:
-            size = os.path.getsize(path)
-            reason = "empty file" if size == 0 else None
-        except OSError:
-            reason = "file not found"
-        if reason is not None:
-            missing.append({"path": path, "reason": reason})
-        else:
+        if os.path.isfile(path):
             kept.append((path, label))
-    problems = bad_labels + ([] if skip_missing else [f"{m['path']}: {m['reason']}" for m in missing])
-    _raise_if(problems, f"dataset of {len(samples)} samples")
+        else:
+            missing.append({"path": path, "reason": "file not found" if not os.path.exists(path) else "not a file"})
+    notes = []
+    if missing and not kept:
+        where = f" under {os.fspath(root)}" if root is not None else ""
+        notes.append(f"none of the {len(missing)} listed files exists{where}: is the data root (--data-root) right?")
+    elif missing and not skip_missing:
+        notes.append(f"{len(missing)} missing file(s): --skip-missing (skip_missing=True) drops them and goes on "
+                     f"(train lists them in skipped.jsonl)")
+    problems = bad_labels + ([] if skip_missing and kept else [f"{m['path']}: {m['reason']}" for m in missing])
+    _raise_if(problems, what, notes)
     return kept, missing
