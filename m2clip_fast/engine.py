@@ -3,21 +3,26 @@ command-line arguments, and top-k metrics over multi-view predictions."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import logging
 import os
 import random
+import sys
 import tempfile
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from .cli import load_checkpoint_file
 from .data import (DatasetError, VideoClipDataset, build_loader, check_samples, read_hmdb51, read_kinetics_csv,
                    read_list_file, read_ssv2_json, read_ucf101)
+from .data.datasets import official_split, read_split_file
 
 # ------------------------------------------------------------------------------------------ distributed
 
@@ -87,11 +92,22 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves a torn file."""
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves a torn file.
+
+    The file gets the permissions a plain ``open(path, "w")`` would give (0o666 less the umask), not
+    mkstemp's private 0o600, so others in a shared group can read checkpoints.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -118,48 +134,172 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def backbone_source(pretrained: Optional[str]) -> Optional[str]:
+    """``pretrained`` as a checkpoint stores it: a local file as its absolute path (so the checkpoint
+    works from any directory), an open_clip tag or None unchanged."""
+    if pretrained is not None and Path(pretrained).is_file():
+        return os.path.abspath(pretrained)
+    return pretrained
+
+
 def model_checkpoint(model, pretrained: Optional[str]) -> Dict[str, Any]:
     """What rebuilds the model: its config, class names, the backbone source and the tuned weights.
-    A randomly initialised backbone (pretrained=None) cannot be re-created, so its weights are stored too."""
+
+    A randomly initialised backbone (pretrained=None) cannot be re-created, so its weights are stored too.
+    A local backbone file is stored as its absolute path and its size (``pretrained_size``), which
+    :func:`load_model_checkpoint` compares to notice a replaced file.
+    """
     state = model.state_dict() if pretrained is None else model.tunable_state_dict()
     config = asdict(model.config)
-    return {"config": config, "class_names": model.class_names, "pretrained": pretrained,
+    source = backbone_source(pretrained)
+    size = os.path.getsize(source) if source is not None and Path(source).is_file() else None
+    return {"config": config, "class_names": model.class_names, "pretrained": source, "pretrained_size": size,
             "model": {k: v.detach().cpu() for k, v in state.items()}}
 
 
-def load_model_checkpoint(path: Path, map_location="cpu", **overrides):
-    """Rebuild an M2CLIP from a checkpoint written by ``train``."""
+def _looks_like_file(pretrained: str, ckpt: Dict[str, Any]) -> bool:
+    # open_clip tags are bare words ("openai", "laion2b_s34b_b79k"); a stored size or a path shape means a file
+    return (ckpt.get("pretrained_size") is not None or os.sep in pretrained or "/" in pretrained
+            or Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors"))
+
+
+def checkpoint_backbone(ckpt: Dict[str, Any], pretrained: Optional[str] = None) -> Optional[str]:
+    """The backbone weights to build a checkpoint's model on: ``pretrained`` when given (the user's
+    override), else the checkpoint's own source. A stored local file must still exist (else
+    FileNotFoundError naming --pretrained); a size that changed since training is warned about."""
+    if pretrained is not None:
+        return pretrained
+    source = ckpt.get("pretrained")
+    if source is None or not _looks_like_file(source, ckpt):
+        return source
+    if not Path(source).is_file():
+        raise FileNotFoundError(f"the checkpoint's backbone weights file {source} was not found; pass --pretrained "
+                                f"with the file's new location")
+    size = ckpt.get("pretrained_size")
+    if size is not None and os.path.getsize(source) != size:
+        print(f"warning: backbone weights file {source} is {os.path.getsize(source)} bytes, but was {size} bytes "
+              f"when the checkpoint was written: replaced by another file? (the frozen backbone is not in the "
+              f"checkpoint)", file=sys.stderr)
+    return source
+
+
+class _NoRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextmanager
+def whole_model_follows():
+    """Silence open_clip's "No pretrained weights loaded ... initialized randomly" while building a model
+    whose every weight is loaded from a checkpoint next (a random backbone is stored whole)."""
+    root, quiet = logging.getLogger(), _NoRandomInitWarning()
+    root.addFilter(quiet)  # open_clip logs through the root logger
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
+def load_weights(model, weights: Dict[str, torch.Tensor], whole: bool, where: str) -> None:
+    """Load a checkpoint's weights into ``model``. ``whole`` (a checkpoint of a random backbone): every key of
+    the model is required; else every tuned parameter is. Keys the model doesn't have are always an error."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    required = set(missing) if whole else {n for n, p in model.named_parameters() if p.requires_grad} & set(missing)
+    if unexpected or required:
+        kind = "weights" if whole else "tuned weights"
+        raise ValueError(f"{where}: checkpoint does not match the model ({len(required)} missing {kind} "
+                         f"{sorted(required)[:5]}, {len(unexpected)} unexpected {sorted(unexpected)[:5]})")
+
+
+def load_model_checkpoint(path: Path, map_location="cpu", pretrained: Optional[str] = None, **overrides):
+    """Rebuild an M2CLIP from a checkpoint written by ``train`` (or ``convert``). ``pretrained`` replaces the
+    checkpoint's backbone source (e.g. when its weights file moved). Returns ``(model, checkpoint dict)``."""
     from .model import create_model
     from .presets import M2CLIPConfig
 
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    if "config" not in ckpt or "model" not in ckpt:
+    ckpt = load_checkpoint_file(path, "checkpoint", map_location=map_location)
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
         raise ValueError(f"{path} is not an m2clip-fast checkpoint (no 'config'/'model' entries)")
     config = M2CLIPConfig(**{k: tuple(v) if k == "templates" else v for k, v in ckpt["config"].items()})
-    model = create_model(config, pretrained=ckpt["pretrained"], class_names=ckpt["class_names"], **overrides)
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-    tunable = {n for n, p in model.named_parameters() if p.requires_grad}
-    lost = sorted(tunable & set(missing))
-    if unexpected or lost:
-        raise ValueError(f"{path}: checkpoint does not match the model (missing tuned weights {lost[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]})")
+    source = checkpoint_backbone(ckpt, pretrained)
+    whole = ckpt["pretrained"] is None
+    with whole_model_follows() if whole else nullcontext():
+        model = create_model(config, pretrained=source, class_names=ckpt["class_names"], **overrides)
+    load_weights(model, ckpt["model"], whole, str(path))
     return model, ckpt
 
 
 # -------------------------------------------------------------------------------------------- data args
 
 
+ANNOTATION_HELP = (
+    "annotations, by file name: an mmaction2 list .txt ('relative/path label', labels from 0), a Kinetics .csv "
+    "(videos ROOT/<label>/ID_START_END.mp4 or ROOT/ID_START_END.mp4, detected), an SSv2 .json (ROOT/ID.webm), "
+    "a UCF101 trainlist0N.txt / testlist0N.txt (classInd.txt next to it; videos ROOT/Class/v_*.avi) or any "
+    "HMDB51 <class>_test_splitN.txt (split N of its folder; videos ROOT/<class>/*.avi)")
+
+
 def add_data_args(parser: argparse.ArgumentParser, train: bool) -> None:
     g = parser.add_argument_group("data")
     if train:
-        g.add_argument("--train-list", help="training annotations: list .txt, Kinetics .csv or SSv2 .json")
-    g.add_argument("--val-list", help="validation annotations (same formats)")
-    g.add_argument("--data-root", default=None, help="folder the annotation paths are relative to")
+        g.add_argument("--train-list", help=f"training {ANNOTATION_HELP}")
+        g.add_argument("--val-list", help="validation annotations (same formats; HMDB51: the videos marked 2)")
+    else:
+        g.add_argument("--val-list", help=f"evaluation {ANNOTATION_HELP}")
+    g.add_argument("--data-root", default=None,
+                   help="ROOT, the folder the annotation paths are relative to; default, for every format: the "
+                        "annotation file's own folder (give it when the videos live elsewhere, e.g. "
+                        "k400/videos for k400/train.csv)")
     g.add_argument("--class-names", default=None, help="class-name file, one per line (line i = label i)")
     g.add_argument("--decoder", choices=("auto", "pyav", "dali"), default="auto",
                    help="video decoder: auto = DALI on CUDA when installed, else PyAV")
-    g.add_argument("--skip-missing", action="store_true", help="drop missing files (reported) instead of failing")
-    g.add_argument("--workers", type=int, default=None, help="DataLoader workers per process")
+    g.add_argument("--skip-missing", action="store_true",
+                   help="drop missing files (listed in skipped.jsonl) instead of stopping before the run; "
+                        "unreadable or empty files are always replaced during training and left out of evaluation")
+    g.add_argument("--workers", type=non_negative_int, default=None, help="DataLoader workers per process")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def views_arg(text: str) -> str:
+    """argparse type: CLIPSxCROPS, checked by :func:`parse_views` before anything is built."""
+    try:
+        parse_views(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def splits_arg(text: str) -> List[int]:
+    """argparse type: official split numbers, e.g. '1,2,3' → [1, 2, 3]."""
+    try:
+        splits = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected split numbers like 1,2,3, got {text!r}") from None
+    if not splits or any(s not in (1, 2, 3) for s in splits) or len(set(splits)) != len(splits):
+        raise argparse.ArgumentTypeError(f"splits are 1, 2 and/or 3 (each once), got {text!r}")
+    return splits
 
 
 def resolve_decoder(choice: str, device: torch.device) -> str:
@@ -200,15 +340,24 @@ def build_clip_loader(samples, *, train: bool, decoder: str, device: torch.devic
     return build_loader(dataset, batch_size, workers, shuffle=train, drop_last=train, seed=seed)
 
 
-def read_annotations(path: str, data_root: Optional[str], class_names: Sequence[str]):
-    """Samples of an annotation file, by its format: .csv Kinetics, .json SSv2, anything else a list file."""
+def annotation_root(path: str, data_root: Optional[str]) -> str:
+    """Where an annotation file's video paths are joined: ``--data-root``, else the file's own folder."""
+    return data_root if data_root is not None else str(Path(path).parent)
+
+
+def read_annotations(path: str, data_root: Optional[str], class_names: Sequence[str], train: bool = True):
+    """Samples of an annotation file, by its name: a UCF101/HMDB51 official split file (see
+    :func:`~m2clip_fast.data.datasets.official_split`; HMDB51 takes the videos marked 1 when ``train``, else 2),
+    .csv Kinetics, .json SSv2, anything else a list file (labels from 0)."""
     suffix = Path(path).suffix.lower()
-    root = data_root if data_root is not None else str(Path(path).parent)
+    root = annotation_root(path, data_root)
+    if official_split(path) is not None:
+        return read_split_file(path, root, train=train, class_names=class_names)
     if suffix == ".csv":
         return read_kinetics_csv(path, root, class_names)
     if suffix == ".json":
         return read_ssv2_json(path, root, {n: i for i, n in enumerate(class_names)})
-    return read_list_file(path, data_root)
+    return read_list_file(path, root)
 
 
 def read_split(dataset: str, split_dir: str, data_root: str, split: int, train: bool, class_names=None):
@@ -220,11 +369,50 @@ def read_split(dataset: str, split_dir: str, data_root: str, split: int, train: 
     raise ValueError(f"split files are read for ucf101 or hmdb51, not {dataset!r}")
 
 
-def checked(samples, num_classes: int, skip_missing: bool, what: str) -> Tuple[list, List[Dict[str, str]]]:
-    kept, dropped = check_samples(samples, num_classes, skip_missing=skip_missing)
-    if not kept:
-        raise DatasetError(f"{what}: no usable samples left ({len(dropped)} missing)")
-    return kept, dropped
+def checked(samples, num_classes: int, skip_missing: bool, what: str,
+            root: Optional[str] = None) -> Tuple[list, List[Dict[str, str]]]:
+    """``(kept, dropped)`` samples of ``what`` (e.g. "training list X"), by :func:`check_samples`; ``root`` is
+    named when none of the files exists."""
+    return check_samples(samples, num_classes, skip_missing=skip_missing, what=what, root=root)
+
+
+def load_samples(path: str, data_root: Optional[str], class_names: Sequence[str], *, train: bool,
+                 skip_missing: bool, what: str) -> Tuple[list, List[Dict[str, str]]]:
+    """Read and check an annotation file: ``(kept samples, dropped missing files)``."""
+    samples = read_annotations(path, data_root, class_names, train=train)
+    return checked(samples, len(class_names), skip_missing, f"{what} {path}", annotation_root(path, data_root))
+
+
+def batches_from(loader, start: int) -> Iterable:
+    """The loader's batches for the current epoch (``set_epoch`` first) from batch ``start`` on: exactly the
+    batches an uninterrupted pass yields there, for continuing an interrupted epoch.
+
+    A torch DataLoader replays its batch sampler (the same seeded order) and loads only the batches kept;
+    another loader (DALI) decodes the first ``start`` batches and drops them.
+    """
+    if start == 0:
+        return loader
+    if not isinstance(loader, torch.utils.data.DataLoader):
+        return itertools.islice(iter(loader), start, None)
+    extra = {"persistent_workers": False, "prefetch_factor": loader.prefetch_factor} if loader.num_workers else {}
+    # the loader's own generator seeds the workers, so the global RNG (dropout, masking) is left as it was
+    return torch.utils.data.DataLoader(
+        loader.dataset, batch_sampler=_SkipBatches(loader.batch_sampler, start), num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, generator=loader.generator,
+        worker_init_fn=loader.worker_init_fn, **extra)
+
+
+class _SkipBatches:
+    """A batch sampler without its first ``start`` batches (their indices are drawn, not loaded)."""
+
+    def __init__(self, batch_sampler, start: int):
+        self.batch_sampler, self.start = batch_sampler, start
+
+    def __iter__(self) -> Iterator[List[int]]:
+        return itertools.islice(iter(self.batch_sampler), self.start, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.batch_sampler) - self.start)
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -250,40 +438,59 @@ def topk_correct(probs: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> Dict[i
 
 @torch.no_grad()
 def evaluate_loader(model, loader, device, amp_dtype, class_names=None, templates=None,
-                    progress: bool = False) -> Dict[str, float]:
+                    progress: bool = False) -> Tuple[Dict[str, float], List[Dict[str, str]]]:
     """Top-1/top-5 (%) per head over a loader of multi-view clips (B, V, T, 3, H, W); scores are averaged
-    over views. Under torch.distributed, every sample is counted exactly once across ranks."""
+    over views. Under torch.distributed, every sample is counted exactly once across ranks.
+
+    Returns ``(metrics, skipped)``. A video that cannot be decoded has no prediction: it is left out of
+    the accuracy (``metrics["num_samples"]`` counts the videos scored, ``metrics["excluded"]`` those left
+    out), and ``skipped`` lists it as ``{"path", "reason"}``, sorted by path. The global RNG is left as it
+    was, so evaluating in the middle of training doesn't change what training does next.
+    """
     model.eval()
     per_sample: Dict[int, Tuple[Dict[str, torch.Tensor], int]] = {}
     iterator = loader
     if progress:
         from tqdm import tqdm
-        iterator = tqdm(loader, desc="eval", leave=False, dynamic_ncols=True)
+        iterator = tqdm(loader, desc="eval", leave=False, dynamic_ncols=True, file=sys.stderr)
     skipped = []
-    for batch in iterator:
-        video = batch["video"].to(device, non_blocking=True)
-        b, v = video.shape[:2]
-        with autocast(device, amp_dtype):
-            probs = model.predict(video.flatten(0, 1), class_names=class_names, templates=templates)
-        for head, p in probs.items():
-            probs[head] = p.float().reshape(b, v, -1).mean(dim=1).cpu()
-        for i, (index, label) in enumerate(zip(batch["index"].tolist(), batch["label"].tolist())):
-            per_sample[index] = ({h: p[i] for h, p in probs.items()}, label)
-        skipped.extend(batch["skipped"])
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for batch in iterator:
+            video = batch["video"].to(device, non_blocking=True)
+            b, v = video.shape[:2]
+            with autocast(device, amp_dtype):
+                probs = model.predict(video.flatten(0, 1), class_names=class_names, templates=templates)
+            for head, p in probs.items():
+                probs[head] = p.float().reshape(b, v, -1).mean(dim=1).cpu()
+            for i, (index, label) in enumerate(zip(batch["index"].tolist(), batch["label"].tolist())):
+                per_sample[index] = ({h: p[i] for h, p in probs.items()}, label)
+            skipped.extend(batch["skipped"])
     merged: Dict[int, Tuple[Dict[str, torch.Tensor], int]] = {}
     for part in all_gather_objects(per_sample):
         merged.update(part)  # a DistributedSampler pads with repeats: keyed by sample, each counts once
+    # a bad video is met as the item itself (and maybe again as another bad item's replacement): once each
+    bad: Dict[str, str] = {}
+    for part in all_gather_objects(skipped):
+        for s in part:
+            bad.setdefault(s["path"], s["reason"])
     if not merged:
-        raise DatasetError("evaluation produced no predictions")
+        raise DatasetError(f"evaluation produced no predictions ({len(bad)} unreadable videos)")
     labels = torch.tensor([label for _, label in merged.values()])
-    metrics: Dict[str, float] = {"num_samples": len(merged)}
+    metrics: Dict[str, float] = {"num_samples": len(merged), "excluded": len(bad)}
     for head in next(iter(merged.values()))[0]:
         probs = torch.stack([p[head] for p, _ in merged.values()])
         correct = topk_correct(probs, labels)
         metrics[f"top1_{head}"] = 100.0 * correct[1] / len(merged)
         metrics[f"top5_{head}"] = 100.0 * correct[5] / len(merged)
-    metrics["skipped"] = len({s["path"] for part in all_gather_objects(skipped) for s in part})
-    return metrics
+    return metrics, [{"path": path, "reason": reason} for path, reason in sorted(bad.items())]
+
+
+def excluded_note(metrics: Dict[str, Any]) -> str:
+    """'2 unreadable videos excluded; accuracy over 8 of 10 videos', or '' when none was."""
+    n, m = metrics.get("excluded", 0), metrics["num_samples"]
+    if not n:
+        return ""
+    return f"{n} unreadable video{'s' if n != 1 else ''} excluded; accuracy over {m} of {n + m} videos"
 
 
 def append_jsonl(path: Path, record: Dict[str, Any]) -> None:

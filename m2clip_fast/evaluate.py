@@ -18,17 +18,23 @@ from typing import Dict, List, Optional
 import torch
 
 from . import engine
+from .cli import run_main
 from .text import ZERO_SHOT_TEMPLATES, load_class_names
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m m2clip_fast.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by m2clip_fast.train")
-    p.add_argument("--views", default="1x1", help="CLIPSxCROPS: temporal clips x spatial crops (1, 3 or 4)")
-    p.add_argument("--batch-size", type=int, default=4, help="videos per step (each has CLIPS*CROPS views)")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by m2clip_fast.train or convert")
+    p.add_argument("--pretrained", default=None,
+                   help="backbone weights (open_clip tag or local file) instead of the checkpoint's own source, "
+                        "e.g. when its weights file has moved")
+    p.add_argument("--views", type=engine.views_arg, default="1x1",
+                   help="CLIPSxCROPS: temporal clips x spatial crops (1, 3 or 4)")
+    p.add_argument("--batch-size", type=engine.positive_int, default=4,
+                   help="videos per step (each has CLIPS*CROPS views)")
     p.add_argument("--zero-shot", choices=("ucf101", "hmdb51"), default=None)
     p.add_argument("--split-dir", default=None, help="folder with the official split files (zero-shot)")
-    p.add_argument("--splits", default="1,2,3", help="zero-shot splits to evaluate")
+    p.add_argument("--splits", type=engine.splits_arg, default=[1, 2, 3], help="zero-shot splits, e.g. 1,2,3")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--amp", default="auto", help="auto (bf16 on CUDA), none, bf16, fp16")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -38,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("give --val-list, or --zero-shot with --split-dir")
     if args.zero_shot is not None and not (args.split_dir and args.data_root):
         p.error("--zero-shot needs --split-dir and --data-root")
+    if args.zero_shot is not None and args.val_list:
+        p.error("--zero-shot reads the test lists of --split-dir; --val-list would be ignored: give one of them")
     return args
 
 
@@ -49,8 +57,16 @@ def _loader(model, samples, args, decoder: str, device, sampling: str, stride: i
 
 
 def evaluate(args: argparse.Namespace) -> Dict[str, object]:
+    """Scores of ``args.checkpoint``: every head's top-1/top-5 on ``--val-list``, or the text head's zero-shot
+    accuracy per split. Unreadable videos are left out of the accuracy, counted (``excluded``) and listed
+    (``skipped``: path and reason)."""
     info, device = engine.init_distributed(args.device)
-    model, ckpt = engine.load_model_checkpoint(Path(args.checkpoint))
+    if args.zero_shot is None:
+        names = load_class_names(args.class_names) if args.class_names else None
+    else:
+        names = load_class_names(args.class_names or args.zero_shot)
+        splits = _zero_shot_splits(args, names)  # every split file read and checked before the model is built
+    model, ckpt = engine.load_model_checkpoint(Path(args.checkpoint), pretrained=args.pretrained)
     model.to(device)
     amp_dtype = engine.resolve_amp(args.amp, device)
     if device.type == "cuda" and amp_dtype is not None:
@@ -61,60 +77,78 @@ def evaluate(args: argparse.Namespace) -> Dict[str, object]:
     sampling, stride = train_cfg.get("sampling", "dense"), train_cfg.get("stride", 8)
     result: Dict[str, object] = {"checkpoint": str(args.checkpoint), "views": args.views}
 
+    def run(samples, **zero_shot):
+        loader = _loader(model, samples, args, decoder, device, sampling, stride, workers)
+        return engine.evaluate_loader(model, loader, device, amp_dtype, progress=info.is_main, **zero_shot)
+
     if args.zero_shot is None:
-        names = load_class_names(args.class_names) if args.class_names else model.class_names
+        names = names if names is not None else model.class_names
         if list(names) != model.class_names:
             raise ValueError(f"--class-names gives {len(names)} classes that differ from the checkpoint's "
                              f"{len(model.class_names)}; use --zero-shot for another label set")
-        samples, dropped = engine.checked(engine.read_annotations(args.val_list, args.data_root, names), len(names),
-                                          args.skip_missing, f"validation list {args.val_list}")
-        metrics = engine.evaluate_loader(model, _loader(model, samples, args, decoder, device, sampling, stride, workers),
-                                         device, amp_dtype, progress=info.is_main)
-        result.update(metrics, dropped=len(dropped))
+        samples, dropped = engine.load_samples(args.val_list, args.data_root, names, train=False,
+                                               skip_missing=args.skip_missing, what="validation list")
+        metrics, skipped = run(samples)
+        result.update(metrics, dropped=len(dropped), skipped=skipped)
         return result
 
-    names = load_class_names(args.class_names or args.zero_shot)
-    per_split: List[Dict[str, float]] = []
-    for split in (int(s) for s in args.splits.split(",")):
-        samples = engine.read_split(args.zero_shot, args.split_dir, args.data_root, split, train=False,
-                                    class_names=names)
-        samples, dropped = engine.checked(samples, len(names), args.skip_missing, f"{args.zero_shot} split {split}")
-        metrics = engine.evaluate_loader(model, _loader(model, samples, args, decoder, device, sampling, stride, workers),
-                                         device, amp_dtype, class_names=names, templates=ZERO_SHOT_TEMPLATES,
-                                         progress=info.is_main)
+    per_split: List[Dict[str, object]] = []
+    for split, (samples, dropped) in splits.items():
+        metrics, skipped = run(samples, class_names=names, templates=ZERO_SHOT_TEMPLATES)
         per_split.append({"split": split, "top1": metrics["top1_text"], "top5": metrics["top5_text"],
-                          "num_samples": metrics["num_samples"], "dropped": len(dropped)})
+                          "num_samples": metrics["num_samples"], "excluded": metrics["excluded"],
+                          "dropped": len(dropped), "skipped": skipped})
     top1 = [s["top1"] for s in per_split]
     result.update(dataset=args.zero_shot, splits=per_split, top1_mean=statistics.fmean(top1),
                   top1_std=statistics.pstdev(top1) if len(top1) > 1 else 0.0)
     return result
 
 
+def _zero_shot_splits(args: argparse.Namespace, names: List[str]) -> Dict[int, tuple]:
+    """``{split: (samples, dropped)}`` for every asked split, all read and checked before any is evaluated,
+    so that a missing split file is reported at once, not after the earlier splits have run."""
+    splits = {}
+    for split in args.splits:
+        samples = engine.read_split(args.zero_shot, args.split_dir, args.data_root, split, train=False,
+                                    class_names=names)
+        splits[split] = engine.checked(samples, len(names), args.skip_missing, f"{args.zero_shot} split {split}",
+                                       args.data_root)
+    return splits
+
+
+def _skipped_lines(skipped: List[Dict[str, str]], note: str) -> List[str]:
+    return [f"  {note}:"] + [f"    {s['path']}: {s['reason']}" for s in skipped] if skipped else []
+
+
 def format_result(result: Dict[str, object]) -> str:
     if "splits" in result:
         lines = [f"zero-shot {result['dataset']} ({result['views']} views):"]
-        lines += [f"  split {s['split']}: top-1 {s['top1']:.2f}%  top-5 {s['top5']:.2f}%  ({s['num_samples']} videos)"
-                  for s in result["splits"]]
+        for s in result["splits"]:
+            lines.append(f"  split {s['split']}: top-1 {s['top1']:.2f}%  top-5 {s['top5']:.2f}%  "
+                         f"({s['num_samples']} videos)")
+            lines += _skipped_lines(s["skipped"], engine.excluded_note(s))
         lines.append(f"  top-1 {result['top1_mean']:.2f} ± {result['top1_std']:.2f}% over {len(result['splits'])} splits")
         return "\n".join(lines)
     lines = [f"{result['num_samples']} videos, {result['views']} views:"]
     for head in ("vc", "text", "fused"):
         if f"top1_{head}" in result:
             lines.append(f"  {head:<6} top-1 {result[f'top1_{head}']:.2f}%  top-5 {result[f'top5_{head}']:.2f}%")
-    if result.get("skipped"):
-        lines.append(f"  {result['skipped']} unreadable video(s) were replaced")
+    lines += _skipped_lines(result["skipped"], engine.excluded_note(result))
     return "\n".join(lines)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
-        result = evaluate(args)
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    print(json.dumps(result) if args.json else format_result(result))
-    return 0
+    def run() -> int:
+        args = parse_args(argv)
+        try:
+            result = evaluate(args)
+        finally:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+        print(json.dumps(result) if args.json else format_result(result))
+        return 0
+
+    return run_main(run, "python -m m2clip_fast.evaluate")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
-"""The training loop on a real (tiny) encoded dataset: exact resume, DDP == one process, bad videos,
-start-up checks, the lr schedule and the optimizer groups."""
+"""The training loop on a real (tiny) encoded dataset: exact resume (at and between epoch boundaries), the
+output folder's lifecycle (refusal, --overwrite, log truncation), DDP == one process, bad videos, start-up
+checks, the lr schedule and the optimizer groups."""
+import csv
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +13,9 @@ import pytest
 import torch
 
 from m2clip_fast import create_model
-from m2clip_fast.data import DatasetError
 from m2clip_fast.data.synthetic import write_broken_video
-from m2clip_fast.train import lr_factor, main as train_main, param_groups
+from m2clip_fast.train import interrupt_hint, lr_factor, main as train_main, param_groups, parse_args, train
+from ucf_layout import ucf_videos, write_class_ind
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--set", "num_frames=4", "ted_bottleneck=8", "text_bottleneck=8", "train.stride=1",
@@ -55,61 +58,180 @@ def test_param_groups_decay_and_text_lr():
     assert counted == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def test_resume_continues_exactly(dataset, tmp_path):
-    """Two epochs in one go == one epoch, stop, --resume, one more epoch (bit for bit)."""
+def losses(run):
+    """{step: row} of a run's train_log.csv, asserting that no step is logged twice."""
+    with open(run / "train_log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    steps = [int(r["step"]) for r in rows]
+    assert len(steps) == len(set(steps)), steps
+    return {int(r["step"]): {k: v for k, v in r.items() if k != "clips_per_s"} for r in rows}
+
+
+def test_resume_continues_exactly(dataset, tmp_path, capsys):
+    """Two epochs in one go == stop at the end of epoch 1 (--max-steps 4), --resume to the middle of epoch 2
+    (--max-steps 6), --resume to the end: the same losses step by step and the same weights, bit for bit."""
     val = ["--val-list", str(dataset / "val.txt")]
-    train_main(base_args(dataset, tmp_path / "straight", "--epochs", "2", *val, *SMALL))
-    train_main(base_args(dataset, tmp_path / "resumed", "--epochs", "2", "--max-steps", "4", *val, *SMALL))
-    first, state = tunable(tmp_path / "resumed" / "checkpoints" / "last.pt")
-    assert state["epoch"] == 0 and state["step"] == 4
-    train_main(base_args(dataset, tmp_path / "resumed", "--epochs", "2", "--resume", *val, *SMALL))
-    straight, s_state = tunable(tmp_path / "straight" / "checkpoints" / "last.pt")
-    resumed, r_state = tunable(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    straight_run, run = tmp_path / "straight", tmp_path / "resumed"
+    assert train_main(base_args(dataset, straight_run, "--epochs", "2", *val, *SMALL)) == 0
+    assert train_main(base_args(dataset, run, "--epochs", "2", "--max-steps", "4", *val, *SMALL)) == 0
+    first, state = tunable(run / "checkpoints" / "last.pt")
+    assert (state["epoch"], state["step"], state["epoch_done"]) == (0, 4, True)
+    progress = {}
+    train(parse_args(base_args(dataset, run, "--epochs", "2", "--max-steps", "6", "--resume", *val, *SMALL)),
+          progress)
+    _, state = tunable(run / "checkpoints" / "last.pt")
+    assert (state["epoch"], state["step"], state["epoch_done"], state["batches_done"]) == (1, 6, False, 2)
+    hint = interrupt_hint(progress)  # what Ctrl-C would print now
+    assert str(run / "checkpoints" / "last.pt") in hint and "step 6, epoch 2/2 after batch 2/4" in hint
+    assert "--resume" in hint
+    # an interrupted run may have logged steps after its last checkpoint: a resume must not repeat them
+    with open(run / "train_log.csv", "a") as f:
+        f.write("7,1,0.1,1.0,9.9,9.9,9.9,9.9,9.9\n")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 1, "step": 7, "top1": 0.0}) + "\n")
+    capsys.readouterr()
+    assert train_main(base_args(dataset, run, "--epochs", "2", "--resume", *val, *SMALL)) == 0
+    assert "at step 6, epoch 2/2 after batch 2/4" in capsys.readouterr().out
+
+    straight, s_state = tunable(straight_run / "checkpoints" / "last.pt")
+    resumed, r_state = tunable(run / "checkpoints" / "last.pt")
     assert r_state["step"] == s_state["step"] == 8
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
     assert any(not torch.equal(first[k], resumed[k]) for k in first)
-    lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines]
-    assert [r["epoch"] for r in records] == [0, 1]
-    assert {"top1", "top5", "top1_vc", "top1_text", "top1_fused"} <= set(records[-1])
-    assert (tmp_path / "straight" / "checkpoints" / "best.pt").is_file()
+    assert losses(run) == losses(straight_run) and len(losses(run)) == 8
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in records] == [(0, 4), (1, 6), (1, 8)]
+    assert {"top1", "top5", "top1_vc", "top1_text", "top1_fused", "excluded"} <= set(records[-1])
+    assert (straight_run / "checkpoints" / "best.pt").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((run / "checkpoints" / "last.pt").stat().st_mode) == 0o666 & ~umask
+
+    # a finished run: --resume has nothing to do; a fresh run there needs --overwrite; other settings are refused
+    assert train_main(base_args(dataset, run, "--epochs", "2", "--resume", *val, *SMALL)) == 0
+    assert "nothing to do: already at epoch 2/2" in capsys.readouterr().out
+    assert train_main(base_args(dataset, run, "--epochs", "2", *val, *SMALL)) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    other = base_args(dataset, run, "--resume", *val, *SMALL, "ted_bottleneck=16", "train.blr=0.5")
+    other[other.index("demo")] = "tiny"
+    assert train_main(other) == 2
+    err = capsys.readouterr().err
+    assert "ted_bottleneck: 8 in the checkpoint, 16 now" in err and "train.blr: 0.08 in the checkpoint, 0.5 now" in err
+    assert "preset demo then, tiny now" in err
+    assert losses(run) == losses(straight_run)  # refused runs leave the folder as it was
+
+
+def test_overwrite_starts_afresh(dataset, tmp_path, capsys):
+    """--overwrite deletes the earlier run's checkpoints and logs; the progress bar goes to stderr."""
+    run = tmp_path / "run"
+    common = ["--epochs", "1", "--max-steps", "1", "--val-list", str(dataset / "val.txt"), *SMALL]
+    assert train_main(base_args(dataset, run, *common)) == 0
+    with open(run / "skipped.jsonl", "w") as f:
+        f.write(json.dumps({"epoch": 0, "step": 1, "phase": "train", "path": "x.mp4", "reason": "r"}) + "\n")
+    args = base_args(dataset, run, "--overwrite", *common, "train.blr=0.01")
+    args.remove("--no-progress")
+    capsys.readouterr()
+    assert train_main(args) == 0
+    captured = capsys.readouterr()
+    assert "--overwrite: deleted the earlier run's" in captured.out
+    assert "epoch 1/1" in captured.err and "epoch 1/1" not in captured.out
+    assert list(losses(run)) == [1]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    assert not (run / "skipped.jsonl").exists()
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=False)["config"]["train"]["blr"] == 0.01
 
 
 def test_bad_videos_are_replaced_counted_and_listed(dataset, tmp_path):
+    """Broken training videos (an empty file too) are replaced; broken validation videos are left out of the
+    accuracy, counted and listed."""
     lines = (dataset / "train.txt").read_text().splitlines()
-    bad = {"truncated": "bad_truncated.mp4", "garbage": "bad_garbage.mp4", "zero_frames": "bad_zero_frames.avi"}
+    bad = {"truncated": "bad_truncated.mp4", "garbage": "bad_garbage.mp4", "zero_frames": "bad_zero_frames.avi",
+           "empty": "bad_empty.mp4"}
     for i, (kind, name) in enumerate(bad.items()):
         write_broken_video(tmp_path / name, kind)
         lines.append(f"{tmp_path / name} {i}")
     train_list = tmp_path / "train.txt"
     train_list.write_text("\n".join(lines) + "\n")
-    args = base_args(dataset, tmp_path / "run", "--epochs", "1", *SMALL)
+    val_bad = {"garbage": "val_garbage.mp4", "empty": "val_empty.mp4"}
+    val_lines = (dataset / "val.txt").read_text().splitlines()
+    for kind, name in val_bad.items():
+        write_broken_video(tmp_path / name, kind, seed=1)
+        val_lines.append(f"{tmp_path / name} 0")
+    val_list = tmp_path / "val.txt"
+    val_list.write_text("\n".join(val_lines) + "\n")
+    args = base_args(dataset, tmp_path / "run", "--epochs", "1", "--val-list", str(val_list), *SMALL)
     args[args.index("--train-list") + 1] = str(train_list)
     args += ["--data-root", str(dataset)]
-    train_main(args)
+    assert train_main(args) == 0
     skipped = [json.loads(s) for s in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
-    assert {Path(s["path"]).name for s in skipped} == set(bad.values())
+    by_phase = {p: {Path(s["path"]).name for s in skipped if s["phase"] == p} for p in ("train", "val")}
+    assert by_phase == {"train": set(bad.values()), "val": set(val_bad.values())}
     assert all(s["reason"] and s["epoch"] == 0 for s in skipped)
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert (record["num_samples"], record["excluded"]) == (len(val_lines) - 2, 2)
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
 
 
-def test_missing_files_and_bad_labels_reported_together(dataset, tmp_path):
+def test_missing_files_and_bad_labels_reported_together(dataset, tmp_path, capsys):
     lines = (dataset / "train.txt").read_text().splitlines()
     lines += ["videos/nope_1.mp4 0", "videos/nope_2.mp4 1", f"{lines[0].split()[0]} 99"]
     bad = tmp_path / "train.txt"
     bad.write_text("\n".join(lines) + "\n")
     args = base_args(dataset, tmp_path / "run", "--epochs", "1", "--data-root", str(dataset), *SMALL)
     args[args.index("--train-list") + 1] = str(bad)
-    with pytest.raises(DatasetError) as err:
-        train_main(args)
-    message = str(err.value)
+    assert train_main(args) == 2
+    message = capsys.readouterr().err
     assert "nope_1.mp4" in message and "nope_2.mp4" in message and "label 99" in message
+    assert f"training list {bad}" in message and "--skip-missing" in message
     lines.pop()  # the bad label stays an error; missing files can be skipped
     bad.write_text("\n".join(lines) + "\n")
-    train_main(args + ["--skip-missing"])
+    assert train_main(args + ["--skip-missing"]) == 0
     dropped = [json.loads(s) for s in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
     assert sorted(Path(d["path"]).name for d in dropped) == ["nope_1.mp4", "nope_2.mp4"]
+    assert {d["phase"] for d in dropped} == {"start"}
+
+
+def test_wrong_data_root_is_named(dataset, tmp_path, capsys):
+    """When no listed file exists, the error says where it looked and suggests --data-root."""
+    args = base_args(dataset, tmp_path / "run", "--data-root", str(tmp_path), *SMALL)
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    assert f"none of the 16 listed files exists under {tmp_path}" in err and "--data-root" in err
+
+
+def test_ucf101_split_files_train_with_0_based_labels(dataset, tmp_path, capsys):
+    """An official trainlist01.txt (1-based labels, classInd.txt next to it) trains with the labels of its
+    classes; testlist01.txt (no labels) validates with the labels of the class folders."""
+    from m2clip_fast.engine import read_annotations
+
+    split_dir, root = make_ucf_split(dataset, tmp_path)
+    names = (dataset / "classes.txt").read_text().split()
+    by_video = {Path(p).name: label for p, label in read_annotations(str(split_dir / "trainlist01.txt"),
+                                                                      str(root), names)}
+    # the class folder and the label agree: v_MovingUp_... has label 2 = classes.txt line 3 (moving_up)
+    assert by_video and all(names[label].replace("_", "") == name.split("_")[1].lower()
+                            for name, label in by_video.items())
+    args = base_args(dataset, tmp_path / "run", "--epochs", "1", "--max-steps", "1", "--data-root", str(root),
+                     "--val-list", str(split_dir / "testlist01.txt"), *SMALL)
+    args[args.index("--train-list") + 1] = str(split_dir / "trainlist01.txt")
+    assert train_main(args) == 0
+    assert "training 12 clips, 8 classes" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["num_samples"] == 4
+
+
+def make_ucf_split(dataset, tmp_path):
+    """An official UCF101 split folder over the synthetic videos: classInd.txt, trainlist01.txt (1-based
+    labels, 3 of every 4 videos), testlist01.txt (the rest, no labels)."""
+    root, split_dir = tmp_path / "UCF-101", tmp_path / "ucfTrainTestlist"
+    write_class_ind(split_dir)
+    entries = ucf_videos(dataset, root)
+    train_lines = [f"{rel} {label + 1}" for n, (rel, label) in enumerate(entries) if n % 4]
+    test_lines = [rel for n, (rel, _) in enumerate(entries) if not n % 4]
+    (split_dir / "trainlist01.txt").write_text("\n".join(train_lines) + "\n")
+    (split_dir / "testlist01.txt").write_text("\n".join(test_lines) + "\n")
+    return split_dir, root
 
 
 @pytest.mark.slow
