@@ -1,10 +1,12 @@
-"""What every command-line entry point shares: one-line errors for bad input, and checkpoint reading.
+"""What every command-line entry point shares: one-line errors for bad input, checkpoint reading and
+argparse types for counts.
 
 A user who passes a wrong path or a malformed file should read one line naming the problem, not a
 traceback from deep inside torch; ``M2CLIP_DEBUG=1`` brings the traceback back for bug reports.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import sys
@@ -71,3 +73,19 @@ def _unreadable(path: Path, what: str, exc: BaseException) -> CheckpointError:
     first = f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
     return CheckpointError(f"{what} {path} is not a readable PyTorch checkpoint (truncated, or another kind of "
                            f"file?): {first}")
+
+
+def int_at_least(minimum: int, even: bool = False) -> Callable[[str], int]:
+    """argparse type: an int >= ``minimum`` (and even, for video sizes), so a bad count fails as a usage
+    error naming the option rather than deep inside numpy or torch."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if even and value % 2:
+            raise argparse.ArgumentTypeError(f"must be even (yuv420p video), got {value}")
+        return value
+    return parse

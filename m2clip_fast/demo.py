@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from . import train as train_module
-from .cli import run_main
-from .data.synthetic import CLASSES, dataset_meta, int_at_least, make_dataset, read_meta
+from .cli import int_at_least, run_main
+from .data.synthetic import CLASSES, dataset_meta, make_dataset, read_meta
 
 CHANCE_CLASSES = 8
 PROG = "python -m m2clip_fast.demo"

@@ -424,27 +424,12 @@ def read_meta(out: PathLike) -> Optional[Dict[str, Any]]:
     return meta if isinstance(meta, dict) and meta.get("generator") == GENERATOR else None
 
 
-def int_at_least(minimum: int, even: bool = False):
-    """argparse type: an int >= ``minimum`` (and even), so bad sizes fail as a usage error, not in numpy."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        if even and value % 2:
-            raise argparse.ArgumentTypeError(f"must be even (yuv420p video), got {value}")
-        return value
-    return parse
-
-
 PROG = "python -m m2clip_fast.data.synthetic"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line; bad options exit 2 with argparse's usage line, other user errors with one line."""
-    from ..cli import run_main
+    from ..cli import int_at_least, run_main
 
     parser = argparse.ArgumentParser(
         prog=PROG,
