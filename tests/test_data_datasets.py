@@ -213,3 +213,22 @@ def test_official_split_files_are_recognised_by_name(tmp_path):
         ("/h/brush_hair/a.avi", 0), ("/h/cartwheel/d.avi", 1)]
     assert read_split_file(hmdb / "brush_hair_test_split1.txt", "/h", train=False) == [
         ("/h/brush_hair/b.avi", 0), ("/h/cartwheel/c.avi", 1)]
+
+
+def test_a_list_of_another_format_under_an_official_name_is_explained(tmp_path):
+    """A user's own mmaction2 list that happens to be named trainlist01.txt (beside a classInd.txt) or
+    *_test_split1.txt is read as the official split file; the error says that the name chose the reader."""
+    ucf = tmp_path / "ucf"
+    write(ucf / "classInd.txt", "1 ApplyEyeMakeup\n2 ApplyLipstick\n")
+    write(ucf / "trainlist01.txt", "ApplyLipstick/v_ApplyLipstick_g08_c01.avi 1\n")  # labels from 0
+    with pytest.raises(DatasetError) as info:
+        read_split_file(ucf / "trainlist01.txt", "/u", train=True, class_names=["ApplyEyeMakeup", "ApplyLipstick"])
+    assert info.value.problems == ["trainlist01.txt line 1: label 1 disagrees with folder 'ApplyLipstick' (class 2)"]
+    assert (f"{ucf / 'trainlist01.txt'} was read as an official UCF101 split file" in str(info.value)
+            and "because of its name" in str(info.value) and "must be named otherwise" in str(info.value))
+
+    write(tmp_path / "mine" / "my_test_split1.txt", "videos/a.mp4 0\nvideos/b.mp4 5\n")
+    with pytest.raises(DatasetError) as info:
+        read_split_file(tmp_path / "mine" / "my_test_split1.txt", "/m", train=True, class_names=["a", "b"])
+    assert info.value.problems == ["split file for unknown class 'my'"]
+    assert "was read as an official HMDB51 split file" in str(info.value)

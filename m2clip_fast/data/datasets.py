@@ -430,15 +430,25 @@ def read_split_file(
         raise ValueError(f"{os.fspath(path)} is not named like a UCF101 or HMDB51 official split file")
     dataset, split = found
     split_dir = Path(path).parent
-    if dataset == "hmdb51":
-        return read_hmdb51(split_dir, data_root, split=split, train=train, class_names=class_names)
-    if not (split_dir / "classInd.txt").is_file():
+    if dataset == "ucf101" and not (split_dir / "classInd.txt").is_file():
         raise DatasetError(f"{os.fspath(path)} is named like a UCF101 split file, but there is no classInd.txt "
                            f"next to it (in {split_dir}) to number the classes; put it there, or write an "
                            f"mmaction2 list ('path label', labels from 0) under another name")
-    if class_names is not None:
-        _check_ucf_classes(split_dir, class_names)
-    return read_ucf101(split_dir, data_root, split=split, train=_UCF_SPLIT.match(Path(path).name)["part"] == "train")
+    try:
+        if dataset == "hmdb51":
+            return read_hmdb51(split_dir, data_root, split=split, train=train, class_names=class_names)
+        if class_names is not None:
+            _check_ucf_classes(split_dir, class_names)
+        return read_ucf101(split_dir, data_root, split=split,
+                           train=_UCF_SPLIT.match(Path(path).name)["part"] == "train")
+    except DatasetError as exc:
+        # the name alone chose this reader: say so, since a list of another format under that name reads wrong
+        how = ("UCF101 split file (trainlist0N.txt / testlist0N.txt, labelled by classInd.txt beside it)"
+               if dataset == "ucf101" else
+               f"HMDB51 split file (<class>_test_splitN.txt: every such file of split {split} in its folder is read)")
+        raise DatasetError(f"{exc}\n{os.fspath(path)} was read as an official {how} because of its name; an "
+                           f"mmaction2 list ('path label', labels from 0) must be named otherwise, e.g. train.txt",
+                           exc.problems) from None
 
 
 def check_samples(
