@@ -177,15 +177,25 @@ def clear_run(out: Path) -> List[Path]:
 def truncate_logs(out: Path, step: int) -> None:
     """Before resuming from step ``step``: drop the log rows of later steps (an interrupted run logged them, and
     they are run again), so every step is logged once. skipped.jsonl also loses its start-up records, which
-    every start writes afresh."""
+    every start writes afresh. Lines torn by a crash (cut short, NUL-filled, not UTF-8) are dropped too."""
     def keep_csv(n: int, line: str, header: List[str]) -> bool:
-        return n == 0 or int(line.split(",")[header.index("step")]) <= step
+        if n == 0 or "step" not in header:
+            return True  # the header, or a file this code didn't write: left alone
+        fields = line.split(",")
+        if len(fields) != len(header):
+            return False  # a row cut short by the interruption
+        try:
+            return int(fields[header.index("step")]) <= step
+        except ValueError:
+            return False
 
     def keep_json(n: int, line: str, header: List[str]) -> bool:
         try:
             record = json.loads(line)
         except ValueError:
             return False  # a line torn by the interruption
+        if not isinstance(record, dict):
+            return False
         return record.get("phase") != "start" and (record.get("step") is None or record["step"] <= step)
 
     _keep_lines(out / "train_log.csv", keep_csv)
@@ -194,13 +204,15 @@ def truncate_logs(out: Path, step: int) -> None:
 
 
 def _keep_lines(path: Path, keep: Callable[[int, str, List[str]], bool]) -> None:
-    """Rewrite ``path`` (atomically) with the lines ``keep(number, line, header fields)`` accepts."""
+    """Rewrite ``path`` (atomically) with the lines ``keep(number, line, header fields)`` accepts; also when
+    its last line lacks its newline, so that the next appended record starts a line of its own."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    lines = [line for line in text.splitlines() if line.strip("\x00 \t\r\n")]
     header = lines[0].split(",") if lines else []
     kept = [line for n, line in enumerate(lines) if keep(n, line, header)]
-    if len(kept) == len(lines):
+    if len(kept) == len(lines) == len(text.splitlines()) and (not text or text.endswith("\n")):
         return
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
@@ -252,6 +264,8 @@ def check_same_run(state: Dict[str, Any], path: Path, settings: Dict[str, Any], 
     if "settings" not in run:  # older checkpoints: flatten their config
         old.update({f"train.{k}": v for k, v in old.pop("train", {}).items()})
     keys = sorted(k for k in settings if k in old and k not in RESUMABLE_KEYS and old[k] != settings[k])
+    if "--pretrained" in keys and same_backbone_file(old["--pretrained"], settings["--pretrained"], state):
+        keys.remove("--pretrained")
     if not keys:
         return
     lines = "".join(f"\n  {k}: {_short(old[k])} in the checkpoint, {_short(settings[k])} now" for k in keys)
@@ -262,15 +276,41 @@ def check_same_run(state: Dict[str, Any], path: Path, settings: Dict[str, Any], 
                      f"or --overwrite)")
 
 
+def same_backbone_file(recorded: Optional[str], given: Optional[str], state: Dict[str, Any]) -> bool:
+    """Whether ``--pretrained given`` (absolute, as :func:`engine.backbone_source` gives it) is the local
+    backbone file the checkpoint recorded as ``recorded``, though the paths differ: an older checkpoint's
+    relative path that names it from here, or the same file moved (same name, and the size recorded)."""
+    if not recorded or not given or not os.path.isfile(given):
+        return False
+    if os.path.isfile(recorded):
+        return os.path.samefile(recorded, given)  # also a relative path (checkpoints before absolute paths)
+    size = state.get("pretrained_size")
+    return size is not None and Path(recorded).name == Path(given).name and os.path.getsize(given) == size
+
+
 def _short(value: Any) -> str:
     text = repr(value)
+    if isinstance(value, str):
+        return text  # a path in full: its end is what tells two apart
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+TRAINING_KEYS = ("config", "model", "optimizer", "scaler", "epoch", "step", "rng", "best")
+
+
+def check_training_checkpoint(state: Any, path: Path) -> None:
+    """A --resume checkpoint must hold a training run's state, not just a model (evaluate's or convert's)."""
+    lacking = [k for k in TRAINING_KEYS if k not in state] if isinstance(state, dict) else list(TRAINING_KEYS)
+    if lacking:
+        raise ValueError(f"--resume: {path} is not a checkpoint of m2clip_fast.train (it lacks "
+                         f"{', '.join(lacking)}): --resume continues a training run from its checkpoints/last.pt")
 
 
 def resume_position(state: Dict[str, Any]) -> Tuple[int, int]:
     """``(epoch, batches)``: the epoch to run next (0-based) and how many of its batches are already done.
-    A checkpoint written in the middle of an epoch (--max-steps) continues that epoch; older checkpoints,
-    without ``batches_done``, were always written at an epoch's end."""
+    A checkpoint written in the middle of an epoch (--max-steps) continues that epoch. Older checkpoints,
+    without ``epoch_done``, continue at the next epoch, as the code that wrote them did (they were written at
+    an epoch's end, or at a --max-steps stop whose epoch that code did not finish either)."""
     if state.get("epoch_done", True):
         return state["epoch"] + 1, 0
     return state["epoch"], state["batches_done"]
@@ -287,8 +327,13 @@ def interrupt_hint(progress: Dict[str, Any]) -> str:
     """What Ctrl-C tells: the last checkpoint written (or resumed from) and how to continue."""
     if "checkpoint" not in progress:
         return "no checkpoint was written yet: nothing to resume, start the run again"
+    how = "the same command plus --resume"
+    if progress.get("resume") not in (None, "auto") and Path(progress["resume"]) != Path(progress["checkpoint"]):
+        how = f"the same command with --resume {progress['checkpoint']}"  # not the file this run started from
+    elif progress.get("overwrite"):
+        how += " instead of --overwrite"  # which would delete it
     return (f"the last checkpoint is {progress['checkpoint']} (step {progress['step']}, {progress['where']}); "
-            f"continue from it with the same command plus --resume")
+            f"continue from it with {how}")
 
 
 # -------------------------------------------------------------------------------------------------- train
@@ -298,6 +343,7 @@ def train(args: argparse.Namespace, progress: Optional[Dict[str, Any]] = None) -
     """The training run ``args`` describe; returns the last evaluation's record. ``progress`` (a dict, if
     given) is kept up to date with the last checkpoint, for the Ctrl-C message."""
     progress = {} if progress is None else progress
+    progress.update(resume=args.resume, overwrite=args.overwrite)
     cfg = build_config(args)
     tcfg = cfg.train
     info, device = engine.init_distributed(args.device)
@@ -315,6 +361,7 @@ def train(args: argparse.Namespace, progress: Optional[Dict[str, Any]] = None) -
     if args.resume:
         path = ckpt_dir / "last.pt" if args.resume == "auto" else Path(args.resume)
         state = load_checkpoint_file(path, "--resume checkpoint")
+        check_training_checkpoint(state, path)
         check_same_run(state, path, settings, args.preset)
         start_epoch, skip_batches = resume_position(state)
         per_epoch = state.get("run", {}).get("batches_per_epoch")
@@ -327,14 +374,6 @@ def train(args: argparse.Namespace, progress: Optional[Dict[str, Any]] = None) -
                 print(f"{path}: nothing to do: already at {limit}" +
                       ("; pass a larger --epochs to train longer" if start_epoch >= tcfg["epochs"] else ""))
             return state.get("metrics", {})
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if state is not None:
-            truncate_logs(out, state["step"])
-        else:
-            removed = clear_run(out)  # a fresh run: nothing of an earlier one (checkpointed or not) is kept
-            if removed and args.overwrite:
-                print(f"--overwrite: deleted the earlier run's {len(removed)} file(s) in {out}")
 
     train_samples, dropped = engine.load_samples(args.train_list, args.data_root, class_names, train=True,
                                                  skip_missing=args.skip_missing, what="training list")
@@ -344,10 +383,6 @@ def train(args: argparse.Namespace, progress: Optional[Dict[str, Any]] = None) -
                                                        skip_missing=args.skip_missing, what="validation list")
         dropped += dropped_val
     step = state["step"] if state is not None else 0
-    if dropped and info.is_main:
-        print(f"--skip-missing: dropped {len(dropped)} missing file(s)")
-        for d in dropped:
-            engine.append_jsonl(out / "skipped.jsonl", {"epoch": None, "step": step, "phase": "start", **d})
 
     whole = state is not None and state["pretrained"] is None  # a random backbone comes whole from the checkpoint
     with engine.whole_model_follows() if whole else engine.nullcontext():
@@ -404,6 +439,19 @@ def train(args: argparse.Namespace, progress: Optional[Dict[str, Any]] = None) -
     run_info = {"preset": args.preset, "config_file": args.config, "settings": settings,
                 "batches_per_epoch": batches_per_epoch}
     if info.is_main:
+        # Only now, with every start-up check passed, the folder changes: a start that fails (a wrong list, a
+        # refused checkpoint) leaves an earlier run's checkpoints and logs as they were, even with --overwrite.
+        out.mkdir(parents=True, exist_ok=True)
+        if state is not None:
+            truncate_logs(out, step)
+        else:
+            removed = clear_run(out)  # a fresh run: nothing of an earlier one (checkpointed or not) is kept
+            if removed and args.overwrite:
+                print(f"--overwrite: deleted the earlier run's {len(removed)} file(s) in {out}")
+        if dropped:
+            print(f"--skip-missing: dropped {len(dropped)} missing file(s)")
+            for d in dropped:
+                engine.append_jsonl(out / "skipped.jsonl", {"epoch": None, "step": step, "phase": "start", **d})
         (out / "config.json").write_text(json.dumps({**asdict(cfg), "args": vars(args),
                                                       "global_batch": global_batch, "lr": lr}, indent=2, default=str))
         print(f"training {len(train_samples)} clips, {len(class_names)} classes, {info.world_size} process(es), "

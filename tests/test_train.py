@@ -4,6 +4,7 @@ checks, the lr schedule and the optimizer groups."""
 import csv
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -83,12 +84,13 @@ def test_resume_continues_exactly(dataset, tmp_path, capsys):
     assert (state["epoch"], state["step"], state["epoch_done"], state["batches_done"]) == (1, 6, False, 2)
     hint = interrupt_hint(progress)  # what Ctrl-C would print now
     assert str(run / "checkpoints" / "last.pt") in hint and "step 6, epoch 2/2 after batch 2/4" in hint
-    assert "--resume" in hint
+    assert hint.endswith("continue from it with the same command plus --resume")
     # an interrupted run may have logged steps after its last checkpoint: a resume must not repeat them
+    # ... and a crash may have torn the last line: cut short, or zero-filled by the file system
     with open(run / "train_log.csv", "a") as f:
-        f.write("7,1,0.1,1.0,9.9,9.9,9.9,9.9,9.9\n")
+        f.write("7,1,0.1,1.0,9.9,9.9,9.9,9.9,9.9\n" + "\x00" * 40)
     with open(run / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"epoch": 1, "step": 7, "top1": 0.0}) + "\n")
+        f.write(json.dumps({"epoch": 1, "step": 7, "top1": 0.0}) + "\n" + '{"epoch": 1, "st')
     capsys.readouterr()
     assert train_main(base_args(dataset, run, "--epochs", "2", "--resume", *val, *SMALL)) == 0
     assert "at step 6, epoch 2/2 after batch 2/4" in capsys.readouterr().out
@@ -141,6 +143,73 @@ def test_overwrite_starts_afresh(dataset, tmp_path, capsys):
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
     assert not (run / "skipped.jsonl").exists()
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=False)["config"]["train"]["blr"] == 0.01
+
+
+def test_a_failed_start_leaves_the_earlier_run(dataset, tmp_path, capsys):
+    """--overwrite deletes the earlier run only once the new one has passed its start-up checks: a wrong
+    --val-list loses nothing; --resume of a file that holds no training state says so."""
+    run = tmp_path / "run"
+    common = ["--epochs", "1", "--max-steps", "1", *SMALL]
+    assert train_main(base_args(dataset, run, *common)) == 0
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints" / "last.pt", run / "train_log.csv")}
+    assert train_main(base_args(dataset, run, "--overwrite", "--val-list", str(tmp_path / "nope.txt"), *common)) == 2
+    assert "nope.txt" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints" / "last.pt", run / "train_log.csv")} == before
+
+    model_only = tmp_path / "model.pt"
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    torch.save({k: state[k] for k in ("config", "class_names", "pretrained", "model")}, model_only)  # as convert
+    assert train_main(base_args(dataset, run, "--resume", str(model_only), *common)) == 2
+    err = capsys.readouterr().err
+    assert f"{model_only} is not a checkpoint of m2clip_fast.train (it lacks optimizer, scaler" in err
+
+
+def test_old_checkpoints_and_moved_backbone_files_resume(dataset, tmp_path, monkeypatch, capsys):
+    """A checkpoint of the previous version (no run settings, position or backbone size; a local --pretrained
+    stored as given, relative) resumes at its next epoch, as that version did; a backbone file that moved
+    (same name and size) resumes from its new place; another file is refused."""
+    from m2clip_fast.model import load_clip
+
+    monkeypatch.chdir(tmp_path)
+    Path("w").mkdir()
+    torch.save(load_clip("m2clip-demo", None, True).state_dict(), "w/backbone.pt")
+    common = ["--epochs", "2", *SMALL]
+    assert train_main(base_args(dataset, "run", "--max-steps", "2", "--pretrained", "w/backbone.pt", *common)) == 0
+    last = Path("run/checkpoints/last.pt")
+    state = torch.load(last, weights_only=False)
+    for key in ("run", "batches_done", "epoch_done", "pretrained_size"):
+        del state[key]
+    state["pretrained"] = "w/backbone.pt"
+    torch.save(state, last)
+    capsys.readouterr()
+    assert train_main(base_args(dataset, "run", "--resume", "--max-steps", "3", "--pretrained", "w/backbone.pt",
+                                *common)) == 0
+    assert "at step 2, the end of epoch 1/2" in capsys.readouterr().out
+    state = torch.load(last, weights_only=False)
+    assert (state["epoch"], state["step"], state["batches_done"]) == (1, 3, 1)
+    assert state["pretrained"] == str(tmp_path / "w" / "backbone.pt")
+
+    Path("moved").mkdir()
+    os.replace("w/backbone.pt", "moved/backbone.pt")
+    assert train_main(base_args(dataset, "run", "--resume", "--max-steps", "4", "--pretrained", "moved/backbone.pt",
+                                *common)) == 0
+    state = torch.load(last, weights_only=False)
+    assert state["step"] == 4 and state["pretrained"] == str(tmp_path / "moved" / "backbone.pt")
+    shutil.copy("moved/backbone.pt", "other.pt")  # the same bytes under another name: not taken for the same file
+    capsys.readouterr()
+    assert train_main(base_args(dataset, "run", "--resume", "--pretrained", "other.pt", *common)) == 2
+    assert f"--pretrained: '{tmp_path / 'moved' / 'backbone.pt'}' in the checkpoint" in capsys.readouterr().err
+
+
+def test_interrupt_hint_gives_a_command_that_works():
+    """Ctrl-C's advice must not lead to a refusal: not '--resume' next to --overwrite (an error, and --overwrite
+    would delete the checkpoint), not the --resume PATH this run started from (older than the last checkpoint)."""
+    last = Path("run/checkpoints/last.pt")
+    seen = {"checkpoint": last, "step": 3, "where": "epoch 1/2 after batch 3/4"}
+    assert interrupt_hint({**seen, "resume": None, "overwrite": False}).endswith("the same command plus --resume")
+    assert interrupt_hint({**seen, "resume": None, "overwrite": True}).endswith("plus --resume instead of --overwrite")
+    assert interrupt_hint({**seen, "resume": "old/last.pt", "overwrite": False}).endswith(f"with --resume {last}")
+    assert interrupt_hint({**seen, "resume": str(last), "overwrite": False}).endswith("plus --resume")
 
 
 def test_bad_videos_are_replaced_counted_and_listed(dataset, tmp_path):
@@ -235,37 +304,56 @@ def make_ucf_split(dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_equal_one_process(dataset, tmp_path):
-    """torchrun with 2 CPU processes (gloo), 2 clips each == 1 process with 4 clips: same update.
+def test_ddp_two_processes_equal_one_process(dataset, tmp_path, capsys):
+    """torchrun with 2 CPU processes (gloo), 2 clips each == 1 process with 4 clips: same update, also after a
+    --resume in the middle of an epoch (each rank skips its own shard's batches and gets its RNG back).
     Dropout and CMLM's random masking are switched off, since their randomness is per process."""
-    same = ["--epochs", "1", "--max-steps", "2", "--set", "num_frames=4", "ted_bottleneck=8",
+    same = ["--epochs", "1", "--set", "num_frames=4", "ted_bottleneck=8",
             "text_bottleneck=8", "train.stride=1", "vc_dropout=0.0", "train.warmup_epochs=0",
             "loss_weights={'contrastive': 0.5, 'cmc': 0.5, 'vc': 1.0}", "train.grad_clip=None"]
-    one = base_args(dataset, tmp_path / "one", *same)
-    train_main(one)
-    two = base_args(dataset, tmp_path / "two", *same)
+    one = base_args(dataset, tmp_path / "one", "--max-steps", "2", *same)
+    assert train_main(one) == 0
+    two = base_args(dataset, tmp_path / "two", "--max-steps", "2", *same)
     two[two.index("--batch-size") + 1] = "2"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "-m", "m2clip_fast.train", *two]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    a, state_a = tunable(tmp_path / "one" / "checkpoints" / "last.pt")
-    b, state_b = tunable(tmp_path / "two" / "checkpoints" / "last.pt")
-    assert state_a["step"] == state_b["step"] == 2
+
+    def torchrun(args):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+               "-m", "m2clip_fast.train", *args]
+        result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    torchrun(two)
     from m2clip_fast.engine import seed_everything
 
+    names = (dataset / "classes.txt").read_text().split()
     seed_everything(0)  # as train does for --seed 0 on rank 0, whose weights DDP broadcasts
-    initial = create_model("demo", class_names=state_a["class_names"], fused=False, num_frames=4,
-                           ted_bottleneck=8, text_bottleneck=8)
-    frozen = "clip.visual.conv1.weight"
-    assert torch.equal(initial.state_dict()[frozen], state_a["model"][frozen])  # same starting point
-    start = dict(initial.named_parameters())
-    moved = 0
-    for key in a:
-        update = (a[key] - start[key].detach()).abs().max()
-        # Sums split over 2 processes round differently, and AdamW divides by sqrt(v), which magnifies that
-        # rounding where gradients are tiny: compare against the size of the update itself (within 1%).
-        assert (a[key] - b[key]).abs().max() <= 0.01 * update + 1e-7, key
-        moved += bool(update > 0)
-    assert moved > len(a) // 2  # the update is real, not two untouched models
+    initial = create_model("demo", class_names=names, fused=False, num_frames=4, ted_bottleneck=8, text_bottleneck=8)
+    start = {k: v.detach() for k, v in initial.named_parameters()}
+
+    def compare(one_run, steps):
+        a, state_a = tunable(one_run / "checkpoints" / "last.pt")
+        b, state_b = tunable(tmp_path / "two" / "checkpoints" / "last.pt")
+        assert state_a["step"] == state_b["step"] == steps
+        frozen = "clip.visual.conv1.weight"
+        assert torch.equal(initial.state_dict()[frozen], state_a["model"][frozen])  # same starting point
+        moved = 0
+        for key in a:
+            update = (a[key] - start[key]).abs().max()
+            # Sums split over 2 processes round differently, and AdamW divides by sqrt(v), which magnifies that
+            # rounding where gradients are tiny: compare against the size of the update itself (within 1%).
+            assert (a[key] - b[key]).abs().max() <= 0.01 * update + 1e-7, key
+            moved += bool(update > 0)
+        assert moved > len(a) // 2  # the update is real, not two untouched models
+
+    compare(tmp_path / "one", 2)
+    # the 2 processes stopped after batch 2 of 4: one more step after --resume == 3 steps in one go
+    assert "at step 2, epoch 1/1 after batch 2/4" in torchrun(two[:two.index("--max-steps")] +
+                                                              ["--max-steps", "3", "--resume", *same])
+    assert train_main(base_args(dataset, tmp_path / "one_straight", "--max-steps", "3", *same)) == 0
+    compare(tmp_path / "one_straight", 3)
+    # the ranks' shards and RNG streams belong to 2 processes: one process may not continue them
+    capsys.readouterr()
+    assert train_main(two[:two.index("--max-steps")] + ["--resume", *same]) == 2
+    assert "processes: 2 in the checkpoint, 1 now" in capsys.readouterr().err
