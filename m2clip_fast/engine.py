@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .cli import load_checkpoint_file
+from .cli import int_at_least, load_checkpoint_file
 from .data import (DatasetError, VideoClipDataset, build_loader, check_samples, read_hmdb51, read_kinetics_csv,
                    read_list_file, read_ssv2_json, read_ucf101)
 from .data.datasets import official_split, read_split_file
@@ -259,27 +259,9 @@ def add_data_args(parser: argparse.ArgumentParser, train: bool) -> None:
     g.add_argument("--workers", type=non_negative_int, default=None, help="DataLoader workers per process")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-    return value
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+# argparse types for counts (the shared helper names the option and the bound in its message)
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
 
 
 def views_arg(text: str) -> str:

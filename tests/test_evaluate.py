@@ -164,7 +164,7 @@ def test_random_backbone_checkpoint_needs_every_weight(checkpoint, tmp_path, cap
 @pytest.mark.parametrize("option, value, message", [
     ("--views", "2x2", "1, 3 or 4 crops"), ("--views", "two", "CLIPSxCROPS"),
     ("--splits", "1,x", "split numbers like 1,2,3"), ("--splits", "1,4", "1, 2 and/or 3"),
-    ("--batch-size", "0", "positive integer"),
+    ("--batch-size", "0", "must be >= 1, got 0"),
 ])
 def test_options_are_checked_before_anything_runs(option, value, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
