@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -85,11 +86,16 @@ class DecodeStats:
 class VideoIndex:
     """Per-frame metadata of a video stream, in presentation order (N frames).
 
-    ``pts``: int64 (N,) sorted presentation timestamps in ``time_base`` units;
-    ``seek_ts``: int64 (N,) timestamp to seek to so that demuxing starts at that frame's packet
-    (its dts where the container has one: libavformat indexes mp4/avi by dts);
-    ``is_key``: bool (N,) keyframe flags; ``key_before``: int64 (N,) index of the last keyframe at
-    or before each frame, -1 when no keyframe precedes it (decode from the stream start);
+    ``pts``: int64 (N,) sorted presentation timestamps in ``time_base`` units of the N frames
+    the video shows. The demuxer may deliver M > N packets: an mp4/mov edit list that starts
+    the video after its first packets (a stream-copy cut) marks those packets *discard*; they are
+    decoded as references, but their frames are never output, so they are not frames here.
+    Per packet (M), in presentation order: ``seek_ts``: int64 (M,) timestamp to seek to so that
+    demuxing starts at that packet (its dts where the container has one: libavformat indexes
+    mp4/avi by dts); ``is_key``: bool (M,) keyframe flags; ``key_before``: int64 (M,) position
+    of the last keyframe at or before each packet, -1 when no keyframe precedes it (decode from
+    the stream start). ``frame_pos``: int64 (N,) the packet position of each frame (equal to
+    ``arange(N)`` when nothing is discarded).
     ``ordered``: False when packets carry no usable pts, so frames can only be found by decoding
     the video from its start.
     """
@@ -107,6 +113,8 @@ class VideoIndex:
     key_before: np.ndarray
     ordered: bool
     first_seek_ts: int
+    packet_pts: np.ndarray  # int64 (M,): every packet's pts, in presentation order
+    frame_pos: np.ndarray
 
     @property
     def num_frames(self) -> int:
@@ -135,10 +143,28 @@ def _open(path: str) -> "av.container.InputContainer":
         raise VideoDecodeError(path, f"cannot open container ({_reason(exc)})") from exc
 
 
+@contextmanager
+def _as_decode_error(path: str) -> Iterator[None]:
+    """Turn any failure on an odd file into a VideoDecodeError (the promise callers count on to
+    skip the file): FFmpeg errors, and PyAV's or numpy's own (ValueError, IndexError,
+    AttributeError on a stream without a decoder, MemoryError for absurd sizes, ...)."""
+    try:
+        yield
+    except (VideoDecodeError, _IndexMismatch):
+        raise
+    except av.FFmpegError as exc:
+        raise VideoDecodeError(path, _reason(exc)) from exc
+    except Exception as exc:
+        raise VideoDecodeError(path, f"{type(exc).__name__}: {_reason(exc)}") from exc
+
+
 def _video_stream(container, path: str):
     if not container.streams.video:
         raise VideoDecodeError(path, "no video stream")
-    return container.streams.video[0]
+    stream = container.streams.video[0]
+    if stream.codec_context is None:  # a codec (tag) this FFmpeg has no decoder for
+        raise VideoDecodeError(path, "no decoder for the video codec")
+    return stream
 
 
 def _configure_threads(stream, threads: Optional[int]) -> None:
@@ -198,23 +224,38 @@ def _seek_targets(pts: np.ndarray, demux_ts: np.ndarray, is_key: np.ndarray) -> 
 def _checked_packets(container, stream, path: str) -> Iterator:
     """The stream's packets, ending with the flush packet; raises on corrupt or missing data."""
     count = 0
+    end = None  # the latest packet end (pts + duration) seen
     for packet in container.demux(stream):
         if packet.size == 0 and packet.pts is None:  # the end-of-stream flush packet
             # the container header (mp4, avi) declares the frame count; 0 where unknown (webm)
             declared = stream.frames
-            if declared and count < declared:
+            if declared and count < declared and not _reaches_end(stream, end):
                 raise VideoDecodeError(path, f"truncated: {count} of {declared} frames present")
         elif packet.is_corrupt:
             raise VideoDecodeError(path, f"corrupt or truncated packet at frame {count}")
         else:
             count += 1
+            if packet.pts is not None:
+                stop = packet.pts + (packet.duration or 0)
+                end = stop if end is None else max(end, stop)
         yield packet
+
+
+def _reaches_end(stream, end: Optional[int]) -> bool:
+    """Whether packets reached the stream's declared end: then frames missing from the declared
+    count were dropped inside the video (an AVI's empty 'drop frame' chunks, which the demuxer
+    skips), not cut off its end."""
+    duration = stream.duration
+    if end is None or not duration:
+        return False
+    return end >= (stream.start_time or 0) + duration
 
 
 def _build_index(container, stream, path: str) -> VideoIndex:
     pts: List[int] = []
     dts: List[Optional[int]] = []
     keys: List[bool] = []
+    discard: List[bool] = []
     try:
         for packet in _checked_packets(container, stream, path):
             if packet.size == 0 and packet.pts is None:
@@ -222,9 +263,10 @@ def _build_index(container, stream, path: str) -> VideoIndex:
             pts.append(packet.pts)
             dts.append(packet.dts)
             keys.append(bool(packet.is_keyframe))
+            discard.append(bool(packet.is_discard))
     except av.FFmpegError as exc:
         raise VideoDecodeError(path, f"demux failed after {len(pts)} frames ({_reason(exc)})") from exc
-    if not pts:
+    if not pts or all(discard):
         raise VideoDecodeError(path, "zero frames")
 
     ordered = all(p is not None for p in pts) and len(set(pts)) == len(pts)
@@ -239,6 +281,7 @@ def _build_index(container, stream, path: str) -> VideoIndex:
     is_key = np.asarray(keys, dtype=bool)[order]
     seek_ts = _seek_targets(pts_arr, demux_arr, is_key)
     key_before = np.maximum.accumulate(np.where(is_key, np.arange(len(pts)), -1))
+    frame_pos = np.nonzero(~np.asarray(discard, dtype=bool)[order])[0].astype(np.int64)
     rate = stream.average_rate
     return VideoIndex(
         path=path,
@@ -248,12 +291,14 @@ def _build_index(container, stream, path: str) -> VideoIndex:
         height=stream.codec_context.height,
         time_base=stream.time_base,
         average_rate=Fraction(rate) if rate else None,
-        pts=pts_arr,
+        pts=pts_arr[frame_pos],
         seek_ts=seek_ts,
         is_key=is_key,
         key_before=key_before,
         ordered=ordered,
         first_seek_ts=min(known_ts) if known_ts else 0,
+        packet_pts=pts_arr,
+        frame_pos=frame_pos,
     )
 
 
@@ -288,9 +333,10 @@ def get_index(path: PathLike, *, stats: Optional[DecodeStats] = None) -> VideoIn
     index = _cached_index(path)
     if index is not None:
         return index
-    container = _open(path)
-    with container:
-        index = _index_with(container, path, stats)
+    with _as_decode_error(path):
+        container = _open(path)
+        with container:
+            index = _index_with(container, path, stats)
     return index
 
 
@@ -401,7 +447,8 @@ def decode_all_frames(
     :func:`decode_frames` with.
     """
     path = os.fspath(path)
-    return _select(path, _full_decode(path, threads, stats), indices, stats)
+    with _as_decode_error(path):
+        return _select(path, _full_decode(path, threads, stats), indices, stats)
 
 
 def _prepend(first, rest: Iterator) -> Iterator:
@@ -420,8 +467,13 @@ class _SparseDecoder:
     def __init__(self, container, stream, index: VideoIndex, path: str, stats: Optional[DecodeStats]):
         self.container, self.stream, self.index, self.path = container, stream, index, path
         self.stats = stats
-        self.pts_to_idx = {int(p): i for i, p in enumerate(index.pts)}
+        # frames are handled here by packet position (see VideoIndex), mapped back at the end
+        self.pts_to_idx = {int(p): i for i, p in enumerate(index.packet_pts)}
         self.wanted_pts: set = set()
+
+    def _frame(self, position: int) -> int:
+        """The frame index of a (shown) packet position."""
+        return int(np.searchsorted(self.index.frame_pos, position))
 
     def _count(self, name: str) -> None:
         if self.stats is not None:
@@ -448,12 +500,14 @@ class _SparseDecoder:
             raise VideoDecodeError(self.path, f"decode failed ({_reason(exc)})") from exc
 
     def start_at(self, key: int, target: int) -> Iterator[Tuple[int, object]]:
-        """Frames from keyframe ``key`` (-1: stream start) on, such that ``target`` will follow.
+        """Frames from keyframe ``key`` (-1: stream start) on, such that ``target`` will follow
+        (both packet positions).
 
         A demuxer may land past the requested keyframe (an inexact seek index, e.g. a webm
         without cues); then the seek is redone from the keyframe before, and finally from the
         stream start, instead of returning wrong frames.
         """
+        frame_pos = self.index.frame_pos
         candidates = [key]
         if key > 0 and self.index.key_before[key - 1] >= 0:
             candidates.append(int(self.index.key_before[key - 1]))
@@ -464,18 +518,21 @@ class _SparseDecoder:
             frames = self._frames_after_seek(seek_ts)
             first = next(frames, None)
             # landing on or before the keyframe is fine (the frames before it are skipped); a
-            # first frame past it means frames we need were jumped over
-            if first is not None and first[0] <= (k if k >= 0 else target):
+            # first frame past it means frames we need were jumped over. Discarded packets (an
+            # edit list's head) output nothing: the first frame then is the first one shown.
+            limit = int(frame_pos[np.searchsorted(frame_pos, k)]) if k >= 0 else target
+            if first is not None and first[0] <= limit:
                 return _prepend(first, frames)
             frames.close()
             self._count("seek_retries")
-        raise VideoDecodeError(self.path, f"cannot reach frame {target} by seeking")
+        raise VideoDecodeError(self.path, f"cannot reach frame {self._frame(target)} by seeking")
 
-    def decode(self, wanted: np.ndarray) -> Dict[int, np.ndarray]:
-        """RGB arrays (H, W, 3) uint8 for the sorted unique frame indices ``wanted``."""
+    def decode(self, wanted_frames: np.ndarray) -> Dict[int, np.ndarray]:
+        """RGB arrays (H, W, 3) uint8 for the sorted unique frame indices ``wanted_frames``."""
+        wanted = self.index.frame_pos[wanted_frames]  # packet positions, still sorted
         got: Dict[int, np.ndarray] = {}
         wanted_set = set(int(i) for i in wanted)
-        self.wanted_pts = {int(self.index.pts[i]) for i in wanted_set}
+        self.wanted_pts = {int(self.index.packet_pts[i]) for i in wanted_set}
         frames: Optional[Iterator] = None
         pos = -1  # highest presentation index the decoder has produced since the last seek
         floor = 0  # below this, frames after a seek are open-GOP leading frames: unusable
@@ -494,7 +551,7 @@ class _SparseDecoder:
             while j not in got:
                 item = next(frames, None)
                 if item is None:
-                    raise VideoDecodeError(self.path, f"frame {j} missing from the stream")
+                    raise VideoDecodeError(self.path, f"frame {self._frame(j)} missing from the stream")
                 idx, frame = item
                 if idx < floor:
                     continue
@@ -502,8 +559,10 @@ class _SparseDecoder:
                 if idx in wanted_set and idx not in got:
                     got[idx] = _to_rgb(frame)
                 if pos > j + _REORDER_SLACK and j not in got:
-                    raise VideoDecodeError(self.path, f"frame {j} missing from the stream")
-        return got
+                    raise VideoDecodeError(self.path, f"frame {self._frame(j)} missing from the stream")
+        if frames is not None:
+            frames.close()
+        return {int(f): got[int(p)] for f, p in zip(wanted_frames, wanted)}
 
 
 def decode_frames(
@@ -536,24 +595,25 @@ def decode_frames(
     if backend_kwargs:
         raise TypeError(f"unexpected arguments for the pyav backend: {sorted(backend_kwargs)}")
 
-    container = _open(path)
-    with container:
-        index = _index_with(container, path, stats)
-        idx = _check_indices(indices, index.num_frames, path)
-        wanted = np.unique(idx)
-        if not wanted.size:
-            return torch.empty((0, index.height, index.width, 3), dtype=torch.uint8)
-        got = None
-        if index.ordered:
-            stream = _video_stream(container, path)
-            _configure_threads(stream, threads)
-            try:
-                got = _SparseDecoder(container, stream, index, path, stats).decode(wanted)
-            except _IndexMismatch:
-                got = None  # decoded frames' pts disagree with the packets': decode it all
-    if got is None:
-        # no usable pts: frames can only be counted off a decode from the start
-        return _select(path, _full_decode(path, threads, stats), idx, stats)
-    if stats is not None:
-        stats.frames_returned += int(idx.size)
-    return _stack(path, got, idx, index.height, index.width)
+    with _as_decode_error(path):
+        container = _open(path)
+        with container:
+            index = _index_with(container, path, stats)
+            idx = _check_indices(indices, index.num_frames, path)
+            wanted = np.unique(idx)
+            if not wanted.size:
+                return torch.empty((0, index.height, index.width, 3), dtype=torch.uint8)
+            got = None
+            if index.ordered:
+                stream = _video_stream(container, path)
+                _configure_threads(stream, threads)
+                try:
+                    got = _SparseDecoder(container, stream, index, path, stats).decode(wanted)
+                except _IndexMismatch:
+                    got = None  # decoded frames' pts disagree with the packets': decode it all
+        if got is None:
+            # no usable pts: frames can only be counted off a decode from the start
+            return _select(path, _full_decode(path, threads, stats), idx, stats)
+        if stats is not None:
+            stats.frames_returned += int(idx.size)
+        return _stack(path, got, idx, index.height, index.width)
