@@ -184,3 +184,19 @@ def test_train_and_evaluate_run_on_the_dali_pipeline(tmp_path):
     assert with_dali["num_samples"] == with_pyav["num_samples"] == 8
     for head in ("vc", "text", "fused"):
         assert abs(with_dali[f"top1_{head}"] - with_pyav[f"top1_{head}"]) <= 100 / 8
+
+
+def test_dali_loader_replaces_like_the_dataset_when_n_is_a_multiple_of_the_step(vp9, tmp_path):
+    """With 7919 samples (the replacement step) the DALI loader's chain was i, i, i, ...: a bad file was
+    'replaced' by itself until max_attempts ran out. It now walks VideoClipDataset's chain."""
+    from m2clip_fast.data import VideoClipDataset
+
+    _, paths = vp9
+    bad = str(write_broken_video(tmp_path / "bad.webm", "garbage"))
+    samples = [(bad, 0)] + [(str(paths[0]), 1)] * 7918
+    loader = DALIClipLoader(samples, batch_size=1, num_frames=2, size=16, train=False, device="cpu")
+    reference = VideoClipDataset(samples, num_frames=2, size=16, train=False)
+    item = loader._source._one(0)
+    assert int(item[-1]) == reference.replacement(0, 1) != 0
+    assert [s["index"] for s in loader._source.pending_skipped] == [0]
+    assert [loader.replacement(0, k) for k in range(4)] == [reference.replacement(0, k) for k in range(4)]

@@ -134,3 +134,32 @@ def test_dataloader_with_two_workers_matches_single_process(samples):
             assert idx_s == idx_p and sk_s == sk_p and torch.equal(vid_s, vid_p)
     assert sum(b[2] for b in serial[0]) >= 5  # every bad file was met and reported
     assert [b[0] for b in serial[0]] != [b[0] for b in serial[1]]  # reshuffled per epoch
+
+
+def test_unexpected_errors_from_odd_files_are_skipped_not_raised(samples, tmp_path, monkeypatch):
+    """Whatever a file makes decoding or transforming raise (not only VideoDecodeError) must end as a
+    counted skip with a reason: an unknown codec used to escape as AttributeError and stop the run."""
+    unknown = tmp_path / "unknown_codec.avi"
+    unknown.write_bytes(write_video(tmp_path / "v.avi", textured_frames(8, 32, 32), codec="mpeg4")
+                        .read_bytes().replace(b"FMP4", b"ZZZZ"))
+    data = [(str(unknown), 0)] + samples[:2]
+    item = make(data)[0]
+    assert item["index"] != 0 and item["video"].shape == (T, 3, SIZE, SIZE)
+    assert [(s["index"], s["path"]) for s in item["skipped"]] == [(0, str(unknown))]
+    assert "no decoder" in item["skipped"][0]["reason"]
+
+    # errors raised past the decoder (a MemoryError on a huge frame, a ValueError from a transform)
+    import m2clip_fast.data.loader as loader_module
+
+    calls = []
+
+    def transform_failing_once(frames, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MemoryError("cannot allocate 4 GiB")
+        return train_transform(frames, **kw)
+
+    monkeypatch.setattr(loader_module, "train_transform", transform_failing_once)
+    item = make(samples[:3])[1]
+    assert item["skipped"] == [{"path": samples[1][0], "reason": "MemoryError: cannot allocate 4 GiB", "index": 1}]
+    assert item["index"] != 1 and len(calls) == 2

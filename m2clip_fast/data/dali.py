@@ -28,6 +28,7 @@ import torch
 
 from .datasets import DatasetError, Sample
 from .decode import VideoDecodeError, get_index
+from .loader import replacement_index, skip_reason
 from .sampling import SAMPLINGS, sample_indices
 from .transforms import CLIP_MEAN, CLIP_STD
 
@@ -150,10 +151,11 @@ class _FramePipelines:
                 pipe.feed_input("frames", [frames])
                 (out,) = pipe.run()
                 return _to_torch(out)
-            except (RuntimeError, IndexError, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 - DALI raises several types on a bad file
                 # a failed DALI pipeline stays unusable: drop it so the next call builds afresh
                 del self._pipes[device]
-                raise VideoDecodeError(path, f"DALI decode failed ({str(exc).splitlines()[-1][:160]})") from exc
+                lines = str(exc).strip().splitlines() or [type(exc).__name__]
+                raise VideoDecodeError(path, f"DALI decode failed ({lines[-1][:160]})") from exc
 
 
 _PIPELINES = _FramePipelines()
@@ -223,7 +225,7 @@ class _ClipSource:
         ld = self.loader
         n = len(ld.samples)
         for k in range(min(ld.max_attempts, n)):
-            j = (i + k * ld.replacement_step) % n
+            j = ld.replacement(i, k)
             path, label = ld.samples[j]
             rng = np.random.default_rng([ld.seed, ld.epoch, i, k])
             try:
@@ -232,8 +234,8 @@ class _ClipSource:
                 frames = sample_indices(ld.sampling, index.num_frames, ld.num_frames, train=ld.train,
                                         stride=ld.stride, num_clips=ld.num_clips, rng=rng).reshape(-1)
                 encoded = _read_bytes(path)
-            except VideoDecodeError as exc:
-                self.pending_skipped.append({"path": path, "reason": exc.reason, "index": j})
+            except Exception as exc:  # noqa: BLE001 - whatever an odd file triggers, never stop the run
+                self.pending_skipped.append({"path": path, "reason": skip_reason(exc), "index": j})
                 continue
             if ld.train:
                 lo, hi = round(ld.size * ld.scale_range[0]), round(ld.size * ld.scale_range[1])
@@ -279,7 +281,10 @@ class DALIClipLoader:
     :meth:`set_epoch` before each epoch.
     """
 
-    replacement_step = 7919
+    def replacement(self, i: int, k: int) -> int:
+        """The sample tried at attempt ``k`` (0: ``i`` itself) for item ``i``: the same chain as
+        :meth:`~m2clip_fast.data.VideoClipDataset.replacement`."""
+        return replacement_index(i, k, len(self.samples))
 
     def __init__(
         self,

@@ -1,7 +1,8 @@
 """The training/evaluation dataset and DataLoader: video files -> normalised clip tensors.
 
 :class:`VideoClipDataset` samples frame indices, decodes only those frames and transforms them.
-A bad video (missing, unreadable, corrupt, truncated, zero frames) never stops a run: it is
+A bad video (missing, unreadable, corrupt, truncated, zero frames, or any other exception its
+decoding or transforming raises) never stops a run: it is
 replaced by another sample chosen deterministically, and reported in the item's ``skipped`` list
 so the training loop can count it and log it (e.g. to ``skipped.jsonl``).
 
@@ -28,6 +29,12 @@ __all__ = ["VideoClipDataset", "collate", "build_loader", "ClipLoader", "REPLACE
 # step scatters them over the dataset (a run of bad files in one folder does not make every
 # neighbour fail the same way) and visits every sample when n is not a multiple of it.
 REPLACEMENT_STEP = 7919
+
+
+def replacement_index(i: int, k: int, n: int) -> int:
+    """The sample tried at attempt ``k`` (0: ``i`` itself) for item ``i`` of ``n`` samples."""
+    step = REPLACEMENT_STEP if n % REPLACEMENT_STEP else REPLACEMENT_STEP + 2  # 7921 = 89^2
+    return (i + k * step) % n
 
 
 class VideoClipDataset(Dataset):
@@ -98,9 +105,7 @@ class VideoClipDataset(Dataset):
 
     def replacement(self, i: int, k: int) -> int:
         """The sample tried at attempt ``k`` (0: ``i`` itself) for item ``i``."""
-        n = len(self.samples)
-        step = REPLACEMENT_STEP if n % REPLACEMENT_STEP else REPLACEMENT_STEP + 2  # 7921 = 89^2
-        return (i + k * step) % n
+        return replacement_index(i, k, len(self.samples))
 
     def _clip(self, path: str, rng: np.random.Generator) -> torch.Tensor:
         indices = sample_indices(
@@ -128,12 +133,23 @@ class VideoClipDataset(Dataset):
             rng = np.random.default_rng([self.seed, epoch, i, k])
             try:
                 video = self._clip(path, rng)
-            except VideoDecodeError as exc:
-                skipped.append({"path": path, "reason": exc.reason, "index": j})
+            except ImportError:  # a missing decoder backend (DALI) is a set-up error, not a bad file
+                raise
+            except Exception as exc:  # noqa: BLE001 - whatever an odd file triggers, never stop the run
+                skipped.append({"path": path, "reason": skip_reason(exc), "index": j})
                 continue
             return {"video": video, "label": label, "index": j, "skipped": skipped}
         reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped)
         raise DatasetError(f"item {i}: all {len(skipped)} attempted videos failed to decode ({reasons})")
+
+
+def skip_reason(exc: BaseException) -> str:
+    """A skipped video's reason in a few words: the VideoDecodeError's own, else the exception's
+    type and message (an unexpected error stays recognisable in ``skipped.jsonl``)."""
+    if isinstance(exc, VideoDecodeError):
+        return exc.reason
+    text = " ".join(str(exc).split())[:160]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def collate(batch: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
