@@ -47,10 +47,15 @@ def vc_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def cmlm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Masked label-word prediction: logits (B, L, V), targets (B, L) with IGNORE_INDEX off the masks."""
+    """Masked label-word prediction: logits (B, L, V), targets (B, L) with IGNORE_INDEX off the masks.
+
+    A batch with no masked word (every class name in it has no word to mask) has nothing to predict: the loss
+    is then an exact 0 that is still part of the graph (cross entropy would give 0/0 = NaN), so backward and
+    DDP's gradient reduction run as for any other step."""
+    logits = logits.flatten(0, 1).float()
     if not (targets != IGNORE_INDEX).any():
-        raise ValueError("CMLM batch has no masked word to predict")
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 class VisualClassifier(nn.Module):

@@ -280,6 +280,9 @@ class M2CLIP(nn.Module):
             self.cmlm_adapter = TextAdapter(text_width, config.text_bottleneck)
             attach_adapters(self.cmlm_block, pre_mlp=self.cmlm_adapter)
             self.mlm_head = MLMHead(text_width, len(self.vocabulary))
+            wordless = [n for n in self.class_names if not humanize(n).split()]
+            if wordless:
+                warnings.warn(f"class names without any word get no CMLM target: {wordless[:5]}")
         self._text_cache: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.use_text_cache = True
         self.use_eot_text_path = True
@@ -350,6 +353,9 @@ class M2CLIP(nn.Module):
         if self.temporal_adapter is not None:
             frames = self.temporal_adapter(frames, t)
         pooled = self.clip.visual.ln_post(class_tokens.reshape(b, t, -1).mean(dim=1))
+        # that ln_post call went through the capture hook too: drop what it kept, so that the model holds no
+        # activation (nor, through it, the autograd graph of the whole forward) once this call returns
+        self._pre_norm_class_token = None
         return frames.reshape(b, t, -1), pooled
 
     def _visual_dtype(self) -> torch.dtype:
@@ -412,13 +418,32 @@ class M2CLIP(nn.Module):
             return tap
         return None
 
+    def _frozen_text_state(self) -> Tuple:
+        """(storage, version) of every frozen tensor the cached text states are computed from. Every in-place
+        write (``load_state_dict``, an optimizer step, ``copy_``) bumps a tensor's version, so a cache entry
+        made before it no longer matches. (Writes through ``.data`` are invisible to version counters: call
+        ``clear_text_cache()`` after those.)"""
+        clip = self.clip
+        tensors = [clip.token_embedding.weight, clip.positional_embedding, *clip.transformer.parameters()]
+        if isinstance(getattr(clip, "attn_mask", None), torch.Tensor):
+            tensors.append(clip.attn_mask)
+        return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
+
+    def clear_text_cache(self) -> None:
+        """Forget the cached frozen-text states (they are recomputed on the next ``encode_text``)."""
+        self._text_cache.clear()
+
     def _class_prompt_states(self, class_names: Sequence[str], templates: Sequence[str]):
         """Tokens (P·C, n) and what the frozen text layers give for every (template, class) prompt, cached
-        until the class list, templates, device or dtype change: the hidden states after the frozen blocks
-        (P·C, n, width) or, on the end-of-text path, the last block's adapter input at the EOT rows (P·C, width)."""
+        until the class list, templates, device, dtype, autocast state or any frozen text weight change: the
+        hidden states after the frozen blocks (P·C, n, width) or, on the end-of-text path, the last block's
+        adapter input at the EOT rows (P·C, width). The text adapters come after what is cached, so training
+        them never makes the cache stale."""
         device, dtype = self.clip.token_embedding.weight.device, self.clip.token_embedding.weight.dtype
         tap = self._eot_tap() if self.use_eot_text_path else None
-        key = (tuple(class_names), tuple(templates), device, dtype, tap is not None)
+        autocast = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None)
+        key = (tuple(class_names), tuple(templates), device, dtype, autocast, tap is not None,
+               self._frozen_text_state())
         if self.use_text_cache and key in self._text_cache:
             return self._text_cache[key]
         tokens = torch.cat([self.prompts(class_names, t).tokens for t in templates]).to(device)
@@ -445,7 +470,9 @@ class M2CLIP(nn.Module):
 
     def encode_text(self, class_names: Optional[Sequence[str]] = None,
                     templates: Optional[Sequence[str]] = None) -> torch.Tensor:
-        """Class-name texts → (C, D) embeddings: mean over templates of the unit-norm prompt embeddings."""
+        """Class-name texts → (C, D) unit-norm embeddings: the mean over templates of the unit-norm prompt
+        embeddings, normalised again (CLIP's prompt ensembling; a mean of unit vectors is shorter than 1, by a
+        different amount per class, which would bias every cosine-similarity score)."""
         class_names = self.class_names if class_names is None else list(class_names)
         templates = tuple(templates or self.config.templates)
         with self._autocast(self.clip.token_embedding.weight.device):
@@ -455,12 +482,20 @@ class M2CLIP(nn.Module):
             else:
                 emb = self._project_text(self._adapted_text(hidden), tokens)
             emb = F.normalize(emb, dim=-1)
-        return emb.reshape(len(templates), len(class_names), -1).mean(dim=0)
+        emb = emb.reshape(len(templates), len(class_names), -1)
+        return emb[0] if len(templates) == 1 else F.normalize(emb.mean(dim=0), dim=-1)
 
     # ------------------------------------------------------------------------------------------- heads
     @property
     def logit_scale(self) -> torch.Tensor:
-        return self.clip.logit_scale.exp()
+        return self.clip.logit_scale.float().exp()
+
+    def _similarity_logits(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """logit_scale · cos(v_i, t_j), (B, D) × (C, D) → (B, C), in fp32 also under autocast: in bf16 a logit of
+        100·cos would keep under three significant digits (steps of 0.1 to 0.5), enough to flip close classes."""
+        with torch.autocast(v.device.type, enabled=False):
+            v, t = F.normalize(v.float(), dim=-1), F.normalize(t.float(), dim=-1)
+            return self.logit_scale * v @ t.t()
 
     def _cmlm_logits(self, labels: torch.Tensor, frames: torch.Tensor):
         """Mask label words of each sample's prompt and predict them from text cross-attending to frames.
@@ -490,15 +525,14 @@ class M2CLIP(nn.Module):
         out: Dict[str, torch.Tensor] = {}
         w = self.loss_weights
         if w["contrastive"] or w["cmc"]:
-            v = F.normalize(frames.mean(dim=1), dim=-1)
+            v = F.normalize(frames.mean(dim=1).float(), dim=-1)
             t = self.encode_text()
-            logits = self.logit_scale * v @ t.t()  # (B, C)
             if w["cmc"]:
-                out["cmc"] = cmc_loss(logits, labels)
+                out["cmc"] = cmc_loss(self._similarity_logits(v, t), labels)  # (B, C)
             if w["contrastive"]:
                 # Under DDP the contrast spans the global batch, so N processes train like one.
                 v_all, labels_all = gather_batch(v), gather_batch(labels)
-                out["contrastive"] = kl_contrastive_loss(self.logit_scale * v_all @ t[labels_all].t(), labels_all)
+                out["contrastive"] = kl_contrastive_loss(self._similarity_logits(v_all, t[labels_all]), labels_all)
         if w["vc"]:
             out["vc"] = vc_loss(self.vc_head(pooled), labels)
         if w["cmlm"]:
@@ -516,9 +550,8 @@ class M2CLIP(nn.Module):
 
     def _predict(self, video, class_names, templates) -> Dict[str, torch.Tensor]:
         frames, pooled = self.encode_frames(video)
-        v = F.normalize(frames.mean(dim=1), dim=-1)
         t = self.encode_text(class_names, templates)
-        out = {"text": (self.logit_scale * v @ t.t()).float().softmax(dim=-1)}
+        out = {"text": self._similarity_logits(frames.mean(dim=1), t).softmax(dim=-1)}
         same_classes = class_names is None or list(class_names) == self.class_names
         if same_classes:
             out["vc"] = self.vc_head(pooled).float().softmax(dim=-1)
@@ -530,8 +563,11 @@ class M2CLIP(nn.Module):
     # -------------------------------------------------------------------------------------- precision
     def set_backbone_dtype(self, dtype: torch.dtype) -> "M2CLIP":
         """Cast the frozen weights (CLIP and the CMLM block) to ``dtype``; adapters and heads keep fp32
-        master weights. The model's entry points then run under autocast to ``dtype``."""
+        master weights, and so does CLIP's scalar temperature (bf16 would turn logit scale 100 into 98.9).
+        The model's entry points then run under autocast to ``dtype``."""
+        scale = self.clip.logit_scale.detach().float().clone()
         self.clip.to(dtype)
+        self.clip.logit_scale.data = scale
         if self.cmlm_block is not None:
             self.cmlm_block.to(dtype)
         self._text_cache.clear()
@@ -557,6 +593,8 @@ class M2CLIP(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         self.clip.eval()  # frozen backbone: no dropout / patch dropout from CLIP itself
+        if self.cmlm_block is not None:
+            self.cmlm_block.eval()  # a frozen copy of CLIP's last text block, as frozen as the rest
         return self
 
 

@@ -146,13 +146,14 @@ def mask_label_words(
     words_per_prompt[i][j] is the vocabulary index of word j of prompt i.
     Returns (masked tokens (N, L), labels (N, L)) where labels hold the word's vocabulary index at every
     BPE position of a masked word and IGNORE_INDEX elsewhere. Unlike the official release (whose masking
-    never runs, so its CMLM loss is NaN), every prompt gets at least one target.
+    never runs, so its CMLM loss is NaN), every prompt with a label word gets at least one target; a class
+    name without any word (only punctuation, say) leaves its prompt unmasked, with no target.
     """
     tokens = prompts.tokens.clone()
     labels = torch.full_like(tokens, IGNORE_INDEX)
     for i, spans in enumerate(prompts.word_spans):
         if not spans:
-            raise ValueError(f"prompt {i} has no label words to mask")
+            continue
         count = max(1, round(ratio * len(spans)))
         chosen = torch.randperm(len(spans), generator=generator)[:count].tolist()
         for j in chosen:

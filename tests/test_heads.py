@@ -47,8 +47,16 @@ def test_cmlm_loss_only_counts_masked_positions():
     targets = torch.tensor([[IGNORE_INDEX, 1, IGNORE_INDEX]])
     expected = -(2.0 - math.log(math.exp(2.0) + 3))
     assert cmlm_loss(logits, targets).item() == pytest.approx(expected, rel=1e-6)
-    with pytest.raises(ValueError, match="no masked word"):
-        cmlm_loss(logits, torch.full((1, 3), IGNORE_INDEX))
+
+
+def test_cmlm_loss_without_any_masked_word_is_a_zero_in_the_graph():
+    """A batch whose class names have no word to mask: 0, not cross entropy's 0/0 = NaN nor an error that
+    stops training; still connected to the logits so backward (and DDP) run as on any step."""
+    logits = torch.randn(2, 3, 4, requires_grad=True)
+    loss = cmlm_loss(logits, torch.full((2, 3), IGNORE_INDEX))
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
 
 
 def test_mlm_head_parameter_count_matches_official_formula():

@@ -1,6 +1,7 @@
 """M2CLIP on the tiny open_clip backbone: shapes, exact frozen-CLIP equivalence when fresh, gradients,
 losses, CMLM learning, text cache, checkpoint round-trip and input validation."""
 import copy
+import warnings
 
 import open_clip
 import pytest
@@ -291,3 +292,103 @@ def test_gradient_checkpointing_computes_the_same():
     assert set(ckpt_grads) == set(plain_grads)
     for n, g in ckpt_grads.items():
         torch.testing.assert_close(g, plain_grads[n], rtol=1e-5, atol=1e-7)
+
+
+def test_prompt_ensemble_gives_unit_norm_class_embeddings_and_cosine_scores():
+    """Several templates: each class embedding is the renormalised mean of its unit-norm prompt embeddings
+    (CLIP's ensembling), so 'text' is a softmax of cosines; a bare mean is shorter than 1 by a different amount
+    per class, which scales every class's logits differently (what zero-shot evaluation's 8 templates hit)."""
+    m = tiny().eval()
+    randomise_tunable(m)
+    v, names, templates = video(), ["jumping", "sitting down", "surfing"], ["a photo of {}.", "{}", "a clip of {}"]
+    t = m.encode_text(names, templates)
+    torch.testing.assert_close(t.norm(dim=-1), torch.ones(3))
+    per_template = torch.stack([m.encode_text(names, [template]) for template in templates])
+    expected_t = torch.nn.functional.normalize(per_template.mean(dim=0), dim=-1)
+    torch.testing.assert_close(t, expected_t)
+    video_emb = torch.nn.functional.normalize(m.encode_video(v), dim=-1)
+    expected = (m.clip.logit_scale.exp() * video_emb @ expected_t.t()).softmax(dim=-1)
+    torch.testing.assert_close(m.predict(v, class_names=names, templates=templates)["text"], expected)
+
+
+def test_text_cache_follows_frozen_text_weights():
+    """The cache holds what the frozen text layers give: loading other weights into them (a random backbone's
+    checkpoint) or any in-place edit must refresh it; training the adapters must not need to."""
+    m = tiny().eval()
+    v = video()
+    m.predict(v)  # fill the cache
+    torch.manual_seed(11)
+    other = create_model("tiny", class_names=CLASSES, fused=False).eval()
+    m.load_state_dict(other.state_dict())
+    torch.testing.assert_close(m.predict(v)["text"], other.predict(v)["text"], rtol=0, atol=0)
+    with torch.no_grad():
+        m.clip.transformer.resblocks[0].mlp.c_fc.weight.mul_(1.5)
+    cached = m.predict(v)["text"]
+    m.clear_text_cache()
+    torch.testing.assert_close(cached, m.predict(v)["text"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("eot", [True, False])
+def test_text_cache_is_not_shared_between_autocast_and_full_precision(eot):
+    """States cached under bf16 autocast carry bf16 rounding: an fp32 call afterwards must not reuse them."""
+    m = tiny().eval()
+    m.use_eot_text_path = eot
+    reference = m.encode_text().detach()
+    m._text_cache.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m.encode_text()
+    torch.testing.assert_close(m.encode_text().detach(), reference, rtol=0, atol=0)
+
+
+def test_bf16_backbone_keeps_the_temperature_and_the_similarity_in_fp32():
+    """bf16 would round ln(logit scale) (ln 100 → 4.594, a scale of 98.9) and the B×C cosine logits (steps of
+    0.1-0.5 at scale 100); both are tiny computations, done in fp32 on top of the bf16 features."""
+    m = tiny().eval()
+    randomise_tunable(m)
+    scale = m.clip.logit_scale.detach().clone()
+    m.set_backbone_dtype(torch.bfloat16)
+    assert m.backbone_dtype == torch.bfloat16 and torch.equal(m.clip.logit_scale.detach(), scale)
+    v = video()
+    with torch.no_grad():
+        video_emb = torch.nn.functional.normalize(m.encode_video(v).float(), dim=-1)
+        text_emb = torch.nn.functional.normalize(m.encode_text().float(), dim=-1)
+    expected = (scale.exp() * video_emb @ text_emb.t()).softmax(dim=-1)
+    probs = m.predict(v)["text"]
+    assert probs.dtype == torch.float32
+    torch.testing.assert_close(probs, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_train_mode_keeps_every_frozen_module_in_eval_mode():
+    m = tiny().train()
+    assert m.vc_head.training and m.ted_adapters.training
+    frozen = {name for name, module in m.named_modules()
+              if name and not any(p.requires_grad for p in module.parameters()) and next(module.parameters(), None)
+              is not None}
+    assert "cmlm_block" in frozen and "clip" in frozen
+    assert not [name for name, module in m.named_modules() if name in frozen and module.training]
+
+
+def test_no_activation_is_kept_after_a_call():
+    """A forward whose loss is dropped without backward (validation with grad on) must free its graph: the
+    model must not keep a tensor of it (the captured class tokens) until the next call."""
+    m = tiny().train()
+    m(video(), torch.tensor([0, 1]))
+    assert m._pre_norm_class_token is None
+    m.predict(video())
+    assert m._pre_norm_class_token is None
+
+
+def test_class_without_any_word_trains_with_no_cmlm_target():
+    """A class name of punctuation only has no word to mask: a warning when the model is built, and batches
+    holding it train (CMLM on the other samples; 0 when none has a word) instead of failing."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m = create_model("tiny", class_names=["??", "moving left", "growing"], fused=False)
+    m.train()
+    only = m(video(), torch.tensor([0, 0]))
+    assert only["cmlm"].item() == 0.0 and torch.isfinite(only["loss"])
+    only["loss"].backward()
+    mixed = m(video(), torch.tensor([0, 2]))
+    assert mixed["cmlm"].item() > 0 and torch.isfinite(mixed["loss"])
+    assert any("without any word" in str(w.message) and "'??'" in str(w.message) for w in caught)

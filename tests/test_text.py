@@ -56,3 +56,16 @@ def test_class_file_errors(tmp_path):
     dup.write_text("a\nb\na\n")
     with pytest.raises(ValueError, match="duplicate class name"):
         load_class_names(dup)
+
+
+def test_a_prompt_without_label_words_gets_no_target_and_the_others_still_do(prompts):
+    """A class name of punctuation only ("??") has no word: its prompt stays as it is, with no target, instead
+    of failing every training batch that holds it."""
+    names = ["??", "playing bass guitar"]
+    built = prompts(names, "a video of a person {}.")
+    assert built.word_spans[0] == []
+    vocab = label_words(names)
+    words = [[vocab.index(w) for w in humanize(n).split()] for n in names]
+    tokens, labels = mask_label_words(built, words, prompts.mask_token, 0.2, torch.Generator().manual_seed(0))
+    assert torch.equal(tokens[0], built.tokens[0]) and (labels[0] == IGNORE_INDEX).all()
+    assert (labels[1] != IGNORE_INDEX).any()
