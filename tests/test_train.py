@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -318,7 +319,10 @@ def test_ddp_two_processes_equal_one_process(dataset, tmp_path, capsys):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def torchrun(args):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+        with socket.socket() as probe:  # a free port: a fixed one collides with another suite running beside this
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
                "-m", "m2clip_fast.train", *args]
         result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
