@@ -124,13 +124,13 @@ class OfficialStyleM2CLIP(M2CLIP):
     def encode_text(self, class_names: Optional[Sequence[str]] = None,
                     templates: Optional[Sequence[str]] = None) -> torch.Tensor:
         """open_clip's ``encode_text`` (every layer, ln_final on every row, EOT pooling, projection) on every
-        prompt, then the mean over templates of the unit-norm embeddings, as ``M2CLIP.encode_text``."""
+        prompt, then the mean over templates of the unit-norm embeddings, renormalised, as ``M2CLIP.encode_text``."""
         class_names = self.class_names if class_names is None else list(class_names)
         templates = tuple(templates or self.config.templates)
         tokens = self._prompt_tokens(class_names, templates)
         with self._autocast(tokens.device):
             emb = F.normalize(self.clip.encode_text(tokens), dim=-1)
-        return emb.reshape(len(templates), len(class_names), -1).mean(dim=0)
+        return F.normalize(emb.reshape(len(templates), len(class_names), -1).mean(dim=0), dim=-1)
 
 
 def make_official_style(model: M2CLIP) -> OfficialStyleM2CLIP:
