@@ -200,3 +200,76 @@ def test_dali_loader_replaces_like_the_dataset_when_n_is_a_multiple_of_the_step(
     assert int(item[-1]) == reference.replacement(0, 1) != 0
     assert [s["index"] for s in loader._source.pending_skipped] == [0]
     assert [loader.replacement(0, k) for k in range(4)] == [reference.replacement(0, k) for k in range(4)]
+
+
+def write_undecodable_vp9(src, dst):
+    """A copy of the VP9 WebM ``src`` whose container and packet index stay intact (so the loader's
+    up-front check passes) but whose every frame payload starts with a zero byte: not a VP9 frame
+    marker, so DALI's decoder fails ("Failed to send packet to decoder")."""
+    data = bytearray(open(src, "rb").read())
+    with av.open(str(src)) as container:
+        packets = [(p.pos, bytes(p)) for p in container.demux(video=0) if p.size]
+    for pos, payload in packets:
+        offset = data.find(payload, pos)
+        assert offset >= 0
+        data[offset] = 0
+    open(dst, "wb").write(bytes(data))
+    return str(dst)
+
+
+def test_dali_loader_replaces_a_file_that_fails_inside_the_batch(vp9, tmp_path):
+    """A file DALI cannot decode although its index is fine used to raise out of the loader and stop
+    the run. Now it is reported with a reason, replaced along the chain, the batch stays full, the
+    good samples' frames are exactly those decoded without the bad file, and the pipeline keeps
+    working for the next epoch."""
+    from m2clip_fast.data.decode import get_index
+
+    _, paths = vp9
+    bad = write_undecodable_vp9(paths[0], tmp_path / "undecodable.webm")
+    assert get_index(bad).num_frames == 30  # passes the loader's up-front check
+    good = [str(p) for p in paths[1:]]
+    samples = [(good[0], 0), (good[1], 1), (bad, 2), (good[2], 3)]
+    common = dict(num_frames=4, size=32, train=False, sampling="uniform", device="cpu")
+
+    # the crafted file really makes DALI's batch decoding raise (a plain two-sample pipeline)
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=2, num_threads=1, device_id=None, exec_dynamic=True, prefetch_queue_depth=1)
+    def probe():
+        return fn.decoders.video(fn.external_source(name="encoded", dtype=types.UINT8, ndim=1),
+                                 frames=fn.external_source(name="frames", dtype=types.INT32, ndim=1), device="cpu")
+
+    pipe = probe()
+    pipe.build()
+    pipe.feed_input("encoded", [np.fromfile(p, dtype=np.uint8) for p in (good[0], bad)])
+    pipe.feed_input("frames", [np.array([0, 9], dtype=np.int32)] * 2)
+    with pytest.raises(RuntimeError, match="Failed to send packet to decoder"):
+        pipe.run()
+    del pipe
+
+    loader = DALIClipLoader(samples, batch_size=2, **common)
+    reference = DALIClipLoader([(p, 0) for p in good], batch_size=1, **common)
+    want = {p: b["video"][0] for p, b in zip(good, reference)}
+    first = None
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        assert [b["video"].shape for b in batches] == [(2, 1, 4, 3, 32, 32)] * 2
+        assert [b["index"].tolist() for b in batches] == [[0, 1], [loader.replacement(2, 1), 3]] == [[0, 1], [1, 3]]
+        assert batches[0]["skipped"] == []
+        (skip,) = batches[1]["skipped"]
+        assert skip["path"] == bad and skip["index"] == 2
+        assert skip["reason"].startswith("DALI decode failed (") and "Failed to send packet" in skip["reason"]
+        for b in batches:
+            for video, j in zip(b["video"], b["index"].tolist()):
+                assert torch.equal(video, want[samples[j][0]])
+        if first is not None:
+            assert all(torch.equal(a["video"], b["video"]) for a, b in zip(first, batches))
+        first = batches
+
+    # training: the same full batch shape, the bad file skipped once per epoch
+    train = DALIClipLoader(samples, batch_size=4, num_frames=4, size=32, train=True, device="cpu", seed=3)
+    (batch,) = list(train)
+    assert batch["video"].shape == (4, 4, 3, 32, 32)
+    assert [s["path"] for s in batch["skipped"]] == [bad]
+    assert bad not in [samples[j][0] for j in batch["index"].tolist()]

@@ -9,16 +9,17 @@ Two entry points:
 * :class:`DALIClipLoader` — a training/validation iterator: a Python source picks the frame
   indices and augmentation parameters per sample (seeded by ``(seed, epoch, index)`` like
   :class:`~m2clip_fast.data.VideoClipDataset`) and DALI decodes, resizes, crops, flips and
-  normalises, yielding ``{"video", "label", "index", "skipped"}`` batches through
-  ``DALIGenericIterator``.
+  normalises, yielding ``{"video", "label", "index", "skipped"}`` batches.
 
 Files are validated with the PyAV packet index first (cheap: demux only), so broken files raise
 :class:`~m2clip_fast.data.VideoDecodeError` with a clear reason instead of invalidating the DALI
-pipeline, and so that frame ``i`` means the same frame as with the PyAV backend.
+pipeline, and so that frame ``i`` means the same frame as with the PyAV backend. A file that
+passes that check but still makes DALI's decoder fail inside a loader batch is found by decoding
+the batch's files one at a time, skipped and replaced; the pipeline is then rebuilt and the batch
+run again.
 """
 from __future__ import annotations
 
-import collections
 import os
 import threading
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -121,6 +122,28 @@ def _to_torch(dali_batch, sample: int = 0) -> torch.Tensor:
     return torch.from_numpy(np.array(tensor))
 
 
+def _dali_error_text(exc: BaseException) -> str:
+    """The informative line of a DALI error: the one after "encountered:" (the operator's own
+    message) when present, else the last line that is not DALI's generic pipeline notice."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if "encountered:" in lines[:-1]:
+        return lines[lines.index("encountered:") + 1][:160]
+    lines = [line for line in lines if not line.startswith(("Current pipeline object", "Critical error"))]
+    return lines[-1][:160] if lines else type(exc).__name__
+
+
+def _batch_to_torch(batch, dtype: torch.dtype) -> torch.Tensor:
+    """A whole DALI TensorList of equally shaped samples as one torch tensor (copied)."""
+    from nvidia.dali.backend import TensorListGPU
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    if isinstance(batch, TensorListGPU):
+        out = torch.empty(tuple(batch.as_tensor().shape()), dtype=dtype, device="cuda")
+        feed_ndarray(batch, out, cuda_stream=torch.cuda.current_stream())
+        return out
+    return torch.from_numpy(np.array(batch.as_tensor())).to(dtype)
+
+
 class _FramePipelines:
     """One single-sample decoding pipeline per device, per process, rebuilt after a failure."""
 
@@ -154,8 +177,7 @@ class _FramePipelines:
             except Exception as exc:  # noqa: BLE001 - DALI raises several types on a bad file
                 # a failed DALI pipeline stays unusable: drop it so the next call builds afresh
                 del self._pipes[device]
-                lines = str(exc).strip().splitlines() or [type(exc).__name__]
-                raise VideoDecodeError(path, f"DALI decode failed ({lines[-1][:160]})") from exc
+                raise VideoDecodeError(path, f"DALI decode failed ({_dali_error_text(exc)})") from exc
 
 
 _PIPELINES = _FramePipelines()
@@ -187,27 +209,22 @@ def decode_frames_dali(path: str, indices: Sequence[int], *, device: Optional[st
 # training / validation loader
 
 
+# the pipeline's external sources, in the order of _ClipSource's item columns
+_INPUTS = ("encoded", "frames", "short", "pos_x", "pos_y", "mirror", "label", "index")
+
+
 class _ClipSource:
-    """DALI external source (batch mode): per sample the encoded file, frame indices, resize and
-    crop parameters, label and index. Bad files are replaced like in VideoClipDataset and logged
-    in ``pending_skipped``."""
+    """Per sample the encoded file, frame indices, resize and crop parameters, label and index,
+    fed to the pipeline batch by batch. Bad files are replaced like in VideoClipDataset and logged
+    in ``pending_skipped`` until the batch is yielded."""
 
     def __init__(self, loader: "DALIClipLoader"):
         self.loader = loader
-        self.order: Optional[List[int]] = None
+        self.order: List[int] = []
         self.cursor = 0
         self.pending_skipped: List[Dict[str, Any]] = []
-        # one list per produced batch, consumed in order by the iterator: DALI runs the source
-        # ahead of the consumer, so a single shared list would mix up batches
-        self.batch_skipped: "collections.deque[List[Dict[str, Any]]]" = collections.deque()
 
-    def __iter__(self):
-        # DALI calls iter() as soon as the previous epoch ends, before the caller's set_epoch();
-        # the epoch's order is therefore fixed lazily, by the first batch request
-        self.order = None
-        return self
-
-    def _start_epoch(self) -> None:
+    def start_epoch(self) -> None:
         ld = self.loader
         n = len(ld.samples)
         order = np.random.default_rng([ld.seed, ld.epoch]).permutation(n) if ld.shuffle else np.arange(n)
@@ -219,23 +236,30 @@ class _ClipSource:
         if ld.drop_last:
             self.order = self.order[: len(self.order) // ld.batch_size * ld.batch_size]
         self.cursor = 0
-        self.batch_skipped.clear()
+        self.pending_skipped = []
 
-    def _one(self, i: int) -> Tuple:
+    def skip(self, path: str, reason: str, j: int) -> None:
+        self.pending_skipped.append({"path": path, "reason": reason, "index": j})
+
+    def attempt(self, i: int, first: int = 0) -> Tuple[int, Tuple]:
+        """``(k, item)`` for item ``i``: the first usable sample of its replacement chain from
+        attempt ``first`` on (files DALI failed to decode before count as unusable)."""
         ld = self.loader
         n = len(ld.samples)
-        for k in range(min(ld.max_attempts, n)):
+        for k in range(first, min(ld.max_attempts, n)):
             j = ld.replacement(i, k)
             path, label = ld.samples[j]
             rng = np.random.default_rng([ld.seed, ld.epoch, i, k])
             try:
+                if path in ld.undecodable:
+                    raise VideoDecodeError(path, ld.undecodable[path])
                 index = get_index(path)
                 _check_codec(path, index.codec, ld.device)
                 frames = sample_indices(ld.sampling, index.num_frames, ld.num_frames, train=ld.train,
                                         stride=ld.stride, num_clips=ld.num_clips, rng=rng).reshape(-1)
                 encoded = _read_bytes(path)
             except Exception as exc:  # noqa: BLE001 - whatever an odd file triggers, never stop the run
-                self.pending_skipped.append({"path": path, "reason": skip_reason(exc), "index": j})
+                self.skip(path, skip_reason(exc), j)
                 continue
             if ld.train:
                 lo, hi = round(ld.size * ld.scale_range[0]), round(ld.size * ld.scale_range[1])
@@ -246,21 +270,22 @@ class _ClipSource:
                 target, mirror = float(ld.size), 0
                 along, across = np.array(CROP_FRACTIONS[ld.num_crops]), np.full(ld.num_crops, 0.5)
                 pos_x, pos_y = (along, across) if index.width >= index.height else (across, along)
-            return (encoded, frames.astype(np.int32), np.float32(target), pos_x.astype(np.float32),
-                    pos_y.astype(np.float32), np.int32(mirror), np.int64(label), np.int64(j))
+            return k, (encoded, frames.astype(np.int32), np.array(target, np.float32), pos_x.astype(np.float32),
+                       pos_y.astype(np.float32), np.array(mirror, np.int32), np.array(label, np.int64),
+                       np.array(j, np.int64))
         raise DatasetError(f"item {i}: all attempted videos failed "
                            f"({'; '.join(s['path'] + ': ' + s['reason'] for s in self.pending_skipped[-5:])})")
 
-    def __next__(self):
-        if self.order is None:
-            self._start_epoch()
+    def _one(self, i: int) -> Tuple:
+        return self.attempt(i)[1]
+
+    def next_ids(self) -> Optional[List[int]]:
+        """The items of the next batch, None at the end of the epoch."""
         if self.cursor >= len(self.order):
-            raise StopIteration
-        items = [self._one(i) for i in self.order[self.cursor:self.cursor + self.loader.batch_size]]
+            return None
+        ids = self.order[self.cursor:self.cursor + self.loader.batch_size]
         self.cursor += self.loader.batch_size
-        self.batch_skipped.append(self.pending_skipped)
-        self.pending_skipped = []
-        return [list(column) for column in zip(*items)]
+        return ids
 
 
 class DALIClipLoader:
@@ -279,6 +304,11 @@ class DALIClipLoader:
     (B, V, T, 3, size, size), V = num_clips · num_crops views ordered clip-major.
     ``shard_id``/``num_shards`` split the data for distributed training. Call
     :meth:`set_epoch` before each epoch.
+
+    Bad videos never stop the run: files that fail the up-front check and files that fail inside
+    DALI's batch decoding (found by decoding the failed batch's files one at a time, then
+    remembered in ``undecodable``) are reported in ``skipped`` and replaced along
+    :meth:`replacement`'s chain, so every batch keeps its size.
     """
 
     def replacement(self, i: int, k: int) -> int:
@@ -309,7 +339,7 @@ class DALIClipLoader:
         num_clips: int = 1,
         num_crops: int = 1,
     ):
-        fn, pipeline_def, types = _dali()
+        _dali()
         if not samples:
             raise DatasetError("DALIClipLoader needs at least one sample")
         if train and (num_clips != 1 or num_crops != 1):
@@ -329,18 +359,26 @@ class DALIClipLoader:
         self.drop_last, self.seed, self.scale_range = drop_last, seed, tuple(scale_range)
         self.device = _resolve_device(device)
         self.shard_id, self.num_shards, self.max_attempts = shard_id, num_shards, max_attempts
+        self.num_threads = num_threads
         self.epoch = 0
         self._source = _ClipSource(self)
-        gpu = self.device == "mixed"
+        # path -> reason for files that passed the up-front check but failed inside DALI's decoder
+        self.undecodable: Dict[str, str] = {}
+        self._pipe = self._build_pipeline()
 
-        @pipeline_def(batch_size=batch_size, num_threads=num_threads,
+    def _build_pipeline(self):
+        fn, pipeline_def, types = _dali()
+        gpu = self.device == "mixed"
+        size, num_crops = self.size, self.num_crops
+
+        @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads,
                       device_id=torch.cuda.current_device() if gpu else None,
                       exec_dynamic=True, prefetch_queue_depth=1)
         def clip_pipeline():
-            encoded, frames, short, pos_x, pos_y, mirror, label, index = fn.external_source(
-                source=self._source, num_outputs=8, batch=True, cycle="raise",
-                dtype=[types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.FLOAT, types.INT32,
-                       types.INT64, types.INT64])
+            encoded, frames, short, pos_x, pos_y, mirror, label, index = (
+                fn.external_source(name=name, dtype=dtype, ndim=ndim) for name, dtype, ndim in zip(
+                    _INPUTS, [types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.FLOAT, types.INT32,
+                              types.INT64, types.INT64], [1, 1, 0, 1, 1, 0, 0, 0]))
             video = fn.decoders.video(encoded, frames=frames, device=self.device)  # (clips·T, H, W, 3)
             video = fn.resize(video, resize_shorter=short, antialias=True, interp_type=types.INTERP_LINEAR)
             # one crop op per view (pos_x / pos_y hold num_crops positions per sample), stacked:
@@ -351,9 +389,51 @@ class DALIClipLoader:
                 dtype=types.FLOAT, output_layout="FCHW") for k in range(num_crops)]
             return fn.stack(*views), label, index
 
-        self._pipe = clip_pipeline()
-        self._pipe.build()
-        self._iterator = None
+        pipe = clip_pipeline()
+        pipe.build()
+        return pipe
+
+    def _run(self, items: List[Tuple]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._pipe is None:
+            self._pipe = self._build_pipeline()
+        for name, column in zip(_INPUTS, zip(*items)):
+            self._pipe.feed_input(name, list(column))
+        video, label, index = self._pipe.run()
+        return (_batch_to_torch(video, torch.float32), _batch_to_torch(label, torch.int64),
+                _batch_to_torch(index, torch.int64))
+
+    def _find_undecodable(self, items: List[Tuple]) -> List[Tuple[int, str]]:
+        """``(position, reason)`` of the batch's samples that DALI cannot decode on their own."""
+        bad = []
+        for pos, item in enumerate(items):
+            path = self.samples[int(item[-1])][0]
+            try:
+                _PIPELINES.run(self.device, item[0], item[1], path)
+            except VideoDecodeError as exc:
+                bad.append((pos, exc.reason))
+        return bad
+
+    def _decode_batch(self, ids: List[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decode and transform the items ``ids``; a sample whose file makes DALI fail is recorded
+        as skipped and replaced by the next sample of its chain, so the batch stays full."""
+        attempts = [self._source.attempt(i) for i in ids]
+        while True:
+            items = [item for _, item in attempts]
+            try:
+                return self._run(items)
+            except Exception as exc:  # noqa: BLE001 - DALI raises several types on a bad file
+                # a failed DALI pipeline stays unusable: the next run builds a fresh one
+                self._pipe = None
+                bad = self._find_undecodable(items)
+                if not bad:  # not a file's fault: nothing to replace
+                    raise
+                for pos, reason in bad:
+                    j = int(items[pos][-1])
+                    path = self.samples[j][0]
+                    self.undecodable[path] = reason
+                    self._source.skip(path, reason, j)
+                for pos, _ in bad:
+                    attempts[pos] = self._source.attempt(ids[pos], attempts[pos][0] + 1)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch that seeds the next iteration's shuffle and augmentation."""
@@ -364,24 +444,20 @@ class DALIClipLoader:
         return per_shard // self.batch_size if self.drop_last else -(-per_shard // self.batch_size)
 
     def __iter__(self):
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator
-
-        # no auto-reset and no first batch prepared ahead: the source must start each epoch only
-        # when iteration starts, after set_epoch(), or the epoch's seeds would be stale
-        if self._iterator is None:
-            self._iterator = DALIGenericIterator(self._pipe, ["video", "label", "index"],
-                                                 auto_reset=False, prepare_first_batch=False)
-        else:
-            self._iterator.reset()
-        for (batch,) in self._iterator:
-            skipped = self._source.batch_skipped.popleft()
-            video = batch["video"]  # (B, crops, clips·T, 3, S, S)
-            b, crops, _, *chw = video.shape
+        source = self._source
+        source.start_epoch()
+        while True:
+            ids = source.next_ids()
+            if ids is None:
+                return
+            video, label, index = self._decode_batch(ids)
+            skipped, source.pending_skipped = source.pending_skipped, []
+            b, crops, _, *chw = video.shape  # (B, crops, clips·T, 3, S, S)
             video = video.view(b, crops, self.num_clips, self.num_frames, *chw).transpose(1, 2)
             video = video[:, 0, 0] if self.train else video.reshape(b, self.num_clips * crops, self.num_frames, *chw)
             yield {
                 "video": video,
-                "label": batch["label"].reshape(-1).long(),
-                "index": batch["index"].reshape(-1).long(),
+                "label": label.reshape(-1),
+                "index": index.reshape(-1),
                 "skipped": skipped,
             }
