@@ -138,8 +138,11 @@ def _batch_to_torch(batch, dtype: torch.dtype) -> torch.Tensor:
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
     if isinstance(batch, TensorListGPU):
-        out = torch.empty(tuple(batch.as_tensor().shape()), dtype=dtype, device="cuda")
-        feed_ndarray(batch, out, cuda_stream=torch.cuda.current_stream())
+        # the dense tensor, not the list: feed_ndarray compares shape() with the target's, and a
+        # TensorList's shape() is its per-sample shapes
+        dense = batch.as_tensor()
+        out = torch.empty(tuple(dense.shape()), dtype=dtype, device=torch.device("cuda", torch.cuda.current_device()))
+        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream())
         return out
     return torch.from_numpy(np.array(batch.as_tensor())).to(dtype)
 
