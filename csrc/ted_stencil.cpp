@@ -679,6 +679,7 @@ at::Tensor taps_major(const at::Tensor& w, int64_t r, int64_t taps, const char* 
 
 struct Checked {
   Geometry g;
+  bool split;  // Z given as patch rows + Z_class (else whole)
   at::Tensor b_e, w_e, cb_e, b_d, w_d, cb_d;
   Params params() const {
     return {b_e.data_ptr<float>(), w_e.data_ptr<float>(), cb_e.data_ptr<float>(),
@@ -716,6 +717,7 @@ Checked check_common(const at::Tensor& Z, const c10::optional<at::Tensor>& Z_cla
   }
   Checked ck;
   ck.g = Geometry{B, T, L, h, w, Z.size(1) / 2, C};
+  ck.split = split;
   const int64_t r = ck.g.r;
   ck.b_e = as_float_vec(b_e, r, "down_e.bias");
   ck.w_e = taps_major(w_e, r, 3, "conv_e.weight");
@@ -757,10 +759,9 @@ T* ptr(const at::Tensor& t) {
 }
 
 template <typename Tz>
-ZRows<Tz> z_rows(const at::Tensor& Z, const c10::optional<at::Tensor>& Z_class, const Geometry& g) {
-  if (Z_class.has_value() && Z_class->defined())
-    return ZRows<Tz>::split(ptr<const Tz>(Z), ptr<const Tz>(*Z_class), g);
-  return ZRows<Tz>::full(ptr<const Tz>(Z), g);
+ZRows<Tz> z_rows(const at::Tensor& Z, const c10::optional<at::Tensor>& Z_class, const Checked& ck) {
+  return ck.split ? ZRows<Tz>::split(ptr<const Tz>(Z), ptr<const Tz>(*Z_class), ck.g)
+                  : ZRows<Tz>::full(ptr<const Tz>(Z), ck.g);
 }
 
 template <typename Ts, typename Td>
@@ -810,7 +811,7 @@ std::vector<at::Tensor> ted_stencil_forward(const at::Tensor& Z, const c10::opti
   dispatch_types(z_type, out_type, [&](auto z_tag, auto o_tag) {
     using Tz = decltype(z_tag);
     using To = decltype(o_tag);
-    FwdArgs<Tz, To> a{ck.g, ck.params(), z_rows<Tz>(Z, Z_class, ck.g), ptr<Tz>(S), nullptr, nullptr, nullptr,
+    FwdArgs<Tz, To> a{ck.g, ck.params(), z_rows<Tz>(Z, Z_class, ck), ptr<Tz>(S), nullptr, nullptr, nullptr,
                       nullptr};
     if (with_out) {
       a.residual = ptr<const To>(*residual);
@@ -849,7 +850,7 @@ std::vector<at::Tensor> ted_stencil_backward(const at::Tensor& Z, const c10::opt
   dispatch_types(z_type, grad.scalar_type(), [&](auto z_tag, auto o_tag) {
     using Tz = decltype(z_tag);
     using To = decltype(o_tag);
-    BwdArgs<Tz, To> a{g, ck.params(), z_rows<Tz>(Z, Z_class, g), ptr<const Tz>(dS), ptr<Tz>(S), ptr<Tz>(dZ),
+    BwdArgs<Tz, To> a{g, ck.params(), z_rows<Tz>(Z, Z_class, ck), ptr<const Tz>(dS), ptr<Tz>(S), ptr<Tz>(dZ),
                       ptr<const To>(grad), init_dx ? ptr<To>(dx) : nullptr};
     sums = run_backward(a);
   });

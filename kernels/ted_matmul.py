@@ -28,9 +28,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
-from .ted_stencil import launch_device
+from .ted_stencil import INTERPRETED, launch_device
 
 
 def _configs(interpreted: bool):
@@ -100,10 +99,9 @@ def _ted_up_kernel(
              mask=mask)
 
 
-_INTERPRETED = isinstance(_ted_up_kernel, InterpretedFunction)  # built for the CPU interpreter
 # Tuned per (N, K) and a power-of-two bucket of M: M = B·T·L changes with every partial batch and
 # evaluation view, and a full sweep per new M would stall each of them.
-_ted_up_kernel_tuned = triton.autotune(configs=_configs(_INTERPRETED), key=["M_BUCKET", "N", "K"])(_ted_up_kernel)
+_ted_up_kernel_tuned = triton.autotune(configs=_configs(INTERPRETED), key=["M_BUCKET", "N", "K"])(_ted_up_kernel)
 
 
 def fp32_matmul_uses_tf32() -> bool:
@@ -146,6 +144,6 @@ def ted_up_projection(s: torch.Tensor, w_up_t: torch.Tensor, residual: torch.Ten
             s, w_up_t, residual, out, bias_e.contiguous(), bias_d.contiguous(),  # the kernel reads unit stride
             m, n, k, tokens_per_frame, triton.next_power_of_2(m),
             s.stride(0), w_up_t.stride(0), residual.stride(0), residual.stride(1), out.stride(0),
-            UPCAST=_INTERPRETED, INPUT_PRECISION=precision,
+            UPCAST=INTERPRETED, INPUT_PRECISION=precision,
         )
     return out

@@ -235,8 +235,8 @@ def _ted_stencil_kernel(
         tl.store(part_ptr + part_offs, acc, mask=own[:, None] & chan_ok[None, :])
 
 
-# Whether triton.jit built the kernel for the CPU interpreter (TRITON_INTERPRET=1 when this module
-# was imported); the autotuner's configs follow what the kernel actually is.
+# Whether triton.jit built the kernels for the CPU interpreter (TRITON_INTERPRET=1 when this package
+# was imported; ted_matmul's kernel is built in the same import); the autotuners' configs follow it.
 INTERPRETED = isinstance(_ted_stencil_kernel, InterpretedFunction)
 _ted_stencil_forward_kernel = triton.autotune(configs=_forward_configs(INTERPRETED), key=["R", "L", "T"])(
     _ted_stencil_kernel)

@@ -26,9 +26,6 @@ from .data.synthetic import CLASSES, dataset_meta, make_dataset, read_meta
 CHANCE_CLASSES = 8
 PROG = "python -m m2clip_fast.demo"
 
-# What train writes into its output folder and appends to or keeps across runs (config.json is rewritten).
-RUN_OUTPUTS = ("metrics.jsonl", "train_log.csv", "skipped.jsonl", "checkpoints/last.pt", "checkpoints/best.pt",
-               "training_curves.png")
 
 
 def prepare_data(data: Path, **params: Any) -> str:
@@ -71,11 +68,7 @@ def clear_previous_run(out: Path) -> List[Path]:
     train appends to its logs and keeps best.pt unless beaten, so without this a new demo run's curves,
     skipped list and best checkpoint would mix with the old run's (and TensorBoard would show both).
     """
-    stale = [out / name for name in RUN_OUTPUTS] + sorted((out / "tensorboard").glob("events.out.tfevents.*"))
-    deleted = [path for path in stale if path.is_file()]
-    for path in deleted:
-        path.unlink()
-    return deleted
+    return train_module.delete_files(train_module.run_outputs(out) + [out / "training_curves.png"])
 
 
 def plot_curves(run_dir: Path, png: Path, title: str) -> None:

@@ -351,18 +351,12 @@ def read_split(dataset: str, split_dir: str, data_root: str, split: int, train: 
     raise ValueError(f"split files are read for ucf101 or hmdb51, not {dataset!r}")
 
 
-def checked(samples, num_classes: int, skip_missing: bool, what: str,
-            root: Optional[str] = None) -> Tuple[list, List[Dict[str, str]]]:
-    """``(kept, dropped)`` samples of ``what`` (e.g. "training list X"), by :func:`check_samples`; ``root`` is
-    named when none of the files exists."""
-    return check_samples(samples, num_classes, skip_missing=skip_missing, what=what, root=root)
-
-
 def load_samples(path: str, data_root: Optional[str], class_names: Sequence[str], *, train: bool,
                  skip_missing: bool, what: str) -> Tuple[list, List[Dict[str, str]]]:
     """Read and check an annotation file: ``(kept samples, dropped missing files)``."""
     samples = read_annotations(path, data_root, class_names, train=train)
-    return checked(samples, len(class_names), skip_missing, f"{what} {path}", annotation_root(path, data_root))
+    return check_samples(samples, len(class_names), skip_missing=skip_missing, what=f"{what} {path}",
+                         root=annotation_root(path, data_root))
 
 
 def batches_from(loader, start: int) -> Iterable:

@@ -19,6 +19,7 @@ import torch
 
 from . import engine
 from .cli import run_main
+from .data import check_samples
 from .text import ZERO_SHOT_TEMPLATES, load_class_names
 
 
@@ -111,8 +112,8 @@ def _zero_shot_splits(args: argparse.Namespace, names: List[str]) -> Dict[int, t
     for split in args.splits:
         samples = engine.read_split(args.zero_shot, args.split_dir, args.data_root, split, train=False,
                                     class_names=names)
-        splits[split] = engine.checked(samples, len(names), args.skip_missing, f"{args.zero_shot} split {split}",
-                                       args.data_root)
+        splits[split] = check_samples(samples, len(names), skip_missing=args.skip_missing,
+                                      what=f"{args.zero_shot} split {split}", root=args.data_root)
     return splits
 
 

@@ -46,8 +46,9 @@ def stale_extension(module) -> Optional[str]:
 try:
     from m2clip_fast import _C
     _IMPORT_ERROR: Optional[BaseException] = None
-    if stale_extension(_C) is not None:
-        _C, _IMPORT_ERROR = None, ImportError(stale_extension(_C))
+    _stale = stale_extension(_C)
+    if _stale is not None:
+        _C, _IMPORT_ERROR = None, ImportError(_stale)
 except ImportError as exc:  # not built (no compiler at install time, or M2CLIP_NO_EXT=1)
     _C = None
     _IMPORT_ERROR = exc

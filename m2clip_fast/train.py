@@ -163,15 +163,25 @@ def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
                               f"to replace it, or choose another --output-dir")
 
 
-def clear_run(out: Path) -> List[Path]:
-    """Delete what an earlier run wrote to ``out`` (checkpoints, logs, TensorBoard events); returns what went."""
-    victims = [out / "checkpoints" / name for name in ("last.pt", "best.pt")]
-    victims += [out / name for name in RUN_LOGS + ("config.json",)]
-    victims += sorted((out / "tensorboard").glob("events.out.tfevents.*"))
-    removed = [p for p in victims if p.is_file()]
+def run_outputs(out: Path) -> List[Path]:
+    """What a run accumulates in ``out`` besides config.json (which every start rewrites): its checkpoints,
+    logs and TensorBoard events."""
+    return ([out / "checkpoints" / name for name in ("last.pt", "best.pt")] + [out / name for name in RUN_LOGS]
+            + sorted((out / "tensorboard").glob("events.out.tfevents.*")))
+
+
+def delete_files(paths: List[Path]) -> List[Path]:
+    """Delete those of ``paths`` that exist as files; returns them."""
+    removed = [p for p in paths if p.is_file()]
     for p in removed:
         p.unlink()
     return removed
+
+
+def clear_run(out: Path) -> List[Path]:
+    """Delete what an earlier run wrote to ``out`` (checkpoints, logs, TensorBoard events, config.json);
+    returns what went."""
+    return delete_files(run_outputs(out) + [out / "config.json"])
 
 
 def truncate_logs(out: Path, step: int) -> None:
