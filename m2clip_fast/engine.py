@@ -189,9 +189,13 @@ class _NoRandomInitWarning(logging.Filter):
 
 
 @contextmanager
-def whole_model_follows():
+def whole_model_follows(whole: bool = True):
     """Silence open_clip's "No pretrained weights loaded ... initialized randomly" while building a model
-    whose every weight is loaded from a checkpoint next (a random backbone is stored whole)."""
+    whose every weight is loaded from a checkpoint next (``whole``: a random backbone is stored whole);
+    with ``whole`` False, nothing is silenced."""
+    if not whole:
+        yield
+        return
     root, quiet = logging.getLogger(), _NoRandomInitWarning()
     root.addFilter(quiet)  # open_clip logs through the root logger
     try:
@@ -223,7 +227,7 @@ def load_model_checkpoint(path: Path, map_location="cpu", pretrained: Optional[s
     config = M2CLIPConfig(**{k: tuple(v) if k == "templates" else v for k, v in ckpt["config"].items()})
     source = checkpoint_backbone(ckpt, pretrained)
     whole = ckpt["pretrained"] is None
-    with whole_model_follows() if whole else nullcontext():
+    with whole_model_follows(whole):
         model = create_model(config, pretrained=source, class_names=ckpt["class_names"], **overrides)
     load_weights(model, ckpt["model"], whole, str(path))
     return model, ckpt

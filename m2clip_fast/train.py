@@ -395,7 +395,7 @@ def train(args: argparse.Namespace, progress: Optional[Dict[str, Any]] = None) -
     step = state["step"] if state is not None else 0
 
     whole = state is not None and state["pretrained"] is None  # a random backbone comes whole from the checkpoint
-    with engine.whole_model_follows() if whole else engine.nullcontext():
+    with engine.whole_model_follows(whole):
         model = create_model(cfg, pretrained=args.pretrained, class_names=class_names).to(device)
     amp_dtype = engine.resolve_amp(tcfg["amp"], device)
     if device.type == "cuda" and amp_dtype is not None:
