@@ -1,15 +1,26 @@
 """Frame-accurate sparse video decoding.
 
-Frame ``i`` of a video is the ``i``-th frame in presentation order, i.e. the frame with the
-``i``-th smallest presentation timestamp (pts): exactly what decoding the whole video and sorting
-the frames by pts gives (the official M²-CLIP loader, and :func:`decode_all_frames` here).
+Frame ``i`` of a video is the ``i``-th frame that a plain decode of the whole video outputs
+(``for frame in container.decode(stream)``): the decoder's output order, which is presentation
+order for every well-formed stream, whatever the timestamps say. (They can be wrong: DivX/XviD
+AVIs with packed B-frames label their decoded frames with shifted timestamps, so sorting by pts
+would swap frames.) :func:`decode_all_frames` returns exactly those frames.
 
-:func:`decode_frames` returns the same pixels while decoding only what the requested indices
-need. Per file it first builds a :class:`VideoIndex` by demuxing packets only (no decoding) — the
-pts, the seek timestamp and the keyframe flag of every frame — and caches it in a per-process LRU.
-Then, walking the requested frames in presentation order, it seeks to the keyframe before the
-next needed frame when that keyframe lies ahead of the decoder's position, and keeps decoding
-otherwise. Frames are identified by their pts, so B-frame reordering cannot shift them.
+:func:`decode_frames` returns the same pixels while decoding only what the requested indices need,
+where it can show that seeking lands on the right frame (the *fast path*). Per file it first builds
+a :class:`VideoIndex` by demuxing packets only (no decoding) — the pts, the seek timestamp and the
+keyframe flag of every frame — and caches it in a per-process LRU. The index admits the fast path
+when every packet carries its own pts, no packet is an MPEG-4 placeholder (N-VOP) or holds packed
+B-frames, no frame precedes the first keyframe and the container's declared frame count matches
+the packets. Then, walking the requested frames in presentation order, it seeks to the keyframe
+before the next needed frame when that keyframe lies ahead of the decoder's position, and keeps
+decoding otherwise; every frame the decoder outputs is checked against the index (its pts listed,
+strictly increasing after each seek, no wanted frame passed over).
+
+Any other file, and any file where a check fails while decoding, is decoded through from the
+start instead (the *fallback*: exact by definition, as costly as the official loader). The file is
+remembered (per process) as needing it, and counted in :class:`DecodeStats`. Only a file whose
+full decode fails is unreadable (:class:`VideoDecodeError`).
 """
 from __future__ import annotations
 
@@ -17,9 +28,9 @@ import os
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from fractions import Fraction
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import av
 import av.video.reformatter
@@ -30,9 +41,12 @@ __all__ = [
     "VideoDecodeError",
     "VideoIndex",
     "DecodeStats",
+    "process_stats",
+    "reset_process_stats",
     "get_index",
     "num_frames",
     "decode_frames",
+    "decode_sampled",
     "decode_all_frames",
     "clear_index_cache",
     "INDEX_CACHE_SIZE",
@@ -41,9 +55,10 @@ __all__ = [
 PathLike = Union[str, os.PathLike]
 
 INDEX_CACHE_SIZE = 2048
-# Beyond this many presentation positions past a wanted frame, a frame that has not come out of
-# the decoder never will: H.264/HEVC reorder at most 16 frames.
-_REORDER_SLACK = 32
+_MPEG4_VOP = b"\x00\x00\x01\xb6"  # an MPEG-4 Part 2 frame (VOP) start code
+# FFmpeg's MPEG-4 decoder takes a packet this small for a not-coded frame (N-VOP): output nothing, or
+# (packed B-frames) the B-frame held back from the packet before
+_MAX_NVOP_SIZE = 19
 
 
 class VideoDecodeError(RuntimeError):
@@ -60,14 +75,18 @@ class VideoDecodeError(RuntimeError):
 
 @dataclass
 class DecodeStats:
-    """Counters a caller may pass to the decoding functions; they are incremented in place.
+    """Decoding counters; every decoding function adds its counts to the one passed as ``stats``
+    and to this process's total (:func:`process_stats`).
 
     ``frames_decoded`` counts every frame the codec produced (including those decoded only as
     references on the way to a wanted frame; unwanted non-reference frames are skipped by the
     codec and not counted), ``frames_returned`` the frames handed back,
     ``seeks`` the container seeks, ``seek_retries`` seeks that landed past the wanted keyframe and
     were redone earlier, ``index_builds`` the indexes built (cache misses), ``full_decodes`` the
-    calls that had to fall back to decoding the whole video.
+    passes that decoded the video from its start. Per request (one :func:`decode_frames` or
+    :func:`decode_sampled` call): ``sparse_decodes`` those answered by the fast path,
+    ``fallbacks`` those decoded through from the start because the fast path could not be shown
+    exact for the file; ``fallback_files`` the paths of the latter.
     """
 
     frames_decoded: int = 0
@@ -76,10 +95,49 @@ class DecodeStats:
     seek_retries: int = 0
     index_builds: int = 0
     full_decodes: int = 0
+    sparse_decodes: int = 0
+    fallbacks: int = 0
+    fallback_files: Set[str] = field(default_factory=set)
 
     def reset(self) -> None:
-        for name in self.__dataclass_fields__:
-            setattr(self, name, 0)
+        for f in fields(self):
+            setattr(self, f.name, set() if f.name == "fallback_files" else 0)
+
+    def add(self, other: "DecodeStats") -> None:
+        """Add ``other``'s counts to these."""
+        for f in fields(self):
+            if f.name == "fallback_files":
+                self.fallback_files |= other.fallback_files
+            else:
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def copy(self) -> "DecodeStats":
+        total = DecodeStats()
+        total.add(self)
+        return total
+
+
+_PROCESS_STATS = DecodeStats()
+_stats_lock = threading.Lock()
+
+
+def process_stats() -> DecodeStats:
+    """A snapshot of this process's decoding counters (every call since start or the last reset).
+    A DataLoader worker has its own; the dataset reports each clip's path instead (see loader)."""
+    with _stats_lock:
+        return _PROCESS_STATS.copy()
+
+
+def reset_process_stats() -> None:
+    with _stats_lock:
+        _PROCESS_STATS.reset()
+
+
+def _account(local: DecodeStats, stats: Optional[DecodeStats]) -> None:
+    with _stats_lock:
+        _PROCESS_STATS.add(local)
+    if stats is not None:
+        stats.add(local)
 
 
 @dataclass(frozen=True)
@@ -96,8 +154,11 @@ class VideoIndex:
     of the last keyframe at or before each packet, -1 when no keyframe precedes it (decode from
     the stream start). ``frame_pos``: int64 (N,) the packet position of each frame (equal to
     ``arange(N)`` when nothing is discarded).
-    ``ordered``: False when packets carry no usable pts, so frames can only be found by decoding
-    the video from its start.
+
+    ``exact``: whether the fast path may address frames through these arrays; when False,
+    ``inexact_reason`` says why, the arrays are only approximate (in packet pts order where
+    packets have distinct pts, else in demux order) and frames are found by decoding through.
+    ``decoded_frames``: the frame count a full decode found, once one ran in this process.
     """
 
     path: str
@@ -107,18 +168,23 @@ class VideoIndex:
     height: int
     time_base: Fraction
     average_rate: Optional[Fraction]
+    duration: Optional[float]  # seconds, as the container states it
     pts: np.ndarray
     seek_ts: np.ndarray
     is_key: np.ndarray
     key_before: np.ndarray
-    ordered: bool
+    exact: bool
+    inexact_reason: str
     first_seek_ts: int
     packet_pts: np.ndarray  # int64 (M,): every packet's pts, in presentation order
     frame_pos: np.ndarray
+    decoded_frames: Optional[int] = None
 
     @property
-    def num_frames(self) -> int:
-        return int(self.pts.shape[0])
+    def num_frames(self) -> Optional[int]:
+        """The number of frames: the shown packets when ``exact``, else what a full decode
+        counted (None until one ran; :func:`num_frames` runs one)."""
+        return int(self.pts.shape[0]) if self.exact else self.decoded_frames
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,7 +216,7 @@ def _as_decode_error(path: str) -> Iterator[None]:
     AttributeError on a stream without a decoder, MemoryError for absurd sizes, ...)."""
     try:
         yield
-    except (VideoDecodeError, _IndexMismatch):
+    except (VideoDecodeError, _NotExact):
         raise
     except av.FFmpegError as exc:
         raise VideoDecodeError(path, _reason(exc)) from exc
@@ -251,11 +317,39 @@ def _reaches_end(stream, end: Optional[int]) -> bool:
     return end >= (stream.start_time or 0) + duration
 
 
+def _placeholder_or_packed(packet) -> bool:
+    """An MPEG-4 Part 2 packet that is a not-coded placeholder (N-VOP) or holds two frames (DivX/XviD
+    'packed bitstream': a P-frame and the next B-frame, the B-frame decoded with the next packet)."""
+    data = bytes(packet)
+    return len(data) <= _MAX_NVOP_SIZE or data.count(_MPEG4_VOP) > 1
+
+
+def _inexact_reason(stream, pts: List[Optional[int]], keys: List[bool], mpeg4_placeholders: bool) -> str:
+    """Why a decoder's output might not be the index's frames one to one ('' when nothing says so)."""
+    if any(p is None for p in pts):
+        return "packets without timestamps"
+    if len(set(pts)) != len(pts):
+        return "packets with duplicate timestamps"
+    if mpeg4_placeholders:
+        return "MPEG-4 placeholder (N-VOP) or packed B-frame packets"
+    if not keys[0]:
+        return "the stream does not start with a keyframe"
+    first_key_pts = pts[0]  # the first packet is a keyframe; a frame shown before it is a leading
+    if min(pts) < first_key_pts:  # frame whose references precede the stream: decoders may drop it
+        return "frames shown before the first keyframe"
+    declared = stream.frames
+    if declared and declared != len(pts):
+        return f"the container declares {declared} frames, the stream has {len(pts)} packets"
+    return ""
+
+
 def _build_index(container, stream, path: str) -> VideoIndex:
-    pts: List[int] = []
+    pts: List[Optional[int]] = []
     dts: List[Optional[int]] = []
     keys: List[bool] = []
     discard: List[bool] = []
+    check_mpeg4 = stream.codec_context.name == "mpeg4"
+    placeholders = False
     try:
         for packet in _checked_packets(container, stream, path):
             if packet.size == 0 and packet.pts is None:
@@ -264,15 +358,17 @@ def _build_index(container, stream, path: str) -> VideoIndex:
             dts.append(packet.dts)
             keys.append(bool(packet.is_keyframe))
             discard.append(bool(packet.is_discard))
+            if check_mpeg4 and not placeholders:
+                placeholders = _placeholder_or_packed(packet)
     except av.FFmpegError as exc:
         raise VideoDecodeError(path, f"demux failed after {len(pts)} frames ({_reason(exc)})") from exc
     if not pts or all(discard):
         raise VideoDecodeError(path, "zero frames")
 
-    ordered = all(p is not None for p in pts) and len(set(pts)) == len(pts)
-    if ordered:
+    reason = _inexact_reason(stream, pts, keys, placeholders)
+    if all(p is not None for p in pts) and len(set(pts)) == len(pts):
         order = np.argsort(np.asarray(pts, dtype=np.int64), kind="stable")
-    else:  # frames are only addressable by decoding from the start
+    else:  # no presentation order to be had from the packets
         order = np.arange(len(pts))
     demux_ts = [d if d is not None else p for p, d in zip(pts, dts)]
     known_ts = [t for t in demux_ts if t is not None]
@@ -291,15 +387,25 @@ def _build_index(container, stream, path: str) -> VideoIndex:
         height=stream.codec_context.height,
         time_base=stream.time_base,
         average_rate=Fraction(rate) if rate else None,
+        duration=_duration(container, stream),
         pts=pts_arr[frame_pos],
         seek_ts=seek_ts,
         is_key=is_key,
         key_before=key_before,
-        ordered=ordered,
+        exact=not reason,
+        inexact_reason=reason,
         first_seek_ts=min(known_ts) if known_ts else 0,
         packet_pts=pts_arr,
         frame_pos=frame_pos,
     )
+
+
+def _duration(container, stream) -> Optional[float]:
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return container.duration / av.time_base
+    return None
 
 
 def _cached_index(path: str) -> Optional[VideoIndex]:
@@ -333,26 +439,46 @@ def get_index(path: PathLike, *, stats: Optional[DecodeStats] = None) -> VideoIn
     index = _cached_index(path)
     if index is not None:
         return index
-    with _as_decode_error(path):
-        container = _open(path)
-        with container:
-            index = _index_with(container, path, stats)
-    return index
+    local = DecodeStats()
+    try:
+        with _as_decode_error(path):
+            container = _open(path)
+            with container:
+                return _index_with(container, path, local)
+    finally:
+        _account(local, stats)
 
 
-def _index_with(container, path: str, stats: Optional[DecodeStats]) -> VideoIndex:
+def _index_with(container, path: str, stats: DecodeStats) -> VideoIndex:
     index = _cached_index(path)
     if index is None:
         index = _build_index(container, _video_stream(container, path), path)
         _store_index(path, index)
-        if stats is not None:
-            stats.index_builds += 1
+        stats.index_builds += 1
     return index
 
 
-def num_frames(path: PathLike) -> int:
-    """Number of frames of ``path``'s first video stream, from its (cached) index."""
-    return get_index(path).num_frames
+def _remember(path: str, index: VideoIndex, **changes) -> VideoIndex:
+    """``index`` with ``changes``, cached in its place (what a decode learned about the file)."""
+    index = replace(index, **changes)
+    _store_index(path, index)
+    return index
+
+
+def num_frames(path: PathLike, *, stats: Optional[DecodeStats] = None) -> int:
+    """Number of frames of ``path``'s first video stream: from its (cached) index, or, for a file
+    the fast path cannot address (see :class:`VideoIndex`), by decoding it once and caching the count."""
+    path = os.fspath(path)
+    index = get_index(path, stats=stats)
+    if index.num_frames is not None:
+        return index.num_frames
+    local = DecodeStats()
+    try:
+        with _as_decode_error(path):
+            count = sum(1 for _ in _frames_in_order(path, None, local))
+    finally:
+        _account(local, stats)
+    return _remember(path, index, decoded_frames=count).num_frames
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,40 +521,33 @@ def _stack(path: str, frames: Dict[int, np.ndarray], idx: np.ndarray, height: in
     return torch.from_numpy(np.stack([frames[int(i)] for i in idx]))
 
 
-def _full_decode(path: str, threads: Optional[int], stats: Optional[DecodeStats]):
-    """Every frame of the video, in presentation order, as PyAV frames (not yet converted).
-
-    Orders by frame pts when every frame has a distinct one (the official loader's rule), by
-    decoder output order otherwise.
-    """
+def _frames_in_order(path: str, threads: Optional[int], stats: DecodeStats) -> Iterator:
+    """The video's frames as PyAV frames (not yet converted), in decoder output order: frame ``i``
+    is the ``i``-th yielded. Closing the generator early stops the decode."""
     container = _open(path)
-    decoded = []
+    count = 0
     with container:
         stream = _video_stream(container, path)
         _configure_threads(stream, threads)
+        stats.full_decodes += 1
         try:
             for packet in _checked_packets(container, stream, path):
-                decoded.extend(packet.decode())
+                for frame in packet.decode():
+                    count += 1
+                    stats.frames_decoded += 1
+                    yield frame
         except av.FFmpegError as exc:
-            raise VideoDecodeError(path, f"decode failed at frame {len(decoded)} ({_reason(exc)})") from exc
-    if stats is not None:
-        stats.frames_decoded += len(decoded)
-        stats.full_decodes += 1
-    if not decoded:
+            raise VideoDecodeError(path, f"decode failed at frame {count} ({_reason(exc)})") from exc
+    if not count:
         raise VideoDecodeError(path, "zero frames")
-    pts = [f.pts for f in decoded]
-    if all(p is not None for p in pts) and len(set(pts)) == len(pts):
-        decoded = [decoded[i] for i in np.argsort(np.asarray(pts, dtype=np.int64), kind="stable")]
-    return decoded
 
 
-def _select(path: str, decoded: list, indices, stats: Optional[DecodeStats]) -> torch.Tensor:
+def _select(path: str, decoded: list, indices, stats: DecodeStats) -> torch.Tensor:
     """uint8 (len(indices), H, W, 3): the requested frames of a fully decoded video."""
     idx = np.arange(len(decoded)) if indices is None else _check_indices(indices, len(decoded), path)
     # like the official loader, convert only the frames asked for
     rgb = {int(i): _to_rgb(decoded[int(i)]) for i in np.unique(idx)}
-    if stats is not None:
-        stats.frames_returned += int(idx.size)
+    stats.frames_returned += int(idx.size)
     return _stack(path, rgb, idx, decoded[0].height, decoded[0].width)
 
 
@@ -439,16 +558,20 @@ def decode_all_frames(
     threads: Optional[int] = None,
     stats: Optional[DecodeStats] = None,
 ) -> torch.Tensor:
-    """Decode the whole video (the official M²-CLIP approach) and return frames in pts order.
+    """Decode the whole video (the official M²-CLIP approach) and return its frames in output order.
 
     Returns uint8 (N, H, W, 3) RGB for all N frames, or (len(indices), H, W, 3) for the requested
     ``indices`` (which, like the official loader, are the only frames converted to RGB). This is
-    the baseline the benchmarks compare against and the oracle the tests check
-    :func:`decode_frames` with.
+    the baseline the benchmarks compare against, and the definition of frame ``i`` that
+    :func:`decode_frames` follows.
     """
     path = os.fspath(path)
-    with _as_decode_error(path):
-        return _select(path, _full_decode(path, threads, stats), indices, stats)
+    local = DecodeStats()
+    try:
+        with _as_decode_error(path):
+            return _select(path, list(_frames_in_order(path, threads, local)), indices, local)
+    finally:
+        _account(local, stats)
 
 
 def _prepend(first, rest: Iterator) -> Iterator:
@@ -457,14 +580,21 @@ def _prepend(first, rest: Iterator) -> Iterator:
     yield from rest
 
 
-class _IndexMismatch(Exception):
-    """The decoder produced a frame whose pts is not in the index: address frames another way."""
+class _NotExact(Exception):
+    """The decoder's output disagrees with the index: the fast path cannot be shown right here."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 class _SparseDecoder:
-    """Seeks and decodes the frames of one open container for one :func:`decode_frames` call."""
+    """Seeks and decodes the frames of one open container for one :func:`decode_frames` call.
 
-    def __init__(self, container, stream, index: VideoIndex, path: str, stats: Optional[DecodeStats]):
+    Raises :class:`_NotExact` whenever the decoder's output is not what the index predicts.
+    """
+
+    def __init__(self, container, stream, index: VideoIndex, path: str, stats: DecodeStats):
         self.container, self.stream, self.index, self.path = container, stream, index, path
         self.stats = stats
         # frames are handled here by packet position (see VideoIndex), mapped back at the end
@@ -475,29 +605,29 @@ class _SparseDecoder:
         """The frame index of a (shown) packet position."""
         return int(np.searchsorted(self.index.frame_pos, position))
 
-    def _count(self, name: str) -> None:
-        if self.stats is not None:
-            setattr(self.stats, name, getattr(self.stats, name) + 1)
-
     def _frames_after_seek(self, seek_ts: int) -> Iterator[Tuple[int, object]]:
         """(index, frame) in decoder output order after seeking the demuxer to ``seek_ts``."""
         # seek() also flushes the codec, so no frame from before the jump comes out after it
         self.container.seek(int(seek_ts), stream=self.stream, backward=True, any_frame=False)
-        self._count("seeks")
+        self.stats.seeks += 1
         ctx = self.stream.codec_context
+        last = -1
         try:
             for packet in self.container.demux(self.stream):
                 # a non-reference frame (most B-frames) that is not wanted can be dropped by the
                 # codec unseen: nothing depends on it. A frame's pts is its packet's pts.
                 ctx.skip_frame = "DEFAULT" if packet.pts is None or packet.pts in self.wanted_pts else "NONREF"
                 for frame in packet.decode():
-                    self._count("frames_decoded")
+                    self.stats.frames_decoded += 1
                     idx = self.pts_to_idx.get(frame.pts)
                     if idx is None:
-                        raise _IndexMismatch()
+                        raise _NotExact(f"decoded a frame with pts {frame.pts} that no packet has")
+                    if idx <= last:  # presentation order, as the index has it, must only grow
+                        raise _NotExact("decoder output not in the packets' presentation order")
+                    last = idx
                     yield idx, frame
-        except av.FFmpegError as exc:
-            raise VideoDecodeError(self.path, f"decode failed ({_reason(exc)})") from exc
+        except av.FFmpegError as exc:  # the decode from the start tells a broken file from a bad seek
+            raise _NotExact(f"decode error after a seek ({_reason(exc)})") from exc
 
     def start_at(self, key: int, target: int) -> Iterator[Tuple[int, object]]:
         """Frames from keyframe ``key`` (-1: stream start) on, such that ``target`` will follow
@@ -524,8 +654,8 @@ class _SparseDecoder:
             if first is not None and first[0] <= limit:
                 return _prepend(first, frames)
             frames.close()
-            self._count("seek_retries")
-        raise VideoDecodeError(self.path, f"cannot reach frame {self._frame(target)} by seeking")
+            self.stats.seek_retries += 1
+        raise _NotExact(f"cannot reach frame {self._frame(target)} by seeking")
 
     def decode(self, wanted_frames: np.ndarray) -> Dict[int, np.ndarray]:
         """RGB arrays (H, W, 3) uint8 for the sorted unique frame indices ``wanted_frames``."""
@@ -536,33 +666,38 @@ class _SparseDecoder:
         frames: Optional[Iterator] = None
         pos = -1  # highest presentation index the decoder has produced since the last seek
         floor = 0  # below this, frames after a seek are open-GOP leading frames: unusable
-        for j in (int(i) for i in wanted):
-            if j in got:
-                continue
-            key = int(self.index.key_before[j])
-            # seek when the keyframe that j needs lies beyond the decoder's next frame: the frames
-            # in between would be decoded for nothing; otherwise decoding through costs the same
-            # or less and keeps the frames already in the decoder's pipeline
-            if frames is None or key > pos + 1:
-                if frames is not None:
-                    frames.close()
-                frames = self.start_at(key, j)
-                pos, floor = -1, max(key, 0)
-            while j not in got:
-                item = next(frames, None)
-                if item is None:
-                    raise VideoDecodeError(self.path, f"frame {self._frame(j)} missing from the stream")
-                idx, frame = item
-                if idx < floor:
+        try:
+            for j in (int(i) for i in wanted):
+                if j in got:
                     continue
-                pos = max(pos, idx)
-                if idx in wanted_set and idx not in got:
-                    got[idx] = _to_rgb(frame)
-                if pos > j + _REORDER_SLACK and j not in got:
-                    raise VideoDecodeError(self.path, f"frame {self._frame(j)} missing from the stream")
-        if frames is not None:
-            frames.close()
+                key = int(self.index.key_before[j])
+                # seek when the keyframe that j needs lies beyond the decoder's next frame: the frames
+                # in between would be decoded for nothing; otherwise decoding through costs the same
+                # or less and keeps the frames already in the decoder's pipeline
+                if frames is None or key > pos + 1:
+                    if frames is not None:
+                        frames.close()
+                    frames = self.start_at(key, j)
+                    pos, floor = -1, max(key, 0)
+                while j not in got:
+                    item = next(frames, None)
+                    if item is None:
+                        raise _NotExact(f"the stream ended before frame {self._frame(j)}")
+                    idx, frame = item
+                    if idx < floor:
+                        continue
+                    pos = max(pos, idx)
+                    if idx in wanted_set and idx not in got:
+                        got[idx] = _to_rgb(frame)
+                    if idx > j and j not in got:  # output order only grows: j will not come
+                        raise _NotExact(f"frame {self._frame(j)} was not output")
+        finally:
+            if frames is not None:
+                frames.close()
         return {int(f): got[int(p)] for f, p in zip(wanted_frames, wanted)}
+
+
+Chooser = Callable[[int], Sequence[int]]
 
 
 def decode_frames(
@@ -574,13 +709,15 @@ def decode_frames(
     stats: Optional[DecodeStats] = None,
     **backend_kwargs,
 ) -> torch.Tensor:
-    """Decode the frames at ``indices`` (presentation order) of ``path``'s first video stream.
+    """Decode the frames at ``indices`` of ``path``'s first video stream.
 
     Returns uint8 (len(indices), H, W, 3) RGB, in the order requested; indices may repeat and be
     unsorted. The pixels equal ``decode_all_frames(path)[indices]``. ``backend="pyav"`` decodes
-    sparsely on the CPU; ``backend="dali"`` uses NVIDIA DALI (see :mod:`m2clip_fast.data.dali`;
-    ``backend_kwargs`` go to it). ``threads``: codec threads for PyAV (None: automatic).
-    ``stats``: a :class:`DecodeStats` to accumulate counters into.
+    sparsely on the CPU where that is exact, else decodes through (see the module docstring);
+    ``backend="dali"`` uses NVIDIA DALI (see :mod:`m2clip_fast.data.dali`; ``backend_kwargs`` go
+    to it). ``threads``: codec threads for PyAV (None: automatic). ``stats``: a
+    :class:`DecodeStats` to accumulate counters into (``sparse_decodes`` / ``fallbacks`` tell
+    which path answered).
 
     Raises :class:`VideoDecodeError` (missing, unreadable, corrupt, truncated, zero-frame file or
     an index out of range).
@@ -594,26 +731,94 @@ def decode_frames(
         raise ValueError(f"unknown decode backend {backend!r}; expected 'pyav' or 'dali'")
     if backend_kwargs:
         raise TypeError(f"unexpected arguments for the pyav backend: {sorted(backend_kwargs)}")
+    requested = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if not requested.size:  # nothing to decode, whatever the file needs
+        index = get_index(path, stats=stats)
+        return torch.empty((0, index.height, index.width, 3), dtype=torch.uint8)
+    return decode_sampled(path, lambda n: requested, threads=threads, stats=stats)[1]
 
-    with _as_decode_error(path):
-        container = _open(path)
-        with container:
-            index = _index_with(container, path, stats)
-            idx = _check_indices(indices, index.num_frames, path)
+
+def decode_sampled(
+    path: PathLike,
+    choose: Chooser,
+    *,
+    threads: Optional[int] = None,
+    stats: Optional[DecodeStats] = None,
+) -> Tuple[np.ndarray, torch.Tensor]:
+    """The frames at ``choose(n)`` of ``path``, a video of ``n`` frames: ``(indices, frames)``,
+    int64 (K,) and uint8 (K, H, W, 3) RGB.
+
+    For a file whose frame count only a full decode tells, that one decode both counts and
+    delivers the frames. ``choose`` may be called twice (again with the true count when the
+    index's proves wrong), so it must depend on ``n`` alone (reseed any generator inside).
+    Raises :class:`VideoDecodeError` like :func:`decode_frames`.
+    """
+    path = os.fspath(path)
+    local = DecodeStats()
+    try:
+        with _as_decode_error(path):
+            return _decode_sampled(path, choose, threads, local)
+    finally:
+        _account(local, stats)
+
+
+def _decode_sampled(path: str, choose: Chooser, threads: Optional[int], stats: DecodeStats):
+    container = _open(path)
+    with container:
+        index = _index_with(container, path, stats)
+        if index.exact:
+            n = index.num_frames
+            idx = _check_indices(choose(n), n, path)
             wanted = np.unique(idx)
-            if not wanted.size:
-                return torch.empty((0, index.height, index.width, 3), dtype=torch.uint8)
-            got = None
-            if index.ordered:
-                stream = _video_stream(container, path)
-                _configure_threads(stream, threads)
-                try:
-                    got = _SparseDecoder(container, stream, index, path, stats).decode(wanted)
-                except _IndexMismatch:
-                    got = None  # decoded frames' pts disagree with the packets': decode it all
-        if got is None:
-            # no usable pts: frames can only be counted off a decode from the start
-            return _select(path, _full_decode(path, threads, stats), idx, stats)
-        if stats is not None:
-            stats.frames_returned += int(idx.size)
-        return _stack(path, got, idx, index.height, index.width)
+            try:
+                got = _sparse_frames(container, index, wanted, path, threads, stats)
+            except _NotExact as exc:
+                index = _remember(path, index, exact=False, inexact_reason=exc.reason)
+            else:
+                stats.sparse_decodes += 1
+                stats.frames_returned += int(idx.size)
+                return idx, _stack(path, got, idx, index.height, index.width)
+    stats.fallbacks += 1
+    stats.fallback_files.add(path)
+    return _decode_through(path, index, choose, threads, stats)
+
+
+def _sparse_frames(container, index: VideoIndex, wanted: np.ndarray, path: str, threads: Optional[int],
+                   stats: DecodeStats) -> Dict[int, np.ndarray]:
+    if not wanted.size:
+        return {}
+    stream = _video_stream(container, path)
+    _configure_threads(stream, threads)
+    return _SparseDecoder(container, stream, index, path, stats).decode(wanted)
+
+
+def _decode_through(path: str, index: VideoIndex, choose: Chooser, threads: Optional[int],
+                    stats: DecodeStats) -> Tuple[np.ndarray, torch.Tensor]:
+    """The fallback: frames counted off a decode from the start. With the count known (an earlier
+    full decode in this process), decoding stops after the last wanted frame and keeps only the
+    wanted ones; otherwise the whole video is decoded, and its count cached."""
+    n = index.decoded_frames
+    if n is None:
+        decoded = list(_frames_in_order(path, threads, stats))
+        _remember(path, index, decoded_frames=len(decoded))
+        idx = _check_indices(choose(len(decoded)), len(decoded), path)
+        return idx, _select(path, decoded, idx, stats)
+    idx = _check_indices(choose(n), n, path)
+    wanted = set(int(i) for i in idx)
+    got: Dict[int, np.ndarray] = {}
+    if wanted:
+        frames = _frames_in_order(path, threads, stats)
+        try:
+            for position, frame in enumerate(frames):
+                if position in wanted:
+                    got[position] = _to_rgb(frame)
+                    if len(got) == len(wanted):
+                        break
+        finally:
+            frames.close()
+    missing = sorted(wanted - set(got))
+    if missing:
+        raise VideoDecodeError(path, f"frame {missing[0]} missing: the video decoded to fewer frames than "
+                                     f"the {n} counted before")
+    stats.frames_returned += int(idx.size)
+    return idx, _stack(path, got, idx, index.height, index.width)
