@@ -8,6 +8,7 @@ import torch
 from m2clip_fast.data import DecodeStats, VideoDecodeError, decode_all_frames, decode_frames, get_index, num_frames
 from m2clip_fast.data.decode import clear_index_cache
 from m2clip_fast.data.synthetic import textured_frames, write_broken_video, write_video
+from video_formats import remux, write_encoded
 
 N_FRAMES = 90
 # (name, codec, extension, gop, bframes)
@@ -180,28 +181,6 @@ def test_reused_colour_converter_gives_pyavs_own_pixels(tmp_path):
             assert np.array_equal(_to_rgb(frame), frame.to_ndarray(format="rgb24"))
 
 
-def _remux(src, dst, *, shift=0, empty_pts=()):
-    """Stream-copy ``src``'s video to ``dst``, timestamps moved back by ``shift`` (time-base units);
-    the packets with pts in ``empty_pts`` are written as empty chunks (an AVI's dropped frames)."""
-    import av
-
-    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
-        stream = inp.streams.video[0]
-        ostream = out.add_stream_from_template(stream)
-        for packet in inp.demux(stream):
-            if packet.dts is None:
-                continue
-            if packet.pts in empty_pts:
-                empty = av.Packet(b"")
-                empty.pts, empty.dts, empty.time_base = packet.pts, packet.dts, packet.time_base
-                packet = empty
-            packet.pts -= shift
-            packet.dts -= shift
-            packet.stream = ostream
-            out.mux(packet)
-    return dst
-
-
 @pytest.mark.parametrize("ext", [".mp4", ".mov"])
 def test_edit_list_cut_video_counts_and_decodes_only_shown_frames(tmp_path, ext):
     """A stream-copy cut (``ffmpeg -ss 0.2 -c copy``) keeps the GOP head before the cut and marks it
@@ -209,7 +188,7 @@ def test_edit_list_cut_video_counts_and_decodes_only_shown_frames(tmp_path, ext)
     not count as frames (they used to: frame numbers shifted, and seeking to the first GOP failed)."""
     src = write_video(tmp_path / "src.mp4", textured_frames(40, 32, 48, seed=6), codec="h264", gop=8, bframes=2)
     src_full = decode_all_frames(src)
-    path = _remux(src, tmp_path / f"cut{ext}", shift=5 * 512)  # 5 frames of 1/12800 s x 512
+    path = remux(src, tmp_path / f"cut{ext}", shift=5 * 512)  # 5 frames of 1/12800 s x 512
     full = decode_all_frames(path)
     assert torch.equal(full, src_full[5:])  # what FFmpeg (and the official loader) shows
     assert num_frames(path) == 35
@@ -223,7 +202,7 @@ def test_avi_with_dropped_frames_is_not_truncated(tmp_path):
     """An AVI's header counts its empty 'drop frame' chunks, which the demuxer skips: a file whose
     packets run to the stream's end is complete, not truncated (it used to be skipped as 'truncated')."""
     src = write_video(tmp_path / "src.avi", textured_frames(20, 32, 32, seed=2), codec="mpeg4", gop=5)
-    path = _remux(src, tmp_path / "dropped.avi", empty_pts=(7, 12))
+    path = remux(src, tmp_path / "dropped.avi", empty_pts=(7, 12))
     full = decode_all_frames(path)
     assert num_frames(path) == len(full) == 18
     assert torch.equal(decode_frames(path, [17, 6, 7, 11, 0]), full[[17, 6, 7, 11, 0]])
@@ -243,23 +222,6 @@ def test_unknown_codec_raises_video_decode_error(tmp_path):
             call()
 
 
-def _write_plain(path, frames, encoder, pix_fmt, fmt=None):
-    import av
-
-    with av.open(str(path), "w", format=fmt) as container:
-        stream = container.add_stream(encoder, rate=25)
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = pix_fmt
-        for i, image in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format=pix_fmt)
-            frame.pts = i
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
-
-
 @pytest.mark.parametrize("name, n, h, w, encoder, pix_fmt, fmt", [
     ("single_frame.mp4", 1, 32, 32, "libx264", "yuv420p", None),
     ("odd_size.webm", 9, 33, 47, "libvpx-vp9", "yuv420p", None),
@@ -268,7 +230,7 @@ def _write_plain(path, frames, encoder, pix_fmt, fmt=None):
     ("start_offset.ts", 12, 32, 48, "libx264", "yuv420p", "mpegts"),  # start_time 1.4 s
 ])
 def test_unusual_but_valid_videos(tmp_path, name, n, h, w, encoder, pix_fmt, fmt):
-    path = _write_plain(tmp_path / name, textured_frames(n, h, w, seed=n), encoder, pix_fmt, fmt)
+    path = write_encoded(tmp_path / name, textured_frames(n, h, w, seed=n), encoder, pix_fmt=pix_fmt, fmt=fmt)
     full = decode_all_frames(path)
     assert full.shape == (n, h, w, 3) and num_frames(path) == n
     idx = np.array([n - 1, 0, n // 2, n - 1])

@@ -59,6 +59,7 @@ _MPEG4_VOP = b"\x00\x00\x01\xb6"  # an MPEG-4 Part 2 frame (VOP) start code
 # FFmpeg's MPEG-4 decoder takes a packet this small for a not-coded frame (N-VOP): output nothing, or
 # (packed B-frames) the B-frame held back from the packet before
 _MAX_NVOP_SIZE = 19
+_AVFMT_NOTIMESTAMPS = 0x80  # libavformat: a format without timestamps (raw .h264, .m4v, ...)
 
 
 class VideoDecodeError(RuntimeError):
@@ -324,14 +325,20 @@ def _placeholder_or_packed(packet) -> bool:
     return len(data) <= _MAX_NVOP_SIZE or data.count(_MPEG4_VOP) > 1
 
 
-def _inexact_reason(stream, pts: List[Optional[int]], keys: List[bool], mpeg4_placeholders: bool) -> str:
-    """Why a decoder's output might not be the index's frames one to one ('' when nothing says so)."""
+def _inexact_reason(container, stream, pts: List[Optional[int]], keys: List[bool], mpeg4_placeholders: bool) -> str:
+    """Why a decoder's output might not be the index's frames one to one ('' when nothing says so).
+    ``pts`` and ``keys`` are per packet, in demux (decode) order."""
+    if container.format.flags & _AVFMT_NOTIMESTAMPS:
+        return "a raw stream without container timestamps"
     if any(p is None for p in pts):
         return "packets without timestamps"
     if len(set(pts)) != len(pts):
         return "packets with duplicate timestamps"
     if mpeg4_placeholders:
         return "MPEG-4 placeholder (N-VOP) or packed B-frame packets"
+    if stream.codec_context.has_b_frames and len(pts) > 2 and all(a < b for a, b in zip(pts, pts[1:])):
+        # the codec reorders frames, yet the pts follow decode order: the demuxer made them up (AVI)
+        return "timestamps in decode order although the codec reorders frames"
     if not keys[0]:
         return "the stream does not start with a keyframe"
     first_key_pts = pts[0]  # the first packet is a keyframe; a frame shown before it is a leading
@@ -365,7 +372,7 @@ def _build_index(container, stream, path: str) -> VideoIndex:
     if not pts or all(discard):
         raise VideoDecodeError(path, "zero frames")
 
-    reason = _inexact_reason(stream, pts, keys, placeholders)
+    reason = _inexact_reason(container, stream, pts, keys, placeholders)
     if all(p is not None for p in pts) and len(set(pts)) == len(pts):
         order = np.argsort(np.asarray(pts, dtype=np.int64), kind="stable")
     else:  # no presentation order to be had from the packets
@@ -608,7 +615,10 @@ class _SparseDecoder:
     def _frames_after_seek(self, seek_ts: int) -> Iterator[Tuple[int, object]]:
         """(index, frame) in decoder output order after seeking the demuxer to ``seek_ts``."""
         # seek() also flushes the codec, so no frame from before the jump comes out after it
-        self.container.seek(int(seek_ts), stream=self.stream, backward=True, any_frame=False)
+        try:
+            self.container.seek(int(seek_ts), stream=self.stream, backward=True, any_frame=False)
+        except av.FFmpegError as exc:
+            raise _NotExact(f"cannot seek ({_reason(exc)})") from exc
         self.stats.seeks += 1
         ctx = self.stream.codec_context
         last = -1
