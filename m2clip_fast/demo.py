@@ -81,7 +81,8 @@ def plot_curves(run_dir: Path, png: Path, title: str) -> None:
 
     with open(run_dir / "train_log.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evals = [r for r in records if "top1" in r]  # an epoch without evaluation has only its decode_stats
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
     steps = [int(r["step"]) for r in rows]
     for key in ("loss", "vc", "cmc", "contrastive", "cmlm"):

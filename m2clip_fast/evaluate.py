@@ -19,7 +19,7 @@ import torch
 
 from . import engine
 from .cli import run_main
-from .data import check_samples
+from .data import DecodeTally, check_samples, decode_stats_line
 from .text import ZERO_SHOT_TEMPLATES, load_class_names
 
 
@@ -79,8 +79,10 @@ def evaluate(args: argparse.Namespace) -> Dict[str, object]:
     result: Dict[str, object] = {"checkpoint": str(args.checkpoint), "views": args.views}
 
     def run(samples, **zero_shot):
-        loader = _loader(model, samples, args, decoder, device, sampling, stride, workers)
-        return engine.evaluate_loader(model, loader, device, amp_dtype, progress=info.is_main, **zero_shot)
+        loader, decoding = _loader(model, samples, args, decoder, device, sampling, stride, workers), DecodeTally()
+        metrics, skipped = engine.evaluate_loader(model, decoding.watch(loader), device, amp_dtype,
+                                                  progress=info.is_main, **zero_shot)
+        return {**metrics, "decode_stats": decoding.record(engine.all_gather_objects)}, skipped
 
     if args.zero_shot is None:
         names = names if names is not None else model.class_names
@@ -98,7 +100,7 @@ def evaluate(args: argparse.Namespace) -> Dict[str, object]:
         metrics, skipped = run(samples, class_names=names, templates=ZERO_SHOT_TEMPLATES)
         per_split.append({"split": split, "top1": metrics["top1_text"], "top5": metrics["top5_text"],
                           "num_samples": metrics["num_samples"], "excluded": metrics["excluded"],
-                          "dropped": len(dropped), "skipped": skipped})
+                          "dropped": len(dropped), "skipped": skipped, "decode_stats": metrics["decode_stats"]})
     top1 = [s["top1"] for s in per_split]
     result.update(dataset=args.zero_shot, splits=per_split, top1_mean=statistics.fmean(top1),
                   top1_std=statistics.pstdev(top1) if len(top1) > 1 else 0.0)
@@ -121,20 +123,25 @@ def _skipped_lines(skipped: List[Dict[str, str]], note: str) -> List[str]:
     return [f"  {note}:"] + [f"    {s['path']}: {s['reason']}" for s in skipped] if skipped else []
 
 
+def _decode_lines(result: Dict[str, object]) -> List[str]:
+    line = decode_stats_line(result["decode_stats"])
+    return [f"  {line}"] if line else []
+
+
 def format_result(result: Dict[str, object]) -> str:
     if "splits" in result:
         lines = [f"zero-shot {result['dataset']} ({result['views']} views):"]
         for s in result["splits"]:
             lines.append(f"  split {s['split']}: top-1 {s['top1']:.2f}%  top-5 {s['top5']:.2f}%  "
                          f"({s['num_samples']} videos)")
-            lines += _skipped_lines(s["skipped"], engine.excluded_note(s))
+            lines += _skipped_lines(s["skipped"], engine.excluded_note(s)) + _decode_lines(s)
         lines.append(f"  top-1 {result['top1_mean']:.2f} ± {result['top1_std']:.2f}% over {len(result['splits'])} splits")
         return "\n".join(lines)
     lines = [f"{result['num_samples']} videos, {result['views']} views:"]
     for head in ("vc", "text", "fused"):
         if f"top1_{head}" in result:
             lines.append(f"  {head:<6} top-1 {result[f'top1_{head}']:.2f}%  top-5 {result[f'top5_{head}']:.2f}%")
-    lines += _skipped_lines(result["skipped"], engine.excluded_note(result))
+    lines += _skipped_lines(result["skipped"], engine.excluded_note(result)) + _decode_lines(result)
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """``python -m m2clip_fast.train``: train M²-CLIP on a video dataset (single process or torchrun/DDP).
 
-Outputs in ``--output-dir``: ``metrics.jsonl`` (one JSON object per evaluation), ``train_log.csv`` (one row per
+Outputs in ``--output-dir``: ``metrics.jsonl`` (one JSON object per epoch: its evaluation, if any, and
+``decode_stats``, how its training clips were decoded), ``train_log.csv`` (one row per
 optimizer step), TensorBoard events when tensorboard is installed, ``skipped.jsonl`` (bad videos: file and
 reason), ``checkpoints/{last,best}.pt`` (written atomically), ``config.json``.
 """
@@ -23,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import engine
 from .cli import load_checkpoint_file, run_main
-from .data import DatasetError
+from .data import DatasetError, DecodeTally, decode_stats_line
 from .model import M2CLIP, create_model
 from .presets import PRESETS, parse_overrides, resolve_config
 from .text import load_class_names
@@ -476,6 +477,7 @@ def train(args: argparse.Namespace, progress: Optional[Dict[str, Any]] = None) -
         train_loader.set_epoch(epoch)
         first = skip_batches if epoch == start_epoch else 0  # batches an interrupted run already did
         skipped: List[Dict[str, Any]] = []
+        decoding = DecodeTally()
         bar = None
         if info.is_main and not args.no_progress:
             from tqdm import tqdm
@@ -488,6 +490,7 @@ def train(args: argparse.Namespace, progress: Optional[Dict[str, Any]] = None) -
             if i >= batches_per_epoch:
                 break
             skipped.extend(batch["skipped"])
+            decoding.add(batch)
             video = batch["video"].to(device, non_blocking=True)
             labels = batch["label"].to(device, non_blocking=True)
             final_micro = (i + 1) % accum == 0
@@ -525,13 +528,16 @@ def train(args: argparse.Namespace, progress: Optional[Dict[str, Any]] = None) -
         if bar is not None:
             bar.close()
         report_skipped(out, epoch, step, skipped, info.is_main)
+        decode_stats = decoding.record(engine.all_gather_objects)
+        if info.is_main and decode_stats_line(decode_stats):
+            print(f"epoch {epoch + 1}: {decode_stats_line(decode_stats)}")
         epoch_done = batches_done >= batches_per_epoch
 
         is_last = epoch == tcfg["epochs"] - 1 or done
         if val_loader is not None and ((epoch + 1) % tcfg["eval_every"] == 0 or is_last):
             metrics, bad = engine.evaluate_loader(model, val_loader, device, amp_dtype)
             record = {"epoch": epoch, "step": step, "top1": metrics[f"top1_{PRIMARY_HEAD}"],
-                      "top5": metrics[f"top5_{PRIMARY_HEAD}"], **metrics}
+                      "top5": metrics[f"top5_{PRIMARY_HEAD}"], **metrics, "decode_stats": decode_stats}
             last_metrics = record
             report_skipped(out, epoch, step, bad, info.is_main, phase="val")
             if info.is_main:
@@ -541,6 +547,8 @@ def train(args: argparse.Namespace, progress: Optional[Dict[str, Any]] = None) -
                 note = engine.excluded_note(metrics)
                 print(f"epoch {epoch + 1}: top-1 {record['top1']:.2f}% top-5 {record['top5']:.2f}% ({heads})"
                       + (f"; {note}" if note else ""))
+        elif info.is_main:  # no evaluation this epoch: the decoding record stands alone
+            engine.append_jsonl(out / "metrics.jsonl", {"epoch": epoch, "step": step, "decode_stats": decode_stats})
         rngs = engine.all_gather_objects(engine.rng_state())
         score = last_metrics.get("top1", -1.0) if val_loader is not None else -1.0
         if info.is_main:

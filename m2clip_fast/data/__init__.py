@@ -22,10 +22,12 @@ from .decode import (
     clear_index_cache,
     decode_all_frames,
     decode_frames,
+    decode_sampled,
     get_index,
     num_frames,
+    process_stats,
 )
-from .loader import ClipLoader, VideoClipDataset, build_loader, collate
+from .loader import ClipLoader, DecodeTally, VideoClipDataset, build_loader, collate, decode_stats_line
 from .sampling import dense_indices, sample_indices, uniform_indices
 from .transforms import CLIP_MEAN, CLIP_STD, test_transform, train_transform
 
@@ -45,9 +47,13 @@ __all__ = [
     "clear_index_cache",
     "decode_all_frames",
     "decode_frames",
+    "decode_sampled",
     "get_index",
     "num_frames",
+    "process_stats",
     "ClipLoader",
+    "DecodeTally",
+    "decode_stats_line",
     "VideoClipDataset",
     "build_loader",
     "collate",

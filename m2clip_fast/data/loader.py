@@ -11,7 +11,7 @@ do not depend on the number of workers or on the order in which workers fetch it
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -19,11 +19,12 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
 from .datasets import DatasetError, Sample
-from .decode import VideoDecodeError, decode_frames, num_frames as video_num_frames
+from .decode import DecodeStats, VideoDecodeError, decode_frames, decode_sampled, num_frames as video_num_frames
 from .sampling import SAMPLINGS, sample_indices
 from .transforms import train_transform, views_from_clips
 
-__all__ = ["VideoClipDataset", "collate", "build_loader", "ClipLoader", "REPLACEMENT_STEP"]
+__all__ = ["VideoClipDataset", "collate", "build_loader", "ClipLoader", "DecodeTally", "decode_stats_line",
+           "REPLACEMENT_STEP"]
 
 # Replacements for item i are tried at (i + k * REPLACEMENT_STEP) % n, k = 1, 2, ...: a prime
 # step scatters them over the dataset (a run of bad files in one folder does not make every
@@ -45,7 +46,9 @@ class VideoClipDataset(Dataset):
     * ``video``: float32 (T, 3, size, size) when ``train``, else (V, T, 3, size, size) with
       ``V = num_clips * num_crops`` views ordered clip-major; CLIP-normalised;
     * ``label``: int; ``index``: int, the sample actually returned (``i`` unless replaced);
-    * ``skipped``: list of ``{"path", "reason", "index"}`` for every bad video met on the way.
+    * ``skipped``: list of ``{"path", "reason", "index"}`` for every bad video met on the way;
+    * ``decoded``: ``{"path", "fallback"}``: the file decoded and whether it was decoded through from
+      the start because sparse seeking could not be shown exact for it (see :class:`DecodeTally`).
 
     ``sampling``: ``"dense"`` (``num_frames`` frames ``stride`` apart) or ``"uniform"`` (TSN
     segments). ``scale_range``: training short-side jitter relative to ``size``. ``flip``:
@@ -107,17 +110,30 @@ class VideoClipDataset(Dataset):
         """The sample tried at attempt ``k`` (0: ``i`` itself) for item ``i``."""
         return replacement_index(i, k, len(self.samples))
 
-    def _clip(self, path: str, rng: np.random.Generator) -> torch.Tensor:
-        indices = sample_indices(
-            self.sampling, video_num_frames(path), self.num_frames, train=self.train,
-            stride=self.stride, num_clips=1 if self.train else self.num_clips, rng=rng,
-        )  # (clips, T)
-        frames = decode_frames(path, indices.reshape(-1), backend=self.decoder)
+    def _clip(self, path: str, rng: np.random.Generator) -> Tuple[torch.Tensor, bool]:
+        """The transformed clip of ``path`` and whether its decode needed the fallback."""
+        clips = 1 if self.train else self.num_clips
+        frames, fallback = self._frames(path, rng, clips)
         if self.train:
             return train_transform(frames, size=self.size, rng=rng, scale_range=self.scale_range,
-                                   flip=self.flip)
-        clips = frames.view(indices.shape[0], self.num_frames, *frames.shape[1:])
-        return views_from_clips(list(clips), size=self.size, num_crops=self.num_crops)
+                                   flip=self.flip), fallback
+        clips = frames.view(clips, self.num_frames, *frames.shape[1:])
+        return views_from_clips(list(clips), size=self.size, num_crops=self.num_crops), fallback
+
+    def _frames(self, path: str, rng: np.random.Generator, clips: int) -> Tuple[torch.Tensor, bool]:
+        """uint8 (clips * T, H, W, 3) sampled frames of ``path``, and whether they were decoded through."""
+        state = rng.bit_generator.state
+
+        def choose(n: int) -> np.ndarray:  # (clips * T,); the same draw however often it is asked
+            rng.bit_generator.state = state
+            return sample_indices(self.sampling, n, self.num_frames, train=self.train, stride=self.stride,
+                                  num_clips=clips, rng=rng).reshape(-1)
+
+        if self.decoder == "dali":
+            return decode_frames(path, choose(video_num_frames(path)), backend="dali"), False
+        stats = DecodeStats()
+        _, frames = decode_sampled(path, choose, stats=stats)
+        return frames, stats.fallbacks > 0
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
         n = len(self.samples)
@@ -132,13 +148,14 @@ class VideoClipDataset(Dataset):
             # seeded by the requested item and the attempt, not by worker or fetch order
             rng = np.random.default_rng([self.seed, epoch, i, k])
             try:
-                video = self._clip(path, rng)
+                video, fallback = self._clip(path, rng)
             except ImportError:  # a missing decoder backend (DALI) is a set-up error, not a bad file
                 raise
             except Exception as exc:  # noqa: BLE001 - whatever an odd file triggers, never stop the run
                 skipped.append({"path": path, "reason": skip_reason(exc), "index": j})
                 continue
-            return {"video": video, "label": label, "index": j, "skipped": skipped}
+            return {"video": video, "label": label, "index": j, "skipped": skipped,
+                    "decoded": {"path": path, "fallback": fallback}}
         reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped)
         raise DatasetError(f"item {i}: all {len(skipped)} attempted videos failed to decode ({reasons})")
 
@@ -154,13 +171,72 @@ def skip_reason(exc: BaseException) -> str:
 
 def collate(batch: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """Stack items: ``video`` float32 (B, ...), ``label``/``index`` int64 (B,), ``skipped``: the
-    concatenation of the items' ``skipped`` lists."""
+    concatenation of the items' ``skipped`` lists, ``decoded``: the list of the items' ``decoded``."""
     return {
         "video": torch.stack([item["video"] for item in batch]),
         "label": torch.tensor([item["label"] for item in batch], dtype=torch.int64),
         "index": torch.tensor([item["index"] for item in batch], dtype=torch.int64),
         "skipped": [s for item in batch for s in item["skipped"]],
+        "decoded": [item["decoded"] for item in batch],
     }
+
+
+class DecodeTally:
+    """How the clips of a pass over a loader were decoded, for a run's ``decode_stats``.
+
+    DataLoader workers keep their own decoding counters (:func:`~m2clip_fast.data.decode.process_stats`
+    of another process), so each batch carries its clips' ``decoded`` entries back, and this adds them
+    up. Batches without them (the DALI loader, which has no decode-through fallback) count as clips
+    only. Feed it with :meth:`add` per batch, or iterate :meth:`watch` (loader) instead of the loader.
+    """
+
+    EXAMPLES = 5  # fallback files named in a record
+
+    def __init__(self):
+        self.clips = 0
+        self.fallbacks = 0
+        self.files: Set[str] = set()
+
+    def add(self, batch: Dict[str, Any]) -> None:
+        self.clips += len(batch["label"])
+        for entry in batch.get("decoded", ()):
+            if entry["fallback"]:
+                self.fallbacks += 1
+                self.files.add(entry["path"])
+
+    def watch(self, loader) -> "_Watched":
+        """An iterable over ``loader``'s batches (with its ``len``) that tallies each batch it yields."""
+        return _Watched(loader, self)
+
+    def record(self, gather: Callable[[Any], List[Any]] = lambda part: [part]) -> Dict[str, Any]:
+        """``{"clips_decoded", "fallback_decodes", "files_needing_fallback", "fallback_examples"}``, over
+        every part ``gather`` returns (e.g. ``engine.all_gather_objects``: one per distributed rank)."""
+        parts = gather((self.clips, self.fallbacks, sorted(self.files)))
+        files = sorted({f for _, _, names in parts for f in names})
+        return {"clips_decoded": sum(p[0] for p in parts), "fallback_decodes": sum(p[1] for p in parts),
+                "files_needing_fallback": len(files), "fallback_examples": files[:self.EXAMPLES]}
+
+
+class _Watched:
+    def __init__(self, loader, tally: DecodeTally):
+        self.loader, self.tally = loader, tally
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        for batch in self.loader:
+            self.tally.add(batch)
+            yield batch
+
+
+def decode_stats_line(record: Dict[str, Any]) -> str:
+    """'3 of 120 clips decoded through from the start (2 files cannot be seeked exactly, e.g. a.avi)', or ''."""
+    if not record["fallback_decodes"]:
+        return ""
+    example = f", e.g. {record['fallback_examples'][0]}" if record["fallback_examples"] else ""
+    return (f"{record['fallback_decodes']} of {record['clips_decoded']} clips decoded through from the start "
+            f"({record['files_needing_fallback']} file(s) cannot be seeked exactly{example})")
 
 
 class ClipLoader(DataLoader):
