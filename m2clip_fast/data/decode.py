@@ -48,6 +48,7 @@ __all__ = [
     "decode_frames",
     "decode_sampled",
     "decode_all_frames",
+    "iter_frames",
     "clear_index_cache",
     "INDEX_CACHE_SIZE",
 ]
@@ -547,6 +548,20 @@ def _frames_in_order(path: str, threads: Optional[int], stats: DecodeStats) -> I
             raise VideoDecodeError(path, f"decode failed at frame {count} ({_reason(exc)})") from exc
     if not count:
         raise VideoDecodeError(path, "zero frames")
+
+
+def iter_frames(path: PathLike, *, threads: Optional[int] = None,
+                stats: Optional[DecodeStats] = None) -> Iterator["av.VideoFrame"]:
+    """Every frame of a plain decode of ``path``, as PyAV frames in output order (frame ``i`` is the
+    ``i``-th yielded): what the fallback decodes, for callers that want to walk a whole video.
+    Raises :class:`VideoDecodeError` where the decode fails."""
+    path = os.fspath(path)
+    local = DecodeStats()
+    try:
+        with _as_decode_error(path):
+            yield from _frames_in_order(path, threads, local)
+    finally:
+        _account(local, stats)
 
 
 def _select(path: str, decoded: list, indices, stats: DecodeStats) -> torch.Tensor:
