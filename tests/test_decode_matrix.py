@@ -230,3 +230,23 @@ def test_fast_path_stays_sparse(matrix):
     stats = DecodeStats()
     assert torch.equal(decode_frames(path, np.arange(280, 288), stats=stats), ref[280:288])
     assert stats.seeks == 1 and stats.frames_decoded <= 40
+
+
+def test_each_sign_of_the_packed_layout_is_recognised(matrix):
+    """N-VOP placeholders, the DivX 'packed' user data on keyframes, and two frames in one packet each mark a
+    file; an unpacked MPEG-4 AVI with B-frames shows none of them."""
+    import av
+
+    def demuxed(name):
+        with av.open(str(_file(matrix, name)[0])) as container:
+            return [p for p in container.demux(video=0) if p.size]
+
+    sign = decode_module._placeholder_or_packed
+    packed = demuxed("xvid_packed.avi")
+    nvop = next(p for p in packed if p.size == 7)
+    key = next(p for p in packed if p.is_keyframe)
+    pair = next(p for p in packed if bytes(p).count(b"\x00\x00\x01\xb6") == 2 and not p.is_keyframe)
+    late = decode_module._WHOLE_PACKETS_CHECKED
+    assert sign(nvop, late) and sign(key, late) and sign(pair, 3)
+    assert not sign(pair, late)  # past the first packets, only placeholders and keyframe headers are read
+    assert not any(sign(p, i) for i, p in enumerate(demuxed("mpeg4_bframes.avi")))

@@ -25,6 +25,7 @@ full decode fails is unreadable (:class:`VideoDecodeError`).
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -60,6 +61,10 @@ _MPEG4_VOP = b"\x00\x00\x01\xb6"  # an MPEG-4 Part 2 frame (VOP) start code
 # FFmpeg's MPEG-4 decoder takes a packet this small for a not-coded frame (N-VOP): output nothing, or
 # (packed B-frames) the B-frame held back from the packet before
 _MAX_NVOP_SIZE = 19
+# DivX 5 / XviD user data; a trailing 'p' marks a packed bitstream (as FFmpeg's decoder reads it)
+_PACKED_USER_DATA = re.compile(rb"\x00\x00\x01\xb2DivX\d+(?:Build|b)\d+p")
+_HEADER_BYTES = 512  # the sequence headers and user data before a keyframe's VOP
+_WHOLE_PACKETS_CHECKED = 64
 _AVFMT_NOTIMESTAMPS = 0x80  # libavformat: a format without timestamps (raw .h264, .m4v, ...)
 
 
@@ -319,11 +324,18 @@ def _reaches_end(stream, end: Optional[int]) -> bool:
     return end >= (stream.start_time or 0) + duration
 
 
-def _placeholder_or_packed(packet) -> bool:
-    """An MPEG-4 Part 2 packet that is a not-coded placeholder (N-VOP) or holds two frames (DivX/XviD
-    'packed bitstream': a P-frame and the next B-frame, the B-frame decoded with the next packet)."""
-    data = bytes(packet)
-    return len(data) <= _MAX_NVOP_SIZE or data.count(_MPEG4_VOP) > 1
+def _placeholder_or_packed(packet, position: int) -> bool:
+    """Whether an MPEG-4 Part 2 packet shows the DivX/XviD layout that breaks timestamp seeking: a
+    not-coded placeholder (N-VOP), the 'packed bitstream' user data (``DivX503b1393p``: a P-frame and the
+    next B-frame share a packet, the B-frame decoded with the next packet), or two frames in one packet.
+
+    Checked without copying the packet, except its first bytes (keyframes) and the first packets whole.
+    """
+    if packet.size <= _MAX_NVOP_SIZE:
+        return True
+    if packet.is_keyframe and _PACKED_USER_DATA.search(memoryview(packet)[:_HEADER_BYTES].tobytes()):
+        return True
+    return position < _WHOLE_PACKETS_CHECKED and bytes(packet).count(_MPEG4_VOP) > 1
 
 
 def _inexact_reason(container, stream, pts: List[Optional[int]], keys: List[bool], mpeg4_placeholders: bool) -> str:
@@ -367,7 +379,7 @@ def _build_index(container, stream, path: str) -> VideoIndex:
             keys.append(bool(packet.is_keyframe))
             discard.append(bool(packet.is_discard))
             if check_mpeg4 and not placeholders:
-                placeholders = _placeholder_or_packed(packet)
+                placeholders = _placeholder_or_packed(packet, len(pts) - 1)
     except av.FFmpegError as exc:
         raise VideoDecodeError(path, f"demux failed after {len(pts)} frames ({_reason(exc)})") from exc
     if not pts or all(discard):
