@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .datasets import DatasetError, Sample
-from .decode import VideoDecodeError, get_index
+from .decode import VideoDecodeError, get_index, num_frames
 from .loader import replacement_index, skip_reason
 from .sampling import SAMPLINGS, sample_indices
 from .transforms import CLIP_MEAN, CLIP_STD
@@ -197,11 +197,11 @@ def decode_frames_dali(path: str, indices: Sequence[int], *, device: Optional[st
     _dali()
     path = os.fspath(path)
     device = _resolve_device(device)
-    index = get_index(path)
+    index, count = get_index(path), num_frames(path)  # the count of a full decode, where the index lacks it
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-    if idx.size and (idx.min() < 0 or idx.max() >= index.num_frames):
-        bad = idx[(idx < 0) | (idx >= index.num_frames)]
-        raise VideoDecodeError(path, f"frame index {int(bad[0])} out of range for {index.num_frames} frames")
+    if idx.size and (idx.min() < 0 or idx.max() >= count):
+        bad = idx[(idx < 0) | (idx >= count)]
+        raise VideoDecodeError(path, f"frame index {int(bad[0])} out of range for {count} frames")
     _check_codec(path, index.codec, device)
     if idx.size == 0:
         return torch.empty((0, index.height, index.width, 3), dtype=torch.uint8)
@@ -258,7 +258,7 @@ class _ClipSource:
                     raise VideoDecodeError(path, ld.undecodable[path])
                 index = get_index(path)
                 _check_codec(path, index.codec, ld.device)
-                frames = sample_indices(ld.sampling, index.num_frames, ld.num_frames, train=ld.train,
+                frames = sample_indices(ld.sampling, num_frames(path), ld.num_frames, train=ld.train,
                                         stride=ld.stride, num_clips=ld.num_clips, rng=rng).reshape(-1)
                 encoded = _read_bytes(path)
             except Exception as exc:  # noqa: BLE001 - whatever an odd file triggers, never stop the run
