@@ -106,6 +106,8 @@ def test_list_formats_without_class_names(tmp_path):
     assert listed == ["/data/ApplyEyeMakeup/v_a.avi", "/data/Archery/v_b.avi", "/data/Archery/v_c.avi",
                       "/data/xyz_000001_000011.mp4", "/data/77.webm", "/data/brush_hair/h1.avi",
                       "/data/brush_hair/h2.avi"]
+    (tmp_path / "classInd.txt").unlink()  # not needed to find the videos
+    assert check.list_videos([str(tmp_path / "testlist01.txt")], data_root="/d") == ["/d/Archery/v_c.avi"]
 
 
 def test_usage_errors_exit_2(tmp_path, capsys):

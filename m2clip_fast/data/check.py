@@ -46,7 +46,10 @@ SLOWEST = 5
 def _read_list(path: str, data_root: Optional[str]) -> List[str]:
     """The video paths of one annotation file, read by the reader its name calls for."""
     root = data_root if data_root is not None else str(Path(path).parent)
-    if official_split(path) is not None:
+    split = official_split(path)
+    if split is not None and split[0] == "ucf101" and not (Path(path).parent / "classInd.txt").is_file():
+        return _first_fields(path, root)  # classInd.txt only numbers the labels, which a check does not need
+    if split is not None:
         # HMDB51 marks training (1) and test (2) videos in the same file: check both
         both = [read_split_file(path, root, train=train) for train in (True, False)]
         return [p for samples in both for p, _ in samples]
@@ -58,6 +61,15 @@ def _read_list(path: str, data_root: Optional[str]) -> List[str]:
     else:
         samples = read_list_file(path, root)
     return [p for p, _ in samples]
+
+
+def _first_fields(path: str, root: str) -> List[str]:
+    """The video of each line of a UCF101 split file (``Class/v_x.avi [label]``), joined to ``root``."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"cannot read UCF101 split file {path}: {exc}") from exc
+    return [os.path.join(root, line.split()[0]) for line in lines if line.strip()]
 
 
 def list_videos(lists: Sequence[str], data_root: Optional[str] = None) -> List[str]:
@@ -150,7 +162,8 @@ def load_report(path: Path) -> Dict[str, Dict[str, Any]]:
     (and cut from the file, so that new entries append to whole lines)."""
     if not path.exists():
         return {}
-    lines = path.read_text(encoding="utf-8").splitlines()
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
     entries: Dict[str, Dict[str, Any]] = {}
     kept = []
     for line in lines:
@@ -161,7 +174,7 @@ def load_report(path: Path) -> Dict[str, Dict[str, Any]]:
         if isinstance(entry, dict) and "path" in entry and "readable" in entry:
             entries[entry["path"]] = entry
             kept.append(line)
-    if len(kept) != len(lines) or (lines and not path.read_text(encoding="utf-8").endswith("\n")):
+    if len(kept) != len(lines) or (lines and not text.endswith("\n")):
         path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     return entries
 
