@@ -44,7 +44,8 @@ def _hevc(path):
     if "libx265" not in __import__("av").codecs_available:
         pytest.skip("this FFmpeg has no libx265 encoder")
     return write_encoded(path, frames(60), "libx265", options={
-        "preset": "ultrafast", "x265-params": "keyint=12:min-keyint=12:scenecut=0:bframes=3:open-gop=1:log-level=error"})
+        "preset": "ultrafast",
+        "x265-params": "keyint=12:min-keyint=12:scenecut=0:bframes=3:open-gop=1:log-level=error"})
 
 
 # name -> (writer, path the decoder must take: "sparse" or the fallback's reason)

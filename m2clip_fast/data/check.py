@@ -150,7 +150,8 @@ def _sparse_verdict(path: str, spans: List[np.ndarray], reference: Dict[int, np.
             return {"decode": "fallback", "fallback_reason": get_index(path).inexact_reason}
         expected = torch.from_numpy(np.stack([reference[int(i)] for i in span]))
         if not torch.equal(out, expected):
-            return {"decode": "wrong", "wrong_reason": f"sparse frames {span[0]}..{span[-1]} differ from the full decode"}
+            return {"decode": "wrong",
+                    "wrong_reason": f"sparse frames {span[0]}..{span[-1]} differ from the full decode"}
     return {"decode": "sparse"}
 
 
