@@ -7,7 +7,7 @@ from m2clip_fast.data import check
 from m2clip_fast.data import decode as decode_module
 from m2clip_fast.data.decode import clear_index_cache
 from m2clip_fast.data.synthetic import textured_frames, write_broken_video, write_video
-from video_formats import write_mpeg4_avi_with_dropped_frames, write_packed_mpeg4_avi
+from video_formats import write_encoded, write_mpeg4_avi_with_dropped_frames, write_packed_mpeg4_avi
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +42,14 @@ def test_scan_reports_every_video(videos, tmp_path, capsys):
     assert good["keyframe_interval"] == {"min": 10, "mean": 10.0, "max": 10} and good["windows_checked"] == 3
     assert report["good.avi"]["decode"] == "sparse" and report["good.avi"]["keyframe_interval"]["max"] == 8
     xvid = report["xvid.avi"]
-    assert (xvid["readable"], xvid["decode"], xvid["frames"]) == (True, "fallback", 40)
+    assert (xvid["readable"], xvid["decode"], xvid["frames"], xvid["windows_checked"]) == (True, "learned", 40, 3)
     assert "packed B-frame" in xvid["fallback_reason"]
     assert not report["truncated.mp4"]["readable"] and "truncated" in report["truncated.mp4"]["reason"]
     assert "cannot open container" in report["garbage.mp4"]["reason"]
     assert report["missing.mp4"]["reason"] == "file not found"
     summary = capsys.readouterr().out
-    assert "6 videos: 3 readable, 3 unreadable; 2 seek exactly, 1 need the decode-through fallback" in summary
+    assert ("6 videos: 3 readable, 3 unreadable; 2 seek exactly, 1 need the decode-through fallback (1 of them "
+            "only once per process, then seek)") in summary
     assert "fallback, MPEG-4 placeholder (N-VOP) or packed B-frame packets: 1" in summary
     assert "unreadable" in summary and "slowest:" in summary
 
@@ -78,10 +79,15 @@ def test_resume_skips_videos_already_reported(videos, tmp_path, capsys):
 
 
 def test_a_count_the_index_gets_wrong_is_reported(tmp_path, monkeypatch):
-    """Were the index to take N-VOP 'dropped frame' packets for frames (57 packets, 50 frames), sparse frame
+    """Files that cannot seek at once are 'learned' (seek after one decode through) or 'fallback' (raw streams,
+    always decoded through). Were the index to take N-VOP 'dropped frame' packets for frames (57 packets, 50 frames), sparse frame
     numbers would be off: the check compares the count with a full decode's and says so."""
     path = write_mpeg4_avi_with_dropped_frames(tmp_path / "dropped.avi", textured_frames(50, 32, 32, seed=3))
-    assert check.check_video(str(path))["decode"] == "fallback"
+    assert check.check_video(str(path))["decode"] == "learned"
+    raw = write_encoded(tmp_path / "raw.h264", textured_frames(20, 32, 32), "libx264", fmt="h264")
+    entry = check.check_video(str(raw))
+    assert (entry["decode"], entry["fallback_reason"], entry["frames"]) == (
+        "fallback", "a raw stream without container timestamps", 20)
     clear_index_cache()
     monkeypatch.setattr(decode_module, "_inexact_reason", lambda *args: "")
     entry = check.check_video(str(path), windows=2)

@@ -20,6 +20,7 @@ from video_formats import (packets, plain_decode, remux, write_encoded, write_mp
                            write_packed_mpeg4_avi)
 
 H, W = 48, 64
+RAW = "a raw stream without container timestamps"
 
 
 def frames(n, seed=1):
@@ -58,16 +59,14 @@ MATRIX = {
                                 "MPEG-4 placeholder (N-VOP) or packed B-frame packets"),
     "mpeg4_bframes.avi": (lambda p: write_video(p, frames(60), codec="mpeg4", gop=12, bframes=2), "sparse"),
     "mpeg4_gop12.avi": (lambda p: write_video(p, frames(60), codec="mpeg4", gop=12, bframes=0), "sparse"),
-    "mpeg4_raw.m4v": (lambda p: write_encoded(p, frames(60), "mpeg4", fmt="m4v", bframes=2),
-                      "a raw stream without container timestamps"),
+    "mpeg4_raw.m4v": (lambda p: write_encoded(p, frames(60), "mpeg4", fmt="m4v", bframes=2), RAW),
     "h264_open_gop.mp4": (lambda p: write_encoded(p, frames(60), "libx264", options=x264(12, 3, ":open-gop=1")),
                           "sparse"),
     "h264_open_gop.mkv": (lambda p: write_encoded(p, frames(60), "libx264", options=x264(12, 3, ":open-gop=1")),
                           "sparse"),
     "h264_offset.ts": (lambda p: write_encoded(p, frames(60), "libx264", options=x264(12, 2),
                                                pts=np.arange(60) + 250), "sparse"),  # starts at 10 s
-    "h264_raw.h264": (lambda p: write_encoded(p, frames(60), "libx264", fmt="h264", options=x264(12, 2)),
-                      "a raw stream without container timestamps"),
+    "h264_raw.h264": (lambda p: write_encoded(p, frames(60), "libx264", fmt="h264", options=x264(12, 2)), RAW),
     "h264_bframes.avi": (lambda p: write_encoded(p, frames(60), "libx264", options=x264(12, 2)),
                          "timestamps in decode order although the codec reorders frames"),
     "h264_vfr.mp4": (lambda p: write_encoded(p, frames(60), "libx264", options=x264(12, 2),
@@ -130,23 +129,23 @@ def test_the_files_have_the_layouts_that_break_timestamp_seeking(matrix):
 
 @pytest.mark.parametrize("name", list(MATRIX))
 def test_fast_path_only_where_the_index_shows_it_exact(matrix, name):
+    """Exact files seek from the first request. The others are decoded through once, which learns them;
+    then they seek in the learned order, except raw streams, which always decode through."""
     path, ref, _ = _file(matrix, name)
     expected = MATRIX[name][1]
     clear_index_cache()
     index = get_index(path)
     assert index.exact == (expected == "sparse") and index.inexact_reason == ("" if expected == "sparse" else expected)
-    assert num_frames(path) == len(ref)
     n = len(ref)
     requests = [np.arange(s, min(n, s + 8)) for s in range(0, n, max(1, n // 6))] + [[n - 1, 0]]
     stats = DecodeStats()
     for idx in requests:
         assert torch.equal(decode_frames(path, idx, stats=stats), ref[idx]), idx
-    if expected == "sparse":
-        assert (stats.sparse_decodes, stats.fallbacks, stats.full_decodes) == (len(requests), 0, 0)
-        assert stats.fallback_files == set()
-    else:
-        assert (stats.sparse_decodes, stats.fallbacks) == (0, len(requests))
-        assert stats.fallback_files == {str(path)}
+    decoded_through = {"sparse": 0, RAW: len(requests)}.get(expected, 1)
+    assert (stats.sparse_decodes, stats.fallbacks) == (len(requests) - decoded_through, decoded_through)
+    assert stats.full_decodes == decoded_through and stats.fallback_files == ({str(path)} if decoded_through else set())
+    assert (get_index(path).learned is not None) == (expected not in ("sparse", RAW))
+    assert num_frames(path) == n
 
 
 def test_eight_frame_windows_of_a_packed_xvid_avi(matrix):
@@ -200,9 +199,10 @@ def test_runtime_checks_catch_what_the_index_missed(matrix, monkeypatch):
     assert (stats.sparse_decodes, stats.fallbacks) == (0, 1)
     index = get_index(path)
     assert not index.exact and ("not output" in index.inexact_reason or "order" in index.inexact_reason)
-    assert index.decoded_frames == len(ref)
-    assert torch.equal(decode_frames(path, [5, 3], stats=stats), ref[[5, 3]])
-    assert stats.fallbacks == 2 and stats.full_decodes == 2  # the second stopped after frame 5, from the start
+    assert index.decoded_frames == len(ref) and index.learned is not None
+    assert torch.equal(decode_frames(path, [40, 38], stats=stats), ref[[40, 38]])  # seeking, in the learned order
+    # one seek by the failed first attempt, one in the learned order
+    assert (stats.sparse_decodes, stats.fallbacks, stats.full_decodes, stats.seeks) == (1, 1, 1, 2)
 
 
 def test_decode_sampled_chooses_from_the_decoded_count(matrix):

@@ -4,10 +4,12 @@ For every video of the annotation lists (mmaction2 lists, Kinetics CSVs, SSv2 JS
 official split files; labels are not needed): whether it opens and decodes (else why not), codec, size,
 frame count, duration, frame rate, keyframe-interval statistics, and how :func:`~.decode.decode_frames`
 will serve it: ``"sparse"`` (sparse seeking, checked frame for frame against a decode from the start on
-``--windows`` random windows of 8 frames), ``"fallback"`` (decoded through from the start, with the
-reason) or ``"wrong"`` (sparse seeking answered with other frames than the full decode: a decoder bug,
-please report the file). One JSON line per video goes to ``--out`` as soon as it is checked; a rerun
-with the same ``--out`` skips the videos already there. A summary (readable / unreadable / fallback
+``--windows`` random windows of 8 frames), ``"learned"`` (decoded through from the start once per
+process, then seeking in the order that decode learnt, checked the same way), ``"fallback"`` (always
+decoded through from the start), both with ``fallback_reason``, or ``"wrong"`` (sparse seeking
+answered with other frames than the full decode: a decoder bug, please report the file). One JSON
+line per video goes to ``--out`` as soon as it is checked; a rerun with the same ``--out`` skips the
+videos already there. A summary (readable / unreadable / fallback
 counts, the slowest files) ends the scan.
 
 Exit status: 0 when the scan ran, whatever it found; 1 with ``--fail-on-unreadable`` when a video is
@@ -117,9 +119,12 @@ def _inspect(path: str, windows: int) -> Dict[str, Any]:
         "fps": None if index.average_rate is None else round(float(index.average_rate), 3),
         **_keyframe_stats(index),
     }
-    if not index.exact:  # decode_frames decodes it through; counting its frames proves it readable
-        return {**info, "frames": num_frames(path), "decode": "fallback", "fallback_reason": index.inexact_reason}
     n = index.num_frames
+    if not index.exact:  # decode_frames decodes it through the first time: readable, and learnt, or not
+        n = num_frames(path)
+        if get_index(path).learned is None:
+            return {**info, "frames": n, "decode": "fallback", "fallback_reason": index.inexact_reason}
+        info["fallback_reason"] = index.inexact_reason
     rng = np.random.default_rng(zlib.crc32(path.encode()))
     starts = rng.integers(0, max(1, n - WINDOW + 1), size=windows)
     spans = [np.arange(s, min(n, s + WINDOW)) for s in starts]
@@ -128,7 +133,10 @@ def _inspect(path: str, windows: int) -> Dict[str, Any]:
     if count != n:
         return {**info, "decode": "wrong",
                 "wrong_reason": f"a full decode gives {count} frames, the index lists {n}"}
-    return {**info, **_sparse_verdict(path, spans, reference)}
+    verdict = _sparse_verdict(path, spans, reference)
+    if not index.exact and verdict["decode"] == "sparse":
+        verdict["decode"] = "learned"
+    return {**info, **verdict}
 
 
 def _reference(path: str, wanted: set) -> tuple:
@@ -188,8 +196,8 @@ def summarize(entries: Iterable[Dict[str, Any]]) -> Dict[str, Any]:
     paths = Counter(e["decode"] for e in good)
     return {
         "videos": len(entries), "readable": len(good), "unreadable": len(bad),
-        "sparse": paths["sparse"], "fallback": paths["fallback"], "wrong": paths["wrong"],
-        "fallback_reasons": dict(Counter(e["fallback_reason"] for e in good if e["decode"] == "fallback")),
+        "sparse": paths["sparse"], "learned": paths["learned"], "fallback": paths["fallback"], "wrong": paths["wrong"],
+        "fallback_reasons": dict(Counter(e["fallback_reason"] for e in good if e["decode"] in ("learned", "fallback"))),
         "unreadable_files": [{"path": e["path"], "reason": e["reason"]} for e in bad],
         "slowest": [{"path": e["path"], "seconds": e["seconds"]}
                     for e in sorted(entries, key=lambda e: -e["seconds"])[:SLOWEST]],
@@ -199,7 +207,8 @@ def summarize(entries: Iterable[Dict[str, Any]]) -> Dict[str, Any]:
 def format_summary(summary: Dict[str, Any], skipped: int) -> str:
     lines = [f"{summary['videos']} videos{f' ({skipped} already in the report)' if skipped else ''}: "
              f"{summary['readable']} readable, {summary['unreadable']} unreadable; "
-             f"{summary['sparse']} seek exactly, {summary['fallback']} need the decode-through fallback"
+             f"{summary['sparse']} seek exactly, {summary['learned'] + summary['fallback']} need the decode-through "
+             f"fallback ({summary['learned']} of them only once per process, then seek)"
              + (f", {summary['wrong']} WRONG (sparse frames differ: please report)" if summary["wrong"] else "")]
     for reason, n in sorted(summary["fallback_reasons"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  fallback, {reason}: {n}")

@@ -18,9 +18,12 @@ decoding otherwise; every frame the decoder outputs is checked against the index
 strictly increasing after each seek, no wanted frame passed over).
 
 Any other file, and any file where a check fails while decoding, is decoded through from the
-start instead (the *fallback*: exact by definition, as costly as the official loader). The file is
-remembered (per process) as needing it, and counted in :class:`DecodeStats`. Only a file whose
-full decode fails is unreadable (:class:`VideoDecodeError`).
+start instead (the *fallback*: exact by definition, as costly as the official loader), counted in
+:class:`DecodeStats`. That decode also *learns* the file (cached with its index, per process): its
+frame count, and each frame's pts as the decoder stamps it, which name the frames even where they
+are out of order. Later requests seek in that learned order, checking that every frame after a seek
+is exactly the next one of the full decode (raw streams, whose pts are made up while demuxing,
+always decode through). Only a file whose full decode fails is unreadable (:class:`VideoDecodeError`).
 """
 from __future__ import annotations
 
@@ -66,6 +69,7 @@ _PACKED_USER_DATA = re.compile(rb"\x00\x00\x01\xb2DivX\d+(?:Build|b)\d+p")
 _HEADER_BYTES = 512  # the sequence headers and user data before a keyframe's VOP
 _WHOLE_PACKETS_CHECKED = 64
 _AVFMT_NOTIMESTAMPS = 0x80  # libavformat: a format without timestamps (raw .h264, .m4v, ...)
+_RAW_STREAM = "a raw stream without container timestamps"
 
 
 class VideoDecodeError(RuntimeError):
@@ -166,6 +170,10 @@ class VideoIndex:
     ``inexact_reason`` says why, the arrays are only approximate (in packet pts order where
     packets have distinct pts, else in demux order) and frames are found by decoding through.
     ``decoded_frames``: the frame count a full decode found, once one ran in this process.
+    ``learned``: after such a decode of an inexact file, an index of the same form over the decoded
+    frames in output order, each known by the pts the decoder gave it (see :func:`_learned_view`):
+    the fast path may seek in it, checking that every frame after a seek is the next one the full
+    decode had; None where those pts did not single frames out.
     """
 
     path: str
@@ -186,6 +194,7 @@ class VideoIndex:
     packet_pts: np.ndarray  # int64 (M,): every packet's pts, in presentation order
     frame_pos: np.ndarray
     decoded_frames: Optional[int] = None
+    learned: Optional["VideoIndex"] = None
 
     @property
     def num_frames(self) -> Optional[int]:
@@ -342,7 +351,7 @@ def _inexact_reason(container, stream, pts: List[Optional[int]], keys: List[bool
     """Why a decoder's output might not be the index's frames one to one ('' when nothing says so).
     ``pts`` and ``keys`` are per packet, in demux (decode) order."""
     if container.format.flags & _AVFMT_NOTIMESTAMPS:
-        return "a raw stream without container timestamps"
+        return _RAW_STREAM
     if any(p is None for p in pts):
         return "packets without timestamps"
     if len(set(pts)) != len(pts):
@@ -487,18 +496,24 @@ def _remember(path: str, index: VideoIndex, **changes) -> VideoIndex:
 
 def num_frames(path: PathLike, *, stats: Optional[DecodeStats] = None) -> int:
     """Number of frames of ``path``'s first video stream: from its (cached) index, or, for a file
-    the fast path cannot address (see :class:`VideoIndex`), by decoding it once and caching the count."""
+    the fast path cannot address (see :class:`VideoIndex`), by decoding it once and caching the count
+    (and the learned index)."""
     path = os.fspath(path)
     index = get_index(path, stats=stats)
     if index.num_frames is not None:
         return index.num_frames
     local = DecodeStats()
+    labels: List[Optional[int]] = []
+    key_frames: List[bool] = []
     try:
         with _as_decode_error(path):
-            count = sum(1 for _ in _frames_in_order(path, None, local))
+            for frame in _frames_in_order(path, None, local):
+                labels.append(frame.pts)
+                key_frames.append(frame.key_frame)
     finally:
         _account(local, stats)
-    return _remember(path, index, decoded_frames=count).num_frames
+    return _remember(path, index, decoded_frames=len(labels),
+                     learned=_learned_view(index, labels, key_frames)).num_frames
 
 
 # --------------------------------------------------------------------------------------------
@@ -628,9 +643,10 @@ class _SparseDecoder:
     Raises :class:`_NotExact` whenever the decoder's output is not what the index predicts.
     """
 
-    def __init__(self, container, stream, index: VideoIndex, path: str, stats: DecodeStats):
+    def __init__(self, container, stream, index: VideoIndex, path: str, stats: DecodeStats, strict: bool = False):
         self.container, self.stream, self.index, self.path = container, stream, index, path
-        self.stats = stats
+        # strict (a learned index): every frame is decoded, and each after a seek must be the next one
+        self.stats, self.strict = stats, strict
         # frames are handled here by packet position (see VideoIndex), mapped back at the end
         self.pts_to_idx = {int(p): i for i, p in enumerate(index.packet_pts)}
         self.wanted_pts: set = set()
@@ -653,7 +669,8 @@ class _SparseDecoder:
             for packet in self.container.demux(self.stream):
                 # a non-reference frame (most B-frames) that is not wanted can be dropped by the
                 # codec unseen: nothing depends on it. A frame's pts is its packet's pts.
-                ctx.skip_frame = "DEFAULT" if packet.pts is None or packet.pts in self.wanted_pts else "NONREF"
+                wanted = self.strict or packet.pts is None or packet.pts in self.wanted_pts
+                ctx.skip_frame = "DEFAULT" if wanted else "NONREF"
                 for frame in packet.decode():
                     self.stats.frames_decoded += 1
                     idx = self.pts_to_idx.get(frame.pts)
@@ -703,6 +720,7 @@ class _SparseDecoder:
         frames: Optional[Iterator] = None
         pos = -1  # highest presentation index the decoder has produced since the last seek
         floor = 0  # below this, frames after a seek are open-GOP leading frames: unusable
+        expect = -1  # strict: the position the next usable frame must have (-1: the seek's keyframe)
         try:
             for j in (int(i) for i in wanted):
                 if j in got:
@@ -715,14 +733,22 @@ class _SparseDecoder:
                     if frames is not None:
                         frames.close()
                     frames = self.start_at(key, j)
-                    pos, floor = -1, max(key, 0)
+                    pos, floor, expect = -1, max(key, 0), -1
                 while j not in got:
                     item = next(frames, None)
                     if item is None:
                         raise _NotExact(f"the stream ended before frame {self._frame(j)}")
                     idx, frame = item
                     if idx < floor:
+                        if self.strict and expect >= 0:
+                            raise _NotExact("a frame before the keyframe came after it")
                         continue
+                    if self.strict:
+                        if idx != (floor if expect < 0 else expect):
+                            raise _NotExact("decoded frames not in the full decode's order")
+                        if expect < 0 and key >= 0 and not frame.key_frame:  # pts shifted since the seek
+                            raise _NotExact("the frame after a seek is not the keyframe")
+                        expect = idx + 1
                     pos = max(pos, idx)
                     if idx in wanted_set and idx not in got:
                         got[idx] = _to_rgb(frame)
@@ -803,14 +829,16 @@ def _decode_sampled(path: str, choose: Chooser, threads: Optional[int], stats: D
     container = _open(path)
     with container:
         index = _index_with(container, path, stats)
-        if index.exact:
-            n = index.num_frames
+        view = index if index.exact else index.learned
+        if view is not None:
+            n = view.num_frames
             idx = _check_indices(choose(n), n, path)
             wanted = np.unique(idx)
             try:
-                got = _sparse_frames(container, index, wanted, path, threads, stats)
-            except _NotExact as exc:
-                index = _remember(path, index, exact=False, inexact_reason=exc.reason)
+                got = _sparse_frames(container, view, wanted, path, threads, stats, strict=not index.exact)
+            except _NotExact as exc:  # a learned view that fails is dropped too
+                reason = exc.reason if index.exact else index.inexact_reason
+                index = _remember(path, index, exact=False, inexact_reason=reason, learned=None)
             else:
                 stats.sparse_decodes += 1
                 stats.frames_returned += int(idx.size)
@@ -821,12 +849,42 @@ def _decode_sampled(path: str, choose: Chooser, threads: Optional[int], stats: D
 
 
 def _sparse_frames(container, index: VideoIndex, wanted: np.ndarray, path: str, threads: Optional[int],
-                   stats: DecodeStats) -> Dict[int, np.ndarray]:
+                   stats: DecodeStats, strict: bool) -> Dict[int, np.ndarray]:
     if not wanted.size:
         return {}
     stream = _video_stream(container, path)
     _configure_threads(stream, threads)
-    return _SparseDecoder(container, stream, index, path, stats).decode(wanted)
+    return _SparseDecoder(container, stream, index, path, stats, strict).decode(wanted)
+
+
+def _learned_view(index: VideoIndex, labels: List[Optional[int]], key_frames: List[bool]) -> Optional[VideoIndex]:
+    """An index over the frames of a full decode by output position, from their pts (``labels``) and
+    keyframe flags, in output order.
+
+    A decoder stamps each frame with the pts of the packet that started it; after a seek to a
+    keyframe the same packets follow, so each frame from there on gets the same pts as in the full
+    decode, whatever those pts mean (packed B-frames make them out of order). Distinct pts thus name
+    the frames; the keyframes are the decoded keyframes whose pts is a keyframe packet's, sought like
+    it. Leading frames decoded after a seek without their references keep their own pts too, which
+    place them before the keyframe: skipped. None when the pts do not single out every frame, and
+    for raw streams, whose pts are the demuxer's count from wherever it starts.
+    """
+    if index.inexact_reason == _RAW_STREAM:
+        return None
+    packet_pts = index.packet_pts
+    sorted_packets = packet_pts.size < 2 or bool(np.all(np.diff(packet_pts) > 0))
+    if any(p is None for p in labels) or len(set(labels)) != len(labels) or not sorted_packets:
+        return None
+    labels = np.asarray(labels, dtype=np.int64)
+    packet = np.minimum(np.searchsorted(packet_pts, labels), packet_pts.size - 1)
+    keys = (packet_pts[packet] == labels) & index.is_key[packet] & np.asarray(key_frames, dtype=bool)
+    if not keys.any():
+        return None
+    n = len(labels)
+    return replace(index, pts=labels, seek_ts=np.where(keys, index.seek_ts[packet], 0), is_key=keys,
+                   key_before=np.maximum.accumulate(np.where(keys, np.arange(n), -1)), exact=True,
+                   inexact_reason="", packet_pts=labels, frame_pos=np.arange(n, dtype=np.int64),
+                   decoded_frames=n, learned=None)
 
 
 def _decode_through(path: str, index: VideoIndex, choose: Chooser, threads: Optional[int],
@@ -837,7 +895,8 @@ def _decode_through(path: str, index: VideoIndex, choose: Chooser, threads: Opti
     n = index.decoded_frames
     if n is None:
         decoded = list(_frames_in_order(path, threads, stats))
-        _remember(path, index, decoded_frames=len(decoded))
+        _remember(path, index, decoded_frames=len(decoded),
+                  learned=_learned_view(index, [f.pts for f in decoded], [f.key_frame for f in decoded]))
         idx = _check_indices(choose(len(decoded)), len(decoded), path)
         return idx, _select(path, decoded, idx, stats)
     idx = _check_indices(choose(n), n, path)
