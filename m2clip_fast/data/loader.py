@@ -48,7 +48,7 @@ class VideoClipDataset(Dataset):
     * ``label``: int; ``index``: int, the sample actually returned (``i`` unless replaced);
     * ``skipped``: list of ``{"path", "reason", "index"}`` for every bad video met on the way;
     * ``decoded``: ``{"path", "fallback"}``: the file decoded and whether it was decoded through from
-      the start because sparse seeking could not be shown exact for it (see :class:`DecodeTally`).
+      the start, sparse seeking not (yet) shown exact for it in this worker (see :class:`DecodeTally`).
 
     ``sampling``: ``"dense"`` (``num_frames`` frames ``stride`` apart) or ``"uniform"`` (TSN
     segments). ``scale_range``: training short-side jitter relative to ``size``. ``flip``:
