@@ -285,17 +285,20 @@ def _cache_key(path: str) -> Tuple[str, int, int]:
     return (os.path.abspath(path), st.st_mtime_ns, st.st_size)
 
 
-def _seek_targets(pts: np.ndarray, demux_ts: np.ndarray, is_key: np.ndarray) -> np.ndarray:
+def _seek_targets(pts: np.ndarray, demux_ts: np.ndarray, is_key: np.ndarray, by_dts: bool) -> np.ndarray:
     """The timestamp to seek to for each keyframe (int64 (N,), presentation order).
 
     Demuxers compare a seek target with different per-packet times: matroska with the pts, avi
     with the dts, mp4 with the dts shifted by the B-frame delay (about the pts). A keyframe's
     pts is at or past every one of these for that keyframe, so seeking to it lands on it unless
     the next keyframe's dts is already <= that pts (keyframes a B-frame delay apart); then its
-    own dts is the safer target. A landing one keyframe late is caught and redone by the
-    decoder.
+    own dts is the safer target. ``by_dts`` (mpegts, which has no index and stops at the first
+    packet at or past the target's dts, keyframe or not): always the dts. A landing one keyframe
+    late is caught and redone by the decoder.
     """
     seek = demux_ts.copy()
+    if by_dts:
+        return seek
     keys = np.nonzero(is_key)[0]
     nxt = np.append(demux_ts[keys[1:]], np.iinfo(np.int64).max)
     use_pts = pts[keys] < nxt
@@ -404,7 +407,7 @@ def _build_index(container, stream, path: str) -> VideoIndex:
     pts_arr = np.asarray([p if p is not None else i for i, p in enumerate(pts)], dtype=np.int64)[order]
     demux_arr = np.asarray([t if t is not None else 0 for t in demux_ts], dtype=np.int64)[order]
     is_key = np.asarray(keys, dtype=bool)[order]
-    seek_ts = _seek_targets(pts_arr, demux_arr, is_key)
+    seek_ts = _seek_targets(pts_arr, demux_arr, is_key, by_dts=container.format.name == "mpegts")
     key_before = np.maximum.accumulate(np.where(is_key, np.arange(len(pts)), -1))
     frame_pos = np.nonzero(~np.asarray(discard, dtype=bool)[order])[0].astype(np.int64)
     rate = stream.average_rate
