@@ -35,6 +35,11 @@ def pytest_configure(config):
     threads = _test_threads()
     if threads is not None:
         torch.set_num_threads(threads)
+    if os.environ.get("M2CLIP_STENCIL_ISA", "").strip():  # a bad value stops the run here, not at collection
+        try:
+            import m2clip_fast.ted_cpu  # noqa: F401  (its import applies and checks the variable)
+        except ValueError as exc:  # StencilISAError
+            raise pytest.UsageError(str(exc)) from None
 
 
 def pytest_report_header(config):

@@ -180,6 +180,15 @@ def test_stencil_isa_environment_variable(pinned_isa):  # the fixture restores t
         assert ted_cpu._C.stencil_isa() == best
 
 
+@needs_ext
+def test_stencil_runs_the_variant_the_environment_names():
+    """Under M2CLIP_STENCIL_ISA (CI's per-ISA runs) the stencil really runs that variant in this process."""
+    name = os.environ.get(ted_cpu.STENCIL_ISA_ENV, "").strip()
+    if name in ("", "best"):
+        pytest.skip(f"{ted_cpu.STENCIL_ISA_ENV} does not name one variant here")
+    assert ted_cpu._C.stencil_isa() == name
+
+
 def test_stencil_isa_environment_variable_is_read_at_import():
     """In a fresh process: the variable takes effect when ted_cpu is imported, and a bad value fails there."""
     code = "from m2clip_fast import ted_cpu; print(ted_cpu._C.stencil_isa() if ted_cpu._C else 'none')"
