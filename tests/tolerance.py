@@ -17,11 +17,12 @@ Why pooled: the error in a gradient is mostly forward error propagated through t
 of one relative size across tensors, but in a tensor of a few elements the maximum of it is a lottery; a
 reference landing within 1 ulp on an 8-element bias says nothing about how lucky another, equally valid
 summation order will be on it (measured on the tiny model: 0.6 ulp vs 4.0 ulp for mlm_head.decoder.bias,
-while the worst tensor of either path was at 10-18 ulp). The pooled ρ is a maximum over thousands of
+while the worst tensor of either path was at 9-19 ulp). The pooled ρ is a maximum over thousands of
 elements, a stable statistic.
 FACTOR = 2: both sides round the same operations in a different order, so their pooled errors have the
-same size (measured: within 1.2× of each other); 2 leaves room for one order being less lucky, while a
-real bug (a wrong row, a missing term) is off by the size of the value itself, ~10⁵ times more.
+same size (measured: within 1.25× of each other); 2 leaves room for one order being less lucky, while a
+real bug is off by a fraction of the value itself: the class-token-only block attending to one key too few
+(of 17) moved the losses by 6e-4 relative, with 4.6e-6 allowed; a wrong row moves them by 0.1-0.4.
 FLOOR_ULPS = 1: each side is rounded to the working dtype at least once, so even a correctly rounded
 result is up to half a unit in the last place from float64, on either side; without the floor a reference
 that happens to be exact (an all-integer sum, a single product) would demand exactness of the candidate.
