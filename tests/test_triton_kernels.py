@@ -125,7 +125,8 @@ def test_fp32_matches_reference(batch, frames, h, w, c, r, same_residual):
     x = make_tokens(batch, frames, h, w, c)
     residual = x if same_residual else make_tokens(batch, frames, h, w, c, seed=2)
     grad_out = torch.randn_like(x)
-    ref, ref64 = (run_reference(adapter, x, residual, grad_out, frames, dtype) for dtype in (torch.float32, torch.float64))
+    ref, ref64 = (run_reference(adapter, x, residual, grad_out, frames, dtype)
+                  for dtype in (torch.float32, torch.float64))
     if same_residual:  # the reference saw x and residual as two leaves: their grads add up
         for r in (ref, ref64):
             r[1] = r[1] + r.pop(2)

@@ -11,7 +11,8 @@ multiple of it. Errors are measured relative to each tensor's largest magnitude 
 tensors of one computation (a loss and all its gradients, an output and its gradients):
 
     ρ(x)  =  max over tensors t of  max|x_t − exact_t| / max|exact_t|
-    every tensor t must satisfy  max|got_t − exact_t|  ≤  (FACTOR · ρ(reference) + FLOOR_ULPS · eps) · max|exact_t|
+    every tensor t must satisfy
+        max|got_t − exact_t|  ≤  (FACTOR · ρ(reference) + FLOOR_ULPS · eps) · max|exact_t|
 
 Why pooled: the error in a gradient is mostly forward error propagated through the same network, so it is
 of one relative size across tensors, but in a tensor of a few elements the maximum of it is a lottery; a
