@@ -38,7 +38,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .cli import load_checkpoint_file, run_main
+from .checkpoint import atomic_save, build_checkpoint, load_checkpoint_file
+from .cli import run_main
 
 # official key → ours; weights of the D conv additionally change rank (Conv3d → Conv2d).
 _KEY_MAP: Dict[str, str] = {
@@ -342,7 +343,7 @@ def convert_official_checkpoint(checkpoint, model, mlm_labels: Optional[Union[st
 
 def load_official_checkpoint(model, checkpoint, mlm_labels=None, *, source: Optional[str] = None) -> ConversionReport:
     """Convert (see :func:`convert_official_checkpoint`) and load into ``model``; ``checkpoint`` may be a path
-    (an unreadable file raises :class:`m2clip_fast.cli.CheckpointError`, a ValueError, naming it).
+    (an unreadable file raises :class:`m2clip_fast.checkpoint.CheckpointError`, a ValueError, naming it).
     ``source`` names the checkpoint in errors (default: its path, or "the checkpoint")."""
     if isinstance(checkpoint, (str, Path)):
         source = source or str(checkpoint)
@@ -376,7 +377,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .engine import atomic_save, model_checkpoint
     from .model import create_model
     from .presets import parse_overrides
 
@@ -391,7 +391,7 @@ def _convert(args: argparse.Namespace) -> int:
         report = load_official_checkpoint(model, checkpoint, mlm_labels, source=args.official)
     except KeyError as exc:  # an incomplete group of official keys: the message names the missing key
         raise ValueError(exc.args[0]) from None
-    atomic_save(model_checkpoint(model, pretrained), Path(args.out))
+    atomic_save(build_checkpoint(model, pretrained), Path(args.out))
     print(report.summary())
     print(f"wrote {args.out}")
     return 0

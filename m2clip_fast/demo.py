@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, List, Optional
 
-from . import train as train_module
+from . import run_dir, train as train_module
 from .cli import int_at_least, run_main
 from .data.synthetic import CLASSES, dataset_meta, make_dataset, read_meta
 
@@ -68,7 +68,7 @@ def clear_previous_run(out: Path) -> List[Path]:
     train appends to its logs and keeps best.pt unless beaten, so without this a new demo run's curves,
     skipped list and best checkpoint would mix with the old run's (and TensorBoard would show both).
     """
-    return train_module.delete_files(train_module.run_outputs(out) + [out / "training_curves.png"])
+    return run_dir.delete_files(run_dir.run_outputs(out) + [out / "training_curves.png"])
 
 
 def plot_curves(run_dir: Path, png: Path, title: str) -> None:

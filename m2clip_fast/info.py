@@ -60,7 +60,7 @@ def forward_flops(model: M2CLIP) -> int:
     over the class prompts (the frozen ones are cached), and the heads."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    size = model.image_size if isinstance(model.image_size, int) else model.image_size[0]
+    size = model.crop_size
     video = torch.zeros(1, model.num_frames, 3, size, size)
     model.eval()
     model.encode_text()  # fill the text cache, as evaluation does once per class list

@@ -24,6 +24,7 @@ from .adapters import TEDAdapter, TemporalAdapter, TextAdapter
 from .attention import set_attention_backend
 from .heads import (HEADS, MLMHead, VisualClassifier, cmc_loss, cmlm_loss, kl_contrastive_loss, vc_loss)
 from .presets import SHIPPED_BACKBONES, ConfigError, M2CLIPConfig, resolve_config
+from .runtime import gather_batch
 from .text import (PromptTokenizer, humanize, label_words, load_class_names, mask_label_words)
 
 
@@ -116,41 +117,6 @@ def attach_adapters(block: nn.Module, pre_attn: Optional[nn.Module] = None,
     hook = _AdapterPreHook(pre_attn, tap)
     block.register_forward_pre_hook(hook, with_kwargs=True)
     return hook
-
-
-class _GatherRows(torch.autograd.Function):
-    """All processes' x (equal shapes) concatenated along dim 0; backward sums every process's
-    gradient of the whole result and keeps this process's rows. all_reduce rather than
-    reduce_scatter, which gloo (CPU) lacks; torch.distributed.nn's all_gather is deprecated."""
-
-    @staticmethod
-    def forward(ctx, x):
-        import torch.distributed as dist
-
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rows, ctx.rank = x.shape[0], dist.get_rank()
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        import torch.distributed as dist
-
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
-
-
-def gather_batch(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate x over all processes (differentiable); x itself when not distributed.
-
-    Every process then computes the same global loss; the gather's backward sums the gradients
-    of each process's own rows, and DDP's average turns that into the single-process gradient."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    return _GatherRows.apply(x)
 
 
 # ---------------------------------------------------------------------------------------------- open_clip
@@ -561,6 +527,12 @@ class M2CLIP(nn.Module):
         return out
 
     # -------------------------------------------------------------------------------------- precision
+    @property
+    def crop_size(self) -> int:
+        """The side of the square frames the clip loaders make for this model: ``image_size``, or the height
+        of a non-square one."""
+        return self.image_size if isinstance(self.image_size, int) else self.image_size[0]
+
     def set_backbone_dtype(self, dtype: torch.dtype) -> "M2CLIP":
         """Cast the frozen weights (CLIP and the CMLM block) to ``dtype``; adapters and heads keep fp32
         master weights, and so does CLIP's scalar temperature (bf16 would turn logit scale 100 into 98.9).

@@ -5,7 +5,8 @@ import argparse
 import pytest
 import torch
 
-from m2clip_fast.cli import CheckpointError, load_checkpoint_file, run_main
+from m2clip_fast.checkpoint import CheckpointError, load_checkpoint_file
+from m2clip_fast.cli import run_main
 from m2clip_fast.data.datasets import DatasetError
 
 

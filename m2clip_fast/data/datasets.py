@@ -28,6 +28,10 @@ __all__ = [
     "official_split",
     "read_split_file",
     "check_samples",
+    "annotation_root",
+    "read_annotations",
+    "read_split",
+    "load_samples",
 ]
 
 Sample = Tuple[str, int]
@@ -494,3 +498,45 @@ def check_samples(
     problems = bad_labels + ([] if skip_missing and kept else [f"{m['path']}: {m['reason']}" for m in missing])
     _raise_if(problems, what, notes)
     return kept, missing
+
+
+# ------------------------------------------------------------------------------- routing by file name
+
+
+def annotation_root(path: PathLike, data_root: Optional[PathLike]) -> str:
+    """Where an annotation file's video paths are joined: ``--data-root``, else the file's own folder."""
+    return os.fspath(data_root) if data_root is not None else str(Path(path).parent)
+
+
+def read_annotations(path: PathLike, data_root: Optional[PathLike], class_names: Sequence[str],
+                     train: bool = True) -> List[Sample]:
+    """Samples of an annotation file, by its name: a UCF101/HMDB51 official split file (see
+    :func:`official_split`; HMDB51 takes the videos marked 1 when ``train``, else 2), .csv Kinetics, .json
+    SSv2, anything else a list file (labels from 0)."""
+    suffix = Path(path).suffix.lower()
+    root = annotation_root(path, data_root)
+    if official_split(path) is not None:
+        return read_split_file(path, root, train=train, class_names=class_names)
+    if suffix == ".csv":
+        return read_kinetics_csv(path, root, class_names)
+    if suffix == ".json":
+        return read_ssv2_json(path, root, {n: i for i, n in enumerate(class_names)})
+    return read_list_file(path, root)
+
+
+def read_split(dataset: str, split_dir: PathLike, data_root: PathLike, split: int, train: bool,
+               class_names: Optional[Sequence[str]] = None) -> List[Sample]:
+    """Split ``split`` of the UCF101 / HMDB51 official split files in ``split_dir``."""
+    if dataset == "ucf101":
+        return read_ucf101(split_dir, data_root, split=split, train=train)
+    if dataset == "hmdb51":
+        return read_hmdb51(split_dir, data_root, split=split, train=train, class_names=class_names)
+    raise ValueError(f"split files are read for ucf101 or hmdb51, not {dataset!r}")
+
+
+def load_samples(path: PathLike, data_root: Optional[PathLike], class_names: Sequence[str], *, train: bool,
+                 skip_missing: bool, what: str) -> Tuple[List[Sample], List[Dict[str, str]]]:
+    """Read and check an annotation file: ``(kept samples, dropped missing files)``."""
+    samples = read_annotations(path, data_root, class_names, train=train)
+    return check_samples(samples, len(class_names), skip_missing=skip_missing, what=f"{what} {path}",
+                         root=annotation_root(path, data_root))

@@ -11,7 +11,8 @@ do not depend on the number of workers or on the order in which workers fetch it
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import itertools
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -23,7 +24,8 @@ from .decode import VideoDecodeError, decode_frames, num_frames as video_num_fra
 from .sampling import SAMPLINGS, sample_indices
 from .transforms import train_transform, views_from_clips
 
-__all__ = ["VideoClipDataset", "collate", "build_loader", "ClipLoader", "REPLACEMENT_STEP"]
+__all__ = ["VideoClipDataset", "collate", "build_loader", "ClipLoader", "REPLACEMENT_STEP", "build_clip_loader",
+           "batches_from", "parse_views", "resolve_decoder"]
 
 # Replacements for item i are tried at (i + k * REPLACEMENT_STEP) % n, k = 1, 2, ...: a prime
 # step scatters them over the dataset (a run of bad files in one folder does not make every
@@ -223,3 +225,86 @@ def build_loader(
     )
     loader._shuffle_seed = seed
     return loader
+
+
+# ----------------------------------------------------------------------------------- the loader factory
+
+
+def parse_views(views: str) -> Tuple[int, int]:
+    """'4x3' → (4 temporal clips, 3 spatial crops)."""
+    try:
+        clips, crops = (int(v) for v in views.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--views must look like CLIPSxCROPS, e.g. 4x3, got {views!r}") from None
+    if clips < 1 or crops not in (1, 3, 4):
+        raise ValueError(f"--views {views}: need >= 1 clip and 1, 3 or 4 crops")
+    return clips, crops
+
+
+def resolve_decoder(choice: str, device: torch.device) -> str:
+    """The decoder a loader uses: ``choice`` ("pyav", "dali": checked to be importable now, not after the
+    model is built), or for "auto" DALI on CUDA when it is installed, else PyAV."""
+    from .dali import dali_available, require_dali
+
+    if choice == "dali":
+        require_dali()
+    if choice != "auto":
+        return choice
+    return "dali" if device.type == "cuda" and dali_available() else "pyav"
+
+
+def build_clip_loader(samples, *, train: bool, decoder: str, device: torch.device, batch_size: int, workers: int,
+                      num_frames: int, size: int, sampling: str, stride: int, seed: int, flip: bool = True,
+                      views: str = "1x1"):
+    """Batches of clips ({"video", "label", "index", "skipped"}) from ``samples``, with ``set_epoch``.
+
+    decoder "pyav": VideoClipDataset in ``workers`` DataLoader workers. decoder "dali": a DALIClipLoader,
+    one DALI pipeline (``workers`` threads) that decodes, resizes, crops and normalises whole batches, on
+    the GPU when ``device`` is CUDA. Either way sharded over torch.distributed ranks, training batches
+    shuffled and full, evaluation batches ``views`` (CLIPSxCROPS) per video.
+    """
+    clips, crops = (1, 1) if train else parse_views(views)
+    if decoder == "dali":
+        from .dali_loader import DALIClipLoader
+
+        distributed = dist.is_available() and dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        return DALIClipLoader(samples, batch_size=batch_size, num_frames=num_frames, size=size, train=train,
+                              sampling=sampling, stride=stride, flip=flip, drop_last=train, seed=seed,
+                              device="mixed" if device.type == "cuda" else "cpu", num_threads=max(1, workers),
+                              shard_id=rank, num_shards=world, num_clips=clips, num_crops=crops)
+    dataset = VideoClipDataset(samples, num_frames=num_frames, sampling=sampling, stride=stride, size=size,
+                               train=train, flip=flip, num_clips=clips, num_crops=crops, decoder=decoder, seed=seed)
+    return build_loader(dataset, batch_size, workers, shuffle=train, drop_last=train, seed=seed)
+
+
+def batches_from(loader, start: int) -> Iterable:
+    """The loader's batches for the current epoch (``set_epoch`` first) from batch ``start`` on: exactly the
+    batches an uninterrupted pass yields there, for continuing an interrupted epoch.
+
+    A torch DataLoader replays its batch sampler (the same seeded order) and loads only the batches kept;
+    another loader (DALI) decodes the first ``start`` batches and drops them.
+    """
+    if start == 0:
+        return loader
+    if not isinstance(loader, DataLoader):
+        return itertools.islice(iter(loader), start, None)
+    extra = {"persistent_workers": False, "prefetch_factor": loader.prefetch_factor} if loader.num_workers else {}
+    # the loader's own generator seeds the workers, so the global RNG (dropout, masking) is left as it was
+    return DataLoader(
+        loader.dataset, batch_sampler=_SkipBatches(loader.batch_sampler, start), num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, generator=loader.generator,
+        worker_init_fn=loader.worker_init_fn, **extra)
+
+
+class _SkipBatches:
+    """A batch sampler without its first ``start`` batches (their indices are drawn, not loaded)."""
+
+    def __init__(self, batch_sampler, start: int):
+        self.batch_sampler, self.start = batch_sampler, start
+
+    def __iter__(self) -> Iterator[List[int]]:
+        return itertools.islice(iter(self.batch_sampler), self.start, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.batch_sampler) - self.start)
