@@ -1,10 +1,9 @@
 """The training/evaluation dataset and DataLoader: video files -> normalised clip tensors.
 
 :class:`VideoClipDataset` samples frame indices, decodes only those frames and transforms them.
-A bad video (missing, unreadable, corrupt, truncated, zero frames, or any other exception its
-decoding or transforming raises) never stops a run: it is
-replaced by another sample chosen deterministically, and reported in the item's ``skipped`` list
-so the training loop can count it and log it (e.g. to ``skipped.jsonl``).
+A bad video (missing, unreadable, corrupt, truncated, zero frames, or too large to hold) never stops
+a run: it is replaced by another sample chosen deterministically (:mod:`.robust`), and reported in the
+item's ``skipped`` list so the training loop can count it and log it (e.g. to ``skipped.jsonl``).
 
 All randomness of item ``i`` comes from a generator seeded with ``(seed, epoch, i)``, so results
 do not depend on the number of workers or on the order in which workers fetch items.
@@ -19,25 +18,17 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
+from .dali import dali_available, require_dali
+from .dali_loader import DALIClipLoader
 from .datasets import DatasetError, Sample
-from .decode import VideoDecodeError, decode_frames, num_frames as video_num_frames
+from .decode import num_frames as video_num_frames
+from .frames import BACKENDS, decode_frames
+from .robust import REPLACEMENT_STEP, SAMPLE_ERRORS, replacement_index, skip_reason
 from .sampling import SAMPLINGS, sample_indices
 from .transforms import train_transform, views_from_clips
 
 __all__ = ["VideoClipDataset", "collate", "build_loader", "ClipLoader", "REPLACEMENT_STEP", "build_clip_loader",
            "batches_from", "parse_views", "resolve_decoder"]
-
-# Replacements for item i are tried at (i + k * REPLACEMENT_STEP) % n, k = 1, 2, ...: a prime
-# step scatters them over the dataset (a run of bad files in one folder does not make every
-# neighbour fail the same way) and visits every sample when n is not a multiple of it.
-REPLACEMENT_STEP = 7919
-
-
-def replacement_index(i: int, k: int, n: int) -> int:
-    """The sample tried at attempt ``k`` (0: ``i`` itself) for item ``i`` of ``n`` samples."""
-    step = REPLACEMENT_STEP if n % REPLACEMENT_STEP else REPLACEMENT_STEP + 2  # 7921 = 89^2
-    return (i + k * step) % n
-
 
 class VideoClipDataset(Dataset):
     """Clips of ``num_frames`` frames from ``samples`` (a list of ``(path, label)``).
@@ -52,7 +43,7 @@ class VideoClipDataset(Dataset):
     ``sampling``: ``"dense"`` (``num_frames`` frames ``stride`` apart) or ``"uniform"`` (TSN
     segments). ``scale_range``: training short-side jitter relative to ``size``. ``flip``:
     random horizontal flips in training (turn off for Something-Something). ``decoder``:
-    ``"pyav"`` or ``"dali"``. ``max_attempts``: how many samples to try before giving up.
+    a :data:`~m2clip_fast.data.frames.BACKENDS` name. ``max_attempts``: how many samples to try before giving up.
     """
 
     def __init__(
@@ -80,8 +71,8 @@ class VideoClipDataset(Dataset):
             raise ValueError("training uses one clip and one crop per video")
         if num_crops not in (1, 3, 4):
             raise ValueError(f"num_crops must be 1, 3 or 4, got {num_crops}")
-        if decoder not in ("pyav", "dali"):
-            raise ValueError(f"decoder must be 'pyav' or 'dali', got {decoder!r}")
+        if decoder not in BACKENDS:
+            raise ValueError(f"decoder must be one of {BACKENDS}, got {decoder!r}")
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
         self.samples = [(str(p), int(label)) for p, label in samples]
@@ -135,23 +126,12 @@ class VideoClipDataset(Dataset):
             rng = np.random.default_rng([self.seed, epoch, i, k])
             try:
                 video = self._clip(path, rng)
-            except ImportError:  # a missing decoder backend (DALI) is a set-up error, not a bad file
-                raise
-            except Exception as exc:  # noqa: BLE001 - whatever an odd file triggers, never stop the run
+            except SAMPLE_ERRORS as exc:  # the file's fault (see robust): replaced, never a stopped run
                 skipped.append({"path": path, "reason": skip_reason(exc), "index": j})
                 continue
             return {"video": video, "label": label, "index": j, "skipped": skipped}
         reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped)
         raise DatasetError(f"item {i}: all {len(skipped)} attempted videos failed to decode ({reasons})")
-
-
-def skip_reason(exc: BaseException) -> str:
-    """A skipped video's reason in a few words: the VideoDecodeError's own, else the exception's
-    type and message (an unexpected error stays recognisable in ``skipped.jsonl``)."""
-    if isinstance(exc, VideoDecodeError):
-        return exc.reason
-    text = " ".join(str(exc).split())[:160]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def collate(batch: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
@@ -244,8 +224,6 @@ def parse_views(views: str) -> Tuple[int, int]:
 def resolve_decoder(choice: str, device: torch.device) -> str:
     """The decoder a loader uses: ``choice`` ("pyav", "dali": checked to be importable now, not after the
     model is built), or for "auto" DALI on CUDA when it is installed, else PyAV."""
-    from .dali import dali_available, require_dali
-
     if choice == "dali":
         require_dali()
     if choice != "auto":
@@ -265,8 +243,6 @@ def build_clip_loader(samples, *, train: bool, decoder: str, device: torch.devic
     """
     clips, crops = (1, 1) if train else parse_views(views)
     if decoder == "dali":
-        from .dali_loader import DALIClipLoader
-
         distributed = dist.is_available() and dist.is_initialized()
         rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         return DALIClipLoader(samples, batch_size=batch_size, num_frames=num_frames, size=size, train=train,
