@@ -14,14 +14,10 @@ from typing import Callable, List, Optional
 from .data.loader import parse_views
 from .errors import UserError
 
-# Exceptions that carry a message meant for the user: bad paths, malformed files, invalid options.
-# Anything else is a bug in m2clip-fast and keeps its traceback.
-USER_ERRORS = (UserError, ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
-               FileExistsError)
-
-
 def run_main(main: Callable[[], int], prog: str, on_interrupt: Optional[Callable[[], str]] = None) -> int:
-    """Run a CLI body: user errors print ``prog: error: …`` and return 2, Ctrl-C returns 130.
+    """Run a CLI body: user errors (:class:`~m2clip_fast.errors.UserError`: bad paths, malformed files,
+    invalid options) print ``prog: error: …`` and return 2, Ctrl-C returns 130. Any other exception is a bug
+    in m2clip-fast (or torch's), and keeps its traceback.
 
     ``on_interrupt`` may return a hint to print on Ctrl-C (e.g. how to resume).
     """
@@ -31,7 +27,7 @@ def run_main(main: Callable[[], int], prog: str, on_interrupt: Optional[Callable
         hint = on_interrupt() if on_interrupt is not None else ""
         print(f"\n{prog}: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
         return 130
-    except USER_ERRORS as exc:
+    except UserError as exc:
         if os.environ.get("M2CLIP_DEBUG") == "1":
             raise
         print(f"{prog}: error: {exc}\n(set M2CLIP_DEBUG=1 for the traceback)", file=sys.stderr)

@@ -38,8 +38,10 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .adapters import ted_param_shapes
 from .checkpoint import atomic_save, build_checkpoint, load_checkpoint_file
 from .cli import run_main
+from .errors import UserError
 
 # official key → ours; weights of the D conv additionally change rank (Conv3d → Conv2d).
 _KEY_MAP: Dict[str, str] = {
@@ -58,16 +60,17 @@ _KEY_MAP: Dict[str, str] = {
 }
 
 
+class ConversionError(UserError, ValueError):
+    """An official checkpoint or adapter state that does not convert (wrong file, shapes, keys or labels)."""
+
+
 def _expected_shapes(dim: int, r: int, kt: int, ks: int, official: bool) -> Dict[str, Tuple[int, ...]]:
-    """Shapes under our keys for width C = dim, bottleneck r, kernels kt (time) and ks (space)."""
-    return {
-        "down_e.weight": (r, dim), "down_e.bias": (r,),
-        "conv_e.weight": (r, 1, kt), "conv_e.bias": (r,),
-        "up_e.weight": (dim, r), "up_e.bias": (dim,),
-        "down_d.weight": (r, dim), "down_d.bias": (r,),
-        "conv_d.weight": (r, 1, 1, ks, ks) if official else (r, 1, ks, ks), "conv_d.bias": (r,),
-        "up_d.weight": (dim, r), "up_d.bias": (dim,),
-    }
+    """Shapes under our keys for width C = dim, bottleneck r, kernels kt (time) and ks (space); the official
+    D conv is a Conv3d with a time kernel of 1: (r, 1, 1, ks, ks)."""
+    shapes = ted_param_shapes(dim, r, kt, ks)
+    if official:
+        shapes["conv_d.weight"] = (r, 1, 1, ks, ks)
+    return shapes
 
 
 def _rename(state: Mapping[str, torch.Tensor], key_map: Mapping[str, str], source: str) -> Dict[str, torch.Tensor]:
@@ -91,9 +94,9 @@ def _check_shapes(ours: Mapping[str, torch.Tensor], official: bool, naming: Mapp
     wrong = [f"{naming[k]}: got {tuple(v.shape)}, expected {expected[k]}"
              for k, v in ours.items() if tuple(v.shape) != expected[k]]
     if r < 1 or wrong:
-        raise ValueError(f"inconsistent adapter shapes (C={dim}, r={r}, kernels {kt}/{ks}): " + "; ".join(wrong))
+        raise ConversionError(f"inconsistent adapter shapes (C={dim}, r={r}, kernels {kt}/{ks}): " + "; ".join(wrong))
     if kt % 2 == 0 or ks % 2 == 0:
-        raise ValueError(f"conv kernels must be odd, got temporal {kt} and spatial {ks}")
+        raise ConversionError(f"conv kernels must be odd, got temporal {kt} and spatial {ks}")
 
 
 def convert_official_adapter(state: Mapping[str, torch.Tensor], prefix: str = "") -> Dict[str, torch.Tensor]:
@@ -159,7 +162,7 @@ def read_mlm_labels(path: Union[str, Path]) -> Dict[str, int]:
             continue
         parts = line.split()
         if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise ValueError(f"{path}:{number}: expected 'word index', got {line!r}")
+            raise ConversionError(f"{path}:{number}: expected 'word index', got {line!r}")
         words[parts[0].lower()] = int(parts[1])
     return words
 
@@ -168,7 +171,7 @@ def _official_model_state(checkpoint) -> Dict[str, torch.Tensor]:
     """The state dict inside an official checkpoint ({"model": ...} or bare), DDP prefix removed."""
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else None
     if not isinstance(state, Mapping) or not state:
-        raise ValueError("not an official M²-CLIP checkpoint: expected a state dict or {'model': state dict}")
+        raise ConversionError("not an official M²-CLIP checkpoint: expected a state dict or {'model': state dict}")
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
@@ -187,7 +190,7 @@ def _require_official_keys(checkpoint, state: Mapping[str, torch.Tensor], source
     hint = ""
     if isinstance(checkpoint, Mapping) and "config" in checkpoint and "class_names" in checkpoint:
         hint = " (it looks like an m2clip-fast checkpoint already: evaluate --checkpoint reads it as it is)"
-    raise ValueError(f"no official M²-CLIP keys found in {source}; is this an official checkpoint? It holds "
+    raise ConversionError(f"no official M²-CLIP keys found in {source}; is this an official checkpoint? It holds "
                      f"{len(found)} keys, e.g. {found[:4]}, and none like visual.adapter_fc.weight or "
                      f"visual.transformer.resblocks.N.adapter_pre_mlp.fc1.weight{hint}")
 
@@ -232,7 +235,7 @@ def _mlm_rows(weight: torch.Tensor, bias: torch.Tensor, vocabulary: Sequence[str
               initial_weight: torch.Tensor, initial_bias: torch.Tensor, report: ConversionReport):
     """Decoder rows reordered from the official word indices to our vocabulary's; unmatched rows keep ours."""
     if max(official_words.values()) >= weight.shape[0]:
-        raise ValueError(f"the MLM label file indexes row {max(official_words.values())}, but the checkpoint's "
+        raise ConversionError(f"the MLM label file indexes row {max(official_words.values())}, but the checkpoint's "
                          f"decoder has {weight.shape[0]} rows: wrong label file for this checkpoint?")
     new_weight, new_bias = initial_weight.clone(), initial_bias.clone()
     unmatched = []
@@ -328,13 +331,13 @@ def convert_official_checkpoint(checkpoint, model, mlm_labels: Optional[Union[st
         else:
             report.ignored_frozen += 1
     if unplaced:
-        raise ValueError("the official checkpoint does not fit this model; no place for: " + "; ".join(unplaced))
+        raise ConversionError("the official checkpoint does not fit this model; no place for: " + "; ".join(unplaced))
 
     expected = model.state_dict()
     wrong = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)}"
              for k, v in ours.items() if tuple(v.shape) != tuple(expected[k].shape)]
     if wrong:
-        raise ValueError("shapes differ (is the preset's bottleneck / class list the checkpoint's?): "
+        raise ConversionError("shapes differ (is the preset's bottleneck / class list the checkpoint's?): "
                          + "; ".join(wrong[:8]))
     report.converted = len(handled)
     report.kept_initial = sorted(k for k in model.tunable_state_dict() if k not in ours)
@@ -390,7 +393,7 @@ def _convert(args: argparse.Namespace) -> int:
                              templates=(args.template,), **parse_overrides(args.set))
         report = load_official_checkpoint(model, checkpoint, mlm_labels, source=args.official)
     except KeyError as exc:  # an incomplete group of official keys: the message names the missing key
-        raise ValueError(exc.args[0]) from None
+        raise ConversionError(exc.args[0]) from None
     atomic_save(build_checkpoint(model, pretrained), Path(args.out))
     print(report.summary())
     print(f"wrote {args.out}")

@@ -21,6 +21,7 @@ from typing import Any, List, Optional
 
 from . import run_dir, train as train_module
 from .cli import int_at_least, run_main
+from .data.datasets import DatasetError
 from .data.synthetic import CLASSES, dataset_meta, make_dataset, read_meta
 
 CHANCE_CLASSES = 8
@@ -42,7 +43,7 @@ def prepare_data(data: Path, **params: Any) -> str:
         return f"using the synthetic set in {data} (seed {wanted['seed']}, {wanted['per_class']} per class)"
     lists = [name for name in ("train.txt", "val.txt") if (data / name).exists()]
     if held is None and lists and not _holds_motion_classes(data):
-        raise ValueError(f"{data} holds {' and '.join(lists)} but no synthetic set (no meta.json, and classes.txt "
+        raise DatasetError(f"{data} holds {' and '.join(lists)} but no synthetic set (no meta.json, and classes.txt "
                          f"does not list the motion classes): pass another --data-dir")
     if held is not None:
         changed = ", ".join(f"{k} {held.get(k)} -> {v}" for k, v in wanted.items() if held.get(k) != v)

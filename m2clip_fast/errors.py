@@ -6,3 +6,11 @@ its traceback."""
 class UserError(Exception):
     """A problem with what the user gave, explained by the message alone. Subclasses also derive from the
     builtin type library callers expect (ValueError, KeyError, ...)."""
+
+
+class UsageError(UserError, ValueError):
+    """An option, setting or argument value that cannot be used (an unknown name, a value out of range)."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file the user named does not exist."""

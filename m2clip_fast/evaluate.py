@@ -20,6 +20,7 @@ from .checkpoint import load_model_checkpoint
 from .cli import add_data_args, int_at_least, run_main, splits_arg, views_arg
 from .data.datasets import check_samples, load_samples, read_split
 from .data.loader import build_clip_loader, resolve_decoder
+from .errors import UsageError
 from .evaluation import evaluate_loader, excluded_note
 from .text import ZERO_SHOT_TEMPLATES, load_class_names
 
@@ -82,7 +83,7 @@ def evaluate(args: argparse.Namespace) -> Dict[str, object]:
     if args.zero_shot is None:
         names = names if names is not None else model.class_names
         if list(names) != model.class_names:
-            raise ValueError(f"--class-names gives {len(names)} classes that differ from the checkpoint's "
+            raise UsageError(f"--class-names gives {len(names)} classes that differ from the checkpoint's "
                              f"{len(model.class_names)}; use --zero-shot for another label set")
         samples, dropped = load_samples(args.val_list, args.data_root, names, train=False,
                                                skip_missing=args.skip_missing, what="validation list")

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .errors import UsageError
+
 # ------------------------------------------------------------------------------------------ distributed
 
 
@@ -35,7 +37,7 @@ def init_distributed(device_arg: str) -> Tuple[DistInfo, torch.device]:
     """Join the process group torchrun describes (nccl on GPU, gloo on CPU) and pick the device."""
     use_cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
     if device_arg == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but CUDA is not available")
+        raise UsageError("--device cuda was asked for, but CUDA is not available")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     info = DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
     if world > 1 and not dist.is_initialized():
@@ -135,9 +137,9 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
         return torch.bfloat16
     if amp == "fp16":
         if device.type != "cuda":
-            raise ValueError("fp16 autocast needs CUDA; use amp=bf16 on CPU")
+            raise UsageError("fp16 autocast needs CUDA; use amp=bf16 on CPU")
         return torch.float16
-    raise ValueError(f"unknown amp {amp!r}; expected auto, none, bf16 or fp16")
+    raise UsageError(f"unknown amp {amp!r}; expected auto, none, bf16 or fp16")
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]):

@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 import torch
 
+from ..errors import UsageError
 from .errors import VideoDecodeError, check_frame_indices, short_text
 
 __all__ = [
@@ -66,9 +67,9 @@ def resolve_device(device: Optional[str]) -> str:
     if device is None:
         return "mixed" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "mixed"):
-        raise ValueError(f"DALI device must be 'cpu' or 'mixed' (GPU), got {device!r}")
+        raise UsageError(f"DALI device must be 'cpu' or 'mixed' (GPU), got {device!r}")
     if device == "mixed" and not torch.cuda.is_available():
-        raise RuntimeError("DALI device 'mixed' decodes on the GPU, but CUDA is not available")
+        raise UsageError("DALI device 'mixed' decodes on the GPU, but CUDA is not available")
     return device
 
 

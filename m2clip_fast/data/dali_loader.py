@@ -16,7 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .dali import PIPELINES, batch_to_torch, dali_api, check_codec, read_bytes, resolve_device
+from ..errors import UsageError
+from .dali import PIPELINES, batch_to_torch, check_codec, dali_api, read_bytes, resolve_device
 from .datasets import DatasetError, Sample
 from .decode import get_index
 from .errors import VideoDecodeError
@@ -189,7 +190,7 @@ class DALIClipLoader:
             raise ValueError(f"num_crops must be one of {sorted(CROP_FRACTIONS)} and num_clips >= 1, "
                              f"got {num_crops} and {num_clips}")
         if sampling not in SAMPLINGS:
-            raise ValueError(f"unknown sampling {sampling!r}; expected one of {SAMPLINGS}")
+            raise UsageError(f"unknown sampling {sampling!r}; expected one of {SAMPLINGS}")
         if not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id {shard_id} not in [0, {num_shards})")
         self.batch_size, self.num_frames, self.size, self.train = batch_size, num_frames, size, train

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
+from ..errors import UsageError
 from .dali import dali_available, require_dali
 from .dali_loader import DALIClipLoader
 from .datasets import DatasetError, Sample
@@ -66,15 +67,15 @@ class VideoClipDataset(Dataset):
         if not samples:
             raise DatasetError("VideoClipDataset needs at least one sample")
         if sampling not in SAMPLINGS:
-            raise ValueError(f"unknown sampling {sampling!r}; expected one of {SAMPLINGS}")
+            raise UsageError(f"unknown sampling {sampling!r}; expected one of {SAMPLINGS}")
         if train and (num_clips != 1 or num_crops != 1):
             raise ValueError("training uses one clip and one crop per video")
         if num_crops not in (1, 3, 4):
             raise ValueError(f"num_crops must be 1, 3 or 4, got {num_crops}")
         if decoder not in BACKENDS:
-            raise ValueError(f"decoder must be one of {BACKENDS}, got {decoder!r}")
+            raise UsageError(f"decoder must be one of {BACKENDS}, got {decoder!r}")
         if max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+            raise UsageError(f"max_attempts must be >= 1, got {max_attempts}")
         self.samples = [(str(p), int(label)) for p, label in samples]
         self.num_frames, self.sampling, self.stride = num_frames, sampling, stride
         self.train, self.size = train, size
@@ -215,9 +216,9 @@ def parse_views(views: str) -> Tuple[int, int]:
     try:
         clips, crops = (int(v) for v in views.lower().split("x"))
     except ValueError:
-        raise ValueError(f"--views must look like CLIPSxCROPS, e.g. 4x3, got {views!r}") from None
+        raise UsageError(f"--views must look like CLIPSxCROPS, e.g. 4x3, got {views!r}") from None
     if clips < 1 or crops not in (1, 3, 4):
-        raise ValueError(f"--views {views}: need >= 1 clip and 1, 3 or 4 crops")
+        raise UsageError(f"--views {views}: need >= 1 clip and 1, 3 or 4 crops")
     return clips, crops
 
 
