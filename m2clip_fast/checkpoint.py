@@ -9,15 +9,20 @@ Layout (``format_version`` 2), one flat dict:
   ``model`` (the tuned weights; every weight when ``pretrained`` is None);
 * training (only in ``train``'s checkpoints): the fields of :class:`TrainingState`.
 
-Files without ``format_version`` are version 1 (written before it existed); :func:`_upgrade_v1` fills in
-what its variants lack, so that nothing else in the package probes for keys.
+Every piece is a tensor or a plain Python value, so checkpoints load with ``weights_only=True``: loading
+one runs no code from the file. Files without ``format_version`` are version 1 (written before it existed);
+:func:`_upgrade_v1` fills in what its variants lack, so that nothing else in the package probes for keys.
+Version-1 training checkpoints pickle numpy's RNG state, so they load only in full: ``python -m
+m2clip_fast.checkpoint upgrade OLD NEW --trust-checkpoint`` rewrites one as version 2.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import pickle
+import re
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -28,6 +33,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 
 from .errors import UserError
+from .runtime import numpy_state
 
 FORMAT_VERSION = 2
 
@@ -119,12 +125,23 @@ def atomic_save(obj: Any, path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ reading
 
 
-def load_checkpoint_file(path: Union[str, Path], what: str = "checkpoint", map_location: Any = "cpu") -> Any:
+# The globals an official m2clip checkpoint holds besides tensors and containers: its training arguments.
+SAFE_GLOBALS = (argparse.Namespace,)
+
+TRUST_HELP = ("unpickle checkpoint files in full instead of loading only tensors and plain values: DANGEROUS, a "
+              "checkpoint can then run any code on this machine; only for files you trust (e.g. to upgrade one "
+              "written by an earlier m2clip-fast)")
+
+UPGRADE_COMMAND = "python -m m2clip_fast.checkpoint upgrade OLD NEW --trust-checkpoint"
+
+
+def load_checkpoint_file(path: Union[str, Path], what: str = "checkpoint", map_location: Any = "cpu",
+                         trust: bool = False) -> Any:
     """torch.load of a file we expect to be a checkpoint, with errors that say what is wrong with it.
 
-    Tries ``weights_only=True`` first (tensors, containers, numbers: no code runs while unpickling);
-    checkpoints that hold other objects (our RNG state, some official checkpoints' argparse
-    namespaces) need the full unpickler, which runs only on files the user chose to load.
+    Loads with ``weights_only=True`` (tensors, containers, plain values and :data:`SAFE_GLOBALS`: no code in
+    the file runs); a file that needs any other global is refused, naming it. ``trust`` (the commands'
+    --trust-checkpoint) unpickles it in full instead, which runs whatever code the file holds.
     """
     path = Path(path)
     if not path.is_file():
@@ -132,16 +149,26 @@ def load_checkpoint_file(path: Union[str, Path], what: str = "checkpoint", map_l
     if path.stat().st_size == 0:
         raise CheckpointError(f"{what} {path} is empty (0 bytes): an interrupted download or copy?")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        if trust:
+            return torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" not in str(exc) and "Weights only" not in str(exc):
+        unsafe = _unsupported_global(str(exc))
+        if unsafe is None:
             raise _unreadable(path, what, exc) from exc
-    except Exception as exc:  # the weights-only unpickler fails on junk with KeyError, EOFError, ...
+        raise CheckpointError(
+            f"{what} {path} needs {unsafe} to load, which a checkpoint loaded safely may not hold (unpickling it "
+            f"could run code). A checkpoint of an earlier m2clip-fast: convert it once with {UPGRADE_COMMAND}; a "
+            f"file you trust otherwise: pass --trust-checkpoint") from None
+    except Exception as exc:  # the unpickler fails on junk with KeyError, EOFError, RuntimeError, ...
         raise _unreadable(path, what, exc) from exc
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:
-        raise _unreadable(path, what, exc) from exc
+
+
+def _unsupported_global(message: str) -> Optional[str]:
+    """The global torch's weights-only unpickler refused (named in its message), or None for other errors."""
+    match = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+    return match.group(1) if match else None
 
 
 def _unreadable(path: Path, what: str, exc: BaseException) -> CheckpointError:
@@ -152,11 +179,12 @@ def _unreadable(path: Path, what: str, exc: BaseException) -> CheckpointError:
 
 
 def read_checkpoint(path: Union[str, Path], what: str = "checkpoint", *, training: bool = False,
-                    map_location: Any = "cpu") -> Dict[str, Any]:
+                    map_location: Any = "cpu", trust: bool = False) -> Dict[str, Any]:
     """The checkpoint at ``path`` in the current layout (see the module docstring). ``training``: it must
-    hold a training run's state (for ``train --resume``), not just a model."""
+    hold a training run's state (for ``train --resume``), not just a model. ``trust``: see
+    :func:`load_checkpoint_file`."""
     path = Path(path)
-    ckpt = load_checkpoint_file(path, what, map_location=map_location)
+    ckpt = load_checkpoint_file(path, what, map_location=map_location, trust=trust)
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
         raise CheckpointError(f"{path} is not an m2clip-fast checkpoint (no 'config'/'model' entries)")
     version = ckpt.get("format_version", 1)
@@ -181,6 +209,9 @@ def _upgrade_v1(ckpt: Dict[str, Any]) -> None:
     compared as the flattened config and backbone source) and the last metrics."""
     ckpt.setdefault("pretrained_size", None)
     if "optimizer" in ckpt:
+        for state in ckpt.get("rng", []):
+            if isinstance(state.get("numpy"), tuple):  # numpy's own tuple, pickled with its ndarray
+                state["numpy"] = numpy_state(state["numpy"])
         ckpt.setdefault("metrics", {})
         ckpt.setdefault("batches_done", 0)
         ckpt.setdefault("epoch_done", True)
@@ -259,13 +290,15 @@ def load_weights(model, weights: Dict[str, torch.Tensor], whole: bool, where: st
                               f"{sorted(required)[:5]}, {len(unexpected)} unexpected {sorted(unexpected)[:5]})")
 
 
-def load_model_checkpoint(path: Union[str, Path], map_location="cpu", pretrained: Optional[str] = None, **overrides):
+def load_model_checkpoint(path: Union[str, Path], map_location="cpu", pretrained: Optional[str] = None,
+                          trust: bool = False, **overrides):
     """Rebuild an M2CLIP from a checkpoint written by ``train`` (or ``convert``). ``pretrained`` replaces the
-    checkpoint's backbone source (e.g. when its weights file moved). Returns ``(model, checkpoint dict)``."""
+    checkpoint's backbone source (e.g. when its weights file moved); ``trust``: see :func:`load_checkpoint_file`.
+    Returns ``(model, checkpoint dict)``."""
     from .model import create_model
     from .presets import M2CLIPConfig
 
-    ckpt = read_checkpoint(path, map_location=map_location)
+    ckpt = read_checkpoint(path, map_location=map_location, trust=trust)
     config = M2CLIPConfig(**{k: tuple(v) if k == "templates" else v for k, v in ckpt["config"].items()})
     source = checkpoint_backbone(ckpt, pretrained)
     whole = stores_whole_model(ckpt)
@@ -336,3 +369,39 @@ def resume_position(ckpt: Dict[str, Any]) -> Tuple[int, int]:
     if ckpt["epoch_done"]:
         return ckpt["epoch"] + 1, 0
     return ckpt["epoch"], ckpt["batches_done"]
+
+
+# ------------------------------------------------------------------------------------------- the command
+
+
+def upgrade(old: Union[str, Path], new: Union[str, Path], trust: bool) -> Dict[str, Any]:
+    """Rewrite checkpoint ``old`` (any version; a version-1 one needs ``trust``) as a version-2 file ``new``
+    that loads with ``weights_only=True``. Returns the checkpoint written."""
+    ckpt = read_checkpoint(old, "checkpoint", trust=trust)
+    atomic_save(ckpt, Path(new))
+    return ckpt
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from .cli import run_main
+
+    p = argparse.ArgumentParser(prog="python -m m2clip_fast.checkpoint",
+                                description="Checkpoint tools. upgrade: rewrite a checkpoint of an earlier "
+                                            "m2clip-fast in the current format (safe to load)")
+    sub = p.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("upgrade", help="OLD → NEW in the current format")
+    up.add_argument("old")
+    up.add_argument("new")
+    up.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
+    args = p.parse_args(argv)
+
+    def run() -> int:
+        ckpt = upgrade(args.old, args.new, args.trust_checkpoint)
+        print(f"wrote {args.new} (format_version {ckpt['format_version']})")
+        return 0
+
+    return run_main(run, "python -m m2clip_fast.checkpoint")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

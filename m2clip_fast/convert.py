@@ -39,7 +39,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from .adapters import ted_param_shapes
-from .checkpoint import atomic_save, build_checkpoint, load_checkpoint_file
+from .checkpoint import TRUST_HELP, atomic_save, build_checkpoint, load_checkpoint_file
 from .cli import run_main
 from .errors import UserError
 
@@ -344,13 +344,15 @@ def convert_official_checkpoint(checkpoint, model, mlm_labels: Optional[Union[st
     return {k: v.to(expected[k].dtype) for k, v in ours.items()}, report
 
 
-def load_official_checkpoint(model, checkpoint, mlm_labels=None, *, source: Optional[str] = None) -> ConversionReport:
+def load_official_checkpoint(model, checkpoint, mlm_labels=None, *, source: Optional[str] = None,
+                             trust: bool = False) -> ConversionReport:
     """Convert (see :func:`convert_official_checkpoint`) and load into ``model``; ``checkpoint`` may be a path
-    (an unreadable file raises :class:`m2clip_fast.checkpoint.CheckpointError`, a ValueError, naming it).
-    ``source`` names the checkpoint in errors (default: its path, or "the checkpoint")."""
+    (an unreadable or unsafe file raises :class:`m2clip_fast.checkpoint.CheckpointError`, a ValueError, naming
+    it; ``trust``: see :func:`~m2clip_fast.checkpoint.load_checkpoint_file`). ``source`` names the checkpoint in
+    errors (default: its path, or "the checkpoint")."""
     if isinstance(checkpoint, (str, Path)):
         source = source or str(checkpoint)
-        checkpoint = load_checkpoint_file(checkpoint, "official checkpoint")
+        checkpoint = load_checkpoint_file(checkpoint, "official checkpoint", trust=trust)
     state, report = convert_official_checkpoint(checkpoint, model, mlm_labels, source=source or "the checkpoint")
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected, unexpected  # every key was checked against model.state_dict() above
@@ -375,6 +377,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--template", default=OFFICIAL_TEMPLATE,
                    help="prompt template the text adapters were trained with (default: the official one)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     args = p.parse_args(argv)
     return run_main(lambda: _convert(args), PROG)
 
@@ -384,7 +387,7 @@ def _convert(args: argparse.Namespace) -> int:
     from .presets import parse_overrides
 
     # Both input files first: a wrong file should fail before the (possibly downloaded) CLIP is built.
-    checkpoint = load_checkpoint_file(args.official, "official checkpoint")
+    checkpoint = load_checkpoint_file(args.official, "official checkpoint", trust=args.trust_checkpoint)
     _require_official_keys(checkpoint, _official_model_state(checkpoint), args.official)
     mlm_labels = read_mlm_labels(args.mlm_labels) if args.mlm_labels is not None else None
     pretrained = None if args.pretrained.lower() == "none" else args.pretrained

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from . import runtime
-from .checkpoint import load_model_checkpoint
+from .checkpoint import TRUST_HELP, load_model_checkpoint
 from .cli import add_data_args, int_at_least, run_main, splits_arg, views_arg
 from .data.datasets import check_samples, load_samples, read_split
 from .data.loader import build_clip_loader, resolve_decoder
@@ -41,6 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--amp", default="auto", help="auto (bf16 on CUDA), none, bf16, fp16")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     add_data_args(p, train=False)
     args = p.parse_args(argv)
     if args.zero_shot is None and not args.val_list:
@@ -68,7 +69,8 @@ def evaluate(args: argparse.Namespace) -> Dict[str, object]:
     else:
         names = load_class_names(args.class_names or args.zero_shot)
         splits = _zero_shot_splits(args, names)  # every split file read and checked before the model is built
-    model, ckpt = load_model_checkpoint(Path(args.checkpoint), pretrained=args.pretrained)
+    model, ckpt = load_model_checkpoint(Path(args.checkpoint), pretrained=args.pretrained,
+                                        trust=args.trust_checkpoint)
     amp_dtype = runtime.place_model(model, device, args.amp)
     train_cfg = ckpt["config"].get("train", {})
     decoder = resolve_decoder(args.decoder, device)

@@ -108,17 +108,29 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> Dict[str, Any]:
-    """The state of every global generator this process draws from (python, numpy, torch, CUDA)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The state of every global generator this process draws from (python, numpy, torch, CUDA), as
+    tensors and plain Python values only, so that a checkpoint holding it loads with ``weights_only=True``."""
+    state = {"python": random.getstate(), "numpy": numpy_state(np.random.get_state()),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def numpy_state(legacy: tuple) -> Dict[str, Any]:
+    """numpy's legacy ``get_state()`` tuple ``('MT19937', uint32 (624,), pos, has_gauss, cached_gaussian)``
+    as a dict whose key words are an int64 (624,) tensor."""
+    name, words, pos, has_gauss, cached = legacy
+    return {"name": str(name), "words": torch.from_numpy(np.asarray(words, dtype=np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
 def set_rng_state(state: Dict[str, Any]) -> None:
     """Restore what :func:`rng_state` returned."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["words"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

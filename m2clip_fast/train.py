@@ -20,8 +20,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import run_dir, runtime
-from .checkpoint import (CheckpointError, TrainingState, atomic_save, build_checkpoint, check_same_run, load_weights,
-                         read_checkpoint, resume_position, run_settings, stores_whole_model, whole_model_follows)
+from .checkpoint import (TRUST_HELP, CheckpointError, TrainingState, atomic_save, build_checkpoint, check_same_run,
+                         load_weights, read_checkpoint, resume_position, run_settings, stores_whole_model,
+                         whole_model_follows)
 from .cli import add_data_args, int_at_least, run_main
 from .data.datasets import DatasetError, load_samples
 from .data.loader import batches_from, build_clip_loader, parse_views, resolve_decoder
@@ -57,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="stop after this many optimizer steps in all (smoke runs); the checkpoint then written "
                         "resumes exactly")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--trust-checkpoint", action="store_true", help=f"with --resume: {TRUST_HELP}")
     add_data_args(p, train=True)
     args = p.parse_args(argv)
     if args.preset is None and args.config is None:
@@ -163,7 +165,8 @@ def start(args: argparse.Namespace) -> Start:
                                                                        info.world_size))
     if args.resume:
         st.ckpt_path = run_dir.checkpoint_path(out) if args.resume == "auto" else Path(args.resume)
-        st.ckpt = read_checkpoint(st.ckpt_path, "--resume checkpoint", training=True)
+        st.ckpt = read_checkpoint(st.ckpt_path, "--resume checkpoint", training=True,
+                                  trust=args.trust_checkpoint)
         check_same_run(st.ckpt, st.ckpt_path, st.settings, args.preset)
         st.epoch, st.skip_batches = resume_position(st.ckpt)
     return st
