@@ -6,23 +6,31 @@ from pathlib import Path
 from typing import Dict, List, Set
 
 import m2clip_fast
+import m2clip_fast.kernels
 
 PACKAGE = Path(m2clip_fast.__file__).parent
+# setup.py installs the top-level kernels/ folder as m2clip_fast.kernels: in an editable install it is not
+# inside PACKAGE, so it is walked from where Python finds it
+KERNELS = Path(m2clip_fast.kernels.__file__).parent
 
 
-def _modules() -> Dict[str, Path]:
-    """Dotted name → file of every module of the package (following the kernels symlink; the compiled
-    extension too, as a module without imports)."""
+def _walk(root: Path, prefix: List[str]) -> Dict[str, Path]:
+    """Dotted name → file of every module under ``root`` (the compiled extension too, as a module without
+    imports)."""
     found = {}
-    for folder, _, files in os.walk(PACKAGE, followlinks=True):
+    for folder, _, files in os.walk(root, followlinks=True):
         for name in files:
             if not name.endswith((".py", ".so", ".pyd")):
                 continue
-            parts = list(Path(folder, name.split(".")[0]).relative_to(PACKAGE).parts)  # _C.cpython-311-...so → _C
+            parts = list(Path(folder, name.split(".")[0]).relative_to(root).parts)  # _C.cpython-311-...so → _C
             if parts[-1] == "__init__":
                 parts = parts[:-1]
-            found[".".join(["m2clip_fast", *parts])] = Path(folder, name)
+            found[".".join([*prefix, *parts])] = Path(folder, name)
     return found
+
+
+def _modules() -> Dict[str, Path]:
+    return {**_walk(PACKAGE, ["m2clip_fast"]), **_walk(KERNELS, ["m2clip_fast", "kernels"])}
 
 
 def _imports(name: str, path: Path, modules: Dict[str, Path]) -> Set[str]:
