@@ -52,7 +52,9 @@ setup(
         "numpy",
         "pyyaml",
         "tqdm",
-        "matplotlib",  # the demo's training-curve PNG
+        "matplotlib",  # the demo's training-curve PNG, predict's timelines, the evaluation report's confusion matrix
+        "pillow",  # predict --annotate draws labels on frames
+        "safetensors",  # extract's embedding shards
     ],
     extras_require={
         # DALI is in the test extra so that CI runs its CPU (VP9) tests; it ships x86-64 / aarch64 Linux wheels only

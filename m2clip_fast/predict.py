@@ -79,15 +79,24 @@ def view_probabilities(model, video: torch.Tensor, device, amp_dtype, class_name
             if heads is None or h in heads}
 
 
-def load_predictor(args: argparse.Namespace) -> Predictor:
-    """The model of ``--checkpoint`` (or ``--preset`` with ``--pretrained``) on ``--device``, with the classes
-    and templates it predicts over."""
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--checkpoint | --preset, --pretrained, --device, --amp: where the model comes from and where it runs."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a checkpoint written by m2clip_fast.train or convert")
+    src.add_argument("--preset", help="a model preset (zero-shot over --classes; its adapters untrained)")
+    p.add_argument("--pretrained", default=None,
+                   help="backbone weights (open_clip tag or file): for --preset, or instead of a checkpoint's own")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--amp", default="auto", help="auto (bf16 on CUDA), none, bf16, fp16")
+
+
+def load_model(args: argparse.Namespace, classes: Optional[List[str]]):
+    """``(model in eval mode on --device, its training config, whether it came from a checkpoint, device, amp
+    dtype)``. A preset's model is built over ``classes`` (needed when the preset has no class list)."""
     _, device = engine.init_distributed(args.device)
-    classes = parse_classes(args.classes) if args.classes else None
     if args.checkpoint:
         model, ckpt = engine.load_model_checkpoint(Path(args.checkpoint), pretrained=args.pretrained)
         train_config = ckpt["config"].get("train", {})
-        supervised = classes is None or classes == model.class_names
     else:
         from .model import create_model
         from .presets import resolve_config
@@ -96,15 +105,24 @@ def load_predictor(args: argparse.Namespace) -> Predictor:
         if classes is None and config.class_names is None:
             raise ValueError(f"preset {args.preset} has no class list: give --classes")
         model = create_model(config, pretrained=args.pretrained, class_names=classes)
-        train_config, supervised = config.train, False  # a preset's linear head is untrained: text head only
-        classes = list(model.class_names)
+        train_config = config.train
     model.to(device).eval()
     amp_dtype = engine.resolve_amp(args.amp, device)
     if device.type == "cuda" and amp_dtype is not None:
         model.set_backbone_dtype(amp_dtype)
+    return model, train_config, bool(args.checkpoint), device, amp_dtype
+
+
+def load_predictor(args: argparse.Namespace) -> Predictor:
+    """The model of ``--checkpoint`` (or ``--preset`` with ``--pretrained``) with the classes and templates it
+    predicts over: a checkpoint's own classes with every head, else (other classes, or a preset, whose linear
+    head is untrained) the text head alone."""
+    classes = parse_classes(args.classes) if args.classes else None
+    model, train_config, trained, device, amp_dtype = load_model(args, classes)
+    supervised = trained and (classes is None or classes == model.class_names)
     templates = args.templates or (None if supervised else ZERO_SHOT_TEMPLATES)
-    return Predictor(model, None if supervised else classes, templates, train_config, supervised, device,
-                     amp_dtype)
+    return Predictor(model, None if supervised else list(model.class_names if classes is None else classes),
+                     templates, train_config, supervised, device, amp_dtype)
 
 
 # ----------------------------------------------------------------------------------------------- running
@@ -201,11 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0].split(": ", 1)[1])
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="video files, folders (recursively), glob patterns, or list files (@F, F.txt: a path a line)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a checkpoint written by m2clip_fast.train or convert")
-    src.add_argument("--preset", help="a model preset (zero-shot with --classes; its adapters untrained)")
-    p.add_argument("--pretrained", default=None,
-                   help="backbone weights (open_clip tag or file): for --preset, or instead of a checkpoint's own")
+    add_model_args(p)
     p.add_argument("--classes", default=None,
                    help="predict over these classes (zero-shot): a shipped list (kinetics400, ssv2, ucf101, hmdb51), "
                         "a file with one name per line, or 'a,b,c'; default: the checkpoint's classes")
@@ -216,8 +230,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--views", type=engine.views_arg, default="1x1", help="CLIPSxCROPS per video (or window)")
     p.add_argument("--batch-size", type=engine.positive_int, default=4, help="videos (or windows) per step")
     p.add_argument("--workers", type=engine.non_negative_int, default=2, help="DataLoader decoding workers")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--amp", default="auto", help="auto (bf16 on CUDA), none, bf16, fp16")
     p.add_argument("--json", metavar="OUT", default=None, help="write the predictions as JSON (- for stdout)")
     p.add_argument("--csv", metavar="OUT", default=None, help="write the predictions as CSV (- for stdout)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
