@@ -20,6 +20,7 @@ import torch
 from . import engine
 from .cli import run_main
 from .data import check_samples
+from .report import evaluate_with_predictions, report_dir, write_report
 from .text import ZERO_SHOT_TEMPLATES, load_class_names
 
 
@@ -39,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--amp", default="auto", help="auto (bf16 on CUDA), none, bf16, fp16")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--report", metavar="DIR", default=None,
+                   help="also write per-class accuracy, the confusion matrix (CSV, PNG) and per-video predictions "
+                        "to DIR (zero-shot: DIR/split_N)")
     engine.add_data_args(p, train=False)
     args = p.parse_args(argv)
     if args.zero_shot is None and not args.val_list:
@@ -78,9 +82,16 @@ def evaluate(args: argparse.Namespace) -> Dict[str, object]:
     sampling, stride = train_cfg.get("sampling", "dense"), train_cfg.get("stride", 8)
     result: Dict[str, object] = {"checkpoint": str(args.checkpoint), "views": args.views}
 
-    def run(samples, **zero_shot):
+    def run(samples, split=None, **zero_shot):
         loader = _loader(model, samples, args, decoder, device, sampling, stride, workers)
-        return engine.evaluate_loader(model, loader, device, amp_dtype, progress=info.is_main, **zero_shot)
+        if args.report is None:
+            return engine.evaluate_loader(model, loader, device, amp_dtype, progress=info.is_main, **zero_shot)
+        metrics, skipped, predictions = evaluate_with_predictions(model, loader, device, amp_dtype,
+                                                                  progress=info.is_main, **zero_shot)
+        if info.is_main:
+            write_report(report_dir(args.report, split), predictions, [path for path, _ in samples],
+                         zero_shot.get("class_names", model.class_names))
+        return metrics, skipped
 
     if args.zero_shot is None:
         names = names if names is not None else model.class_names
@@ -95,7 +106,7 @@ def evaluate(args: argparse.Namespace) -> Dict[str, object]:
 
     per_split: List[Dict[str, object]] = []
     for split, (samples, dropped) in splits.items():
-        metrics, skipped = run(samples, class_names=names, templates=ZERO_SHOT_TEMPLATES)
+        metrics, skipped = run(samples, split, class_names=names, templates=ZERO_SHOT_TEMPLATES)
         per_split.append({"split": split, "top1": metrics["top1_text"], "top5": metrics["top5_text"],
                           "num_samples": metrics["num_samples"], "excluded": metrics["excluded"],
                           "dropped": len(dropped), "skipped": skipped})
