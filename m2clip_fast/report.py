@@ -151,8 +151,10 @@ def write_report(out: Path, predictions: Predictions, paths: Sequence[str], clas
     indices = sorted(predictions)
     labels = torch.tensor([predictions[i][1] for i in indices])
     heads = [h for h in HEAD_ORDER if h in predictions[indices[0]][0]]
+    if "vc" not in heads:
+        heads = ["text"]  # zero-shot: 'fused' is the text head itself
     probs = {h: torch.stack([predictions[i][0][h] for i in indices]) for h in heads}
-    main = "fused" if "fused" in probs and "vc" in probs else "text"
+    main = heads[0]
 
     rows = per_class_rows(probs, labels, class_names)
     _write_csv(out / "per_class.csv", list(rows[0]), [list(r.values()) for r in rows])

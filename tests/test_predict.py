@@ -23,19 +23,19 @@ def model(demo_checkpoint):
     return model.eval()
 
 
-def hand_views(path, num_clips, num_crops, size, start=0, stop=None, frames=4):
-    """(V, 4, 3, size, size): dense stride-1 test clips spread evenly over frames [start, stop), written out
-    from the sampling rule rather than through the library's sampler."""
+def hand_views(path, num_clips, num_crops, size, start=0, stop=None, frames=4, stride=1):
+    """(V, frames, 3, size, size): dense test clips (``frames`` frames ``stride`` apart) spread evenly over frames
+    [start, stop), written out from the sampling rule rather than through the library's sampler."""
     video = decode_all_frames(path)
     stop = len(video) if stop is None else stop
-    slack = max(stop - start - frames, 0)  # the last start that fits a 4-frame clip
+    slack = max(stop - start - (frames - 1) * stride - 1, 0)  # the last start at which a whole clip fits
     if num_clips == 1:
         starts = [slack // 2]
     else:
         starts = [round(c * slack / (num_clips - 1)) for c in range(num_clips)]
     views = []
     for s in starts:
-        idx = [start + min(s + t, stop - start - 1) for t in range(frames)]
+        idx = [start + min(s + t * stride, stop - start - 1) for t in range(frames)]
         views.append(transforms.test_transform(video[idx], size=size, num_crops=num_crops))
     return torch.cat(views)
 
@@ -103,3 +103,22 @@ def test_inputs_from_folders_globs_and_lists(synthetic_dataset, tmp_path):
     with pytest.raises(FileNotFoundError, match="empty_dir"):
         (tmp_path / "empty_dir").mkdir()
         collect_videos([str(tmp_path / "empty_dir")])
+
+
+def test_a_preset_predicts_zero_shot_with_its_text_head(synthetic_dataset, tmp_path):
+    """--preset builds the untrained model over --classes: only the text head, as create_model with the same seed."""
+    from m2clip_fast.model import create_model
+
+    path = read_list_file(synthetic_dataset / "val.txt")[0][0]
+    classes = ["jumping", "waving"]
+    torch.manual_seed(5)
+    assert predict_main([path, "--preset", "demo", "--classes", ",".join(classes), "--json",
+                         str(tmp_path / "p.json"), *FAST]) == 0
+    (row,) = json.loads((tmp_path / "p.json").read_text())
+    assert list(row["predictions"]) == ["text"]
+    torch.manual_seed(5)
+    fresh = create_model("demo", pretrained=None, class_names=classes).eval()
+    fresh_views = hand_views(path, 1, 1, fresh.image_size, frames=fresh.num_frames, stride=4)  # the preset's
+    expected = fresh.predict(fresh_views, class_names=classes, templates=ZERO_SHOT_TEMPLATES)["text"][0]
+    for p in row["predictions"]["text"]:
+        assert p["score"] == pytest.approx(float(expected[classes.index(p["label"])]), abs=1e-5)

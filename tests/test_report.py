@@ -82,3 +82,26 @@ def test_report_of_a_real_evaluation(synthetic_dataset, demo_checkpoint, model, 
         assert float(row["top1_fused"]) == pytest.approx(100.0 * sum(p == c for p in videos) / len(videos))
     assert np.mean([r["correct"] for r in records]) * 100 == pytest.approx(plain["top1_fused"])
     assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_zero_shot_writes_one_report_per_split(synthetic_dataset, demo_checkpoint, tmp_path, capsys):
+    from ucf_layout import CAMEL, ucf_videos, write_class_ind
+
+    root, splits = tmp_path / "videos", tmp_path / "splits"
+    videos = [rel for rel, _ in ucf_videos(synthetic_dataset, root)]
+    write_class_ind(splits)
+    for split in (1, 2):
+        (splits / f"testlist0{split}.txt").write_text("\n".join(videos[split - 1::2]) + "\n")
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(CAMEL) + "\n")
+    out = tmp_path / "report"
+    assert evaluate_main(["--checkpoint", str(demo_checkpoint), "--zero-shot", "ucf101", "--split-dir", str(splits),
+                          "--splits", "1,2", "--data-root", str(root), "--class-names", str(names), "--workers",
+                          "0", "--device", "cpu", "--json", "--report", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for split in result["splits"]:
+        records = [json.loads(line) for line in (out / f"split_{split['split']}" / "predictions.jsonl").open()]
+        assert len(records) == split["num_samples"] == len(videos[split["split"] - 1::2])
+        assert {r["label_name"] for r in records} <= set(CAMEL) and all(list(r["predictions"]) == ["text"]
+                                                                         for r in records)
+        assert 100 * np.mean([r["correct"] for r in records]) == pytest.approx(split["top1"])
