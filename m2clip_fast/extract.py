@@ -238,7 +238,7 @@ def extract(args: argparse.Namespace) -> Dict[str, Any]:
     from .text import load_class_names
 
     classes = load_class_names(args.class_names) if args.class_names else None
-    model, train_config, _, device, amp_dtype = load_model(args, classes)
+    model, train_config, _, device, amp_dtype = load_model(args, classes, "--class-names")
     samples = engine.read_annotations(args.list, args.data_root, classes or model.class_names, train=False)
     if not samples:
         raise ValueError(f"{args.list} lists no videos")

@@ -90,7 +90,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", default="auto", help="auto (bf16 on CUDA), none, bf16, fp16")
 
 
-def load_model(args: argparse.Namespace, classes: Optional[List[str]]):
+def load_model(args: argparse.Namespace, classes: Optional[List[str]], classes_option: str = "--classes"):
     """``(model in eval mode on --device, its training config, whether it came from a checkpoint, device, amp
     dtype)``. A preset's model is built over ``classes`` (needed when the preset has no class list)."""
     _, device = engine.init_distributed(args.device)
@@ -103,7 +103,7 @@ def load_model(args: argparse.Namespace, classes: Optional[List[str]]):
 
         config = resolve_config(args.preset)
         if classes is None and config.class_names is None:
-            raise ValueError(f"preset {args.preset} has no class list: give --classes")
+            raise ValueError(f"preset {args.preset} has no class list: give {classes_option}")
         model = create_model(config, pretrained=args.pretrained, class_names=classes)
         train_config = config.train
     model.to(device).eval()

@@ -134,14 +134,15 @@ def _write_jsonl(path: Path, rows: Sequence[Dict[str, Any]]) -> None:
 
 def timeline_png(path: Path, rows: Sequence[Dict[str, Any]], probs: np.ndarray, class_names: Sequence[str],
                  head: str, title: str, classes: int = 5) -> None:
-    """Probabilities over time of the ``classes`` classes with the highest mean probability: one step per window
-    (``probs`` float (W, C), one row per window of ``rows``), drawn over the window's time span."""
+    """Probabilities over time of the ``classes`` classes with the highest peak probability (a class that leads
+    only a short stretch of a long video still shows): one point per window at its centre (``probs`` float (W, C),
+    one row per window of ``rows``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    top = np.argsort(-probs.mean(axis=0))[:classes]
+    top = np.argsort(-probs.max(axis=0), kind="stable")[:classes]
     starts = np.array([r["start"] for r in rows])
     ends = np.array([r["end"] for r in rows])
     centres = (starts + ends) / 2

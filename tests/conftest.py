@@ -42,3 +42,12 @@ def demo_checkpoint(synthetic_dataset, tmp_path_factory):
     path = tmp_path_factory.mktemp("checkpoint") / "demo.pt"
     atomic_save(model_checkpoint(model, None), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_model(demo_checkpoint):
+    """The model of ``demo_checkpoint``, loaded back in eval mode."""
+    from m2clip_fast.engine import load_model_checkpoint
+
+    model, _ = load_model_checkpoint(demo_checkpoint)
+    return model.eval()

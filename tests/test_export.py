@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from m2clip_fast.data import read_list_file
 from m2clip_fast.export import main as export_main
 from m2clip_fast.text import ZERO_SHOT_TEMPLATES
-from test_predict import hand_views, model  # noqa: F401 - model is a fixture
+from clip_views import hand_views
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -23,34 +23,34 @@ def exported(demo_checkpoint, tmp_path_factory):
     return out
 
 
-def test_video_graph_equals_pytorch_on_real_views(exported, synthetic_dataset, model, capsys):
+def test_video_graph_equals_pytorch_on_real_views(exported, synthetic_dataset, demo_model, capsys):
     session = ort.InferenceSession(str(exported / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == ["fused", "vc", "text"]
     paths = [p for p, _ in read_list_file(synthetic_dataset / "val.txt")]
     for batch in (paths[:3], paths[3:4]):  # the batch axis is dynamic: 3, then 1
-        video = torch.cat([hand_views(p, 1, 1, model.image_size) for p in batch])
-        expected = model.predict(video)
+        video = torch.cat([hand_views(p, 1, 1, demo_model.image_size) for p in batch])
+        expected = demo_model.predict(video)
         got = dict(zip(("fused", "vc", "text"), session.run(None, {"video": video.numpy()})))
         for head, probs in got.items():
-            assert probs.shape == (len(batch), len(model.class_names))
+            assert probs.shape == (len(batch), len(demo_model.class_names))
             np.testing.assert_allclose(probs, expected[head].numpy(), atol=1e-5, rtol=0)
 
 
-def test_text_graph_gives_zero_shot_class_embeddings(exported, model):
+def test_text_graph_gives_zero_shot_class_embeddings(exported, demo_model):
     classes = ["juggling", "a bar moving left", "surfing"]
     session = ort.InferenceSession(str(exported / "text.onnx"), providers=["CPUExecutionProvider"])
-    per_template = [session.run(None, {"tokens": model.prompts(classes, t).tokens.numpy()})[0]
+    per_template = [session.run(None, {"tokens": demo_model.prompts(classes, t).tokens.numpy()})[0]
                     for t in ZERO_SHOT_TEMPLATES]
     ensemble = F.normalize(torch.from_numpy(np.mean(per_template, axis=0)), dim=-1)  # as encode_text ensembles
-    torch.testing.assert_close(ensemble, model.encode_text(classes, ZERO_SHOT_TEMPLATES), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ensemble, demo_model.encode_text(classes, ZERO_SHOT_TEMPLATES), atol=1e-5, rtol=0)
 
 
-def test_pt2_program_runs(exported, model):
+def test_pt2_program_runs(exported, demo_model):
     program = torch.export.load(str(exported / "model.pt2"))
-    video = torch.randn(3, model.num_frames, 3, model.image_size, model.image_size, generator=torch.Generator()
-                        .manual_seed(1))
+    size = demo_model.image_size
+    video = torch.randn(3, demo_model.num_frames, 3, size, size, generator=torch.Generator().manual_seed(1))
     fused, vc, text = program.module()(video)
-    expected = model.predict(video)
+    expected = demo_model.predict(video)
     torch.testing.assert_close(fused, expected["fused"], atol=1e-5, rtol=0)
     torch.testing.assert_close(text, expected["text"], atol=1e-5, rtol=0)
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from m2clip_fast.data import read_list_file
 from m2clip_fast.data.synthetic import write_broken_video
 from m2clip_fast.extract import main as extract_main, part_ranges, shard_parts
-from test_predict import hand_views, model  # noqa: F401 - model is a fixture
+from clip_views import hand_views
 
 FAST = ["--workers", "0", "--device", "cpu", "--no-progress"]
 
@@ -37,7 +37,7 @@ def read_index(path):
         return list(csv.DictReader(f))
 
 
-def test_embeddings_equal_encode_video_over_views(listing, demo_checkpoint, model, tmp_path):
+def test_embeddings_equal_encode_video_over_views(listing, demo_checkpoint, demo_model, tmp_path):
     out = tmp_path / "emb"
     assert run(listing, out, demo_checkpoint, "--views", "2x3", "--per-frame", "--batch-size", "3") == 0
     parts = [load_file(out / f"part-{k:05d}-of-00003.safetensors") for k in range(3)]
@@ -49,16 +49,16 @@ def test_embeddings_equal_encode_video_over_views(listing, demo_checkpoint, mode
     assert [int(r["row"]) for r in index] == list(range(10)) and {r["views"] for r in index} == {"2x3"}
     assert [r["status"] for r in index[:8]] == ["ok"] * 8
     assert index[9]["status"] == "file not found" and index[8]["status"] not in ("ok", "")
-    text = model.encode_text()
+    text = demo_model.encode_text()
     for row, (path, label) in enumerate(read_list_file(listing)[:8]):
         assert int(index[row]["label"]) == label and index[row]["path"] == path
-        views = hand_views(path, 2, 3, model.image_size)  # (6, 4, 3, S, S)
-        frames, pooled = model.encode_frames(views)
-        torch.testing.assert_close(joined["video"][row], model.encode_video(views).mean(0), atol=1e-5, rtol=1e-5)
+        views = hand_views(path, 2, 3, demo_model.image_size)  # (6, 4, 3, S, S)
+        frames, pooled = demo_model.encode_frames(views)
+        torch.testing.assert_close(joined["video"][row], demo_model.encode_video(views).mean(0), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(joined["frames"][row], frames, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(joined["logits_vc"][row], model.vc_head(pooled), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(joined["logits_vc"][row], demo_model.vc_head(pooled), atol=1e-4, rtol=1e-5)
         cosine = torch.nn.functional.normalize(frames.mean(1), dim=-1) @ text.T
-        torch.testing.assert_close(joined["logits_text"][row], model.logit_scale * cosine, atol=1e-3, rtol=1e-5)
+        torch.testing.assert_close(joined["logits_text"][row], demo_model.logit_scale * cosine, atol=1e-3, rtol=1e-5)
 
 
 def test_shards_split_the_parts_and_join_one_index(listing, demo_checkpoint, tmp_path, capsys):

@@ -6,10 +6,9 @@ import json
 import pytest
 import torch
 
-from m2clip_fast.data import decode_all_frames, read_list_file
-from m2clip_fast.data import transforms
+from clip_views import hand_views
+from m2clip_fast.data import read_list_file
 from m2clip_fast.data.synthetic import write_broken_video
-from m2clip_fast.engine import load_model_checkpoint
 from m2clip_fast.inputs import collect_videos
 from m2clip_fast.predict import main as predict_main
 from m2clip_fast.text import ZERO_SHOT_TEMPLATES
@@ -17,34 +16,11 @@ from m2clip_fast.text import ZERO_SHOT_TEMPLATES
 FAST = ["--workers", "0", "--device", "cpu", "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def model(demo_checkpoint):
-    model, _ = load_model_checkpoint(demo_checkpoint)
-    return model.eval()
-
-
-def hand_views(path, num_clips, num_crops, size, start=0, stop=None, frames=4, stride=1):
-    """(V, frames, 3, size, size): dense test clips (``frames`` frames ``stride`` apart) spread evenly over frames
-    [start, stop), written out from the sampling rule rather than through the library's sampler."""
-    video = decode_all_frames(path)
-    stop = len(video) if stop is None else stop
-    slack = max(stop - start - (frames - 1) * stride - 1, 0)  # the last start at which a whole clip fits
-    if num_clips == 1:
-        starts = [slack // 2]
-    else:
-        starts = [round(c * slack / (num_clips - 1)) for c in range(num_clips)]
-    views = []
-    for s in starts:
-        idx = [start + min(s + t * stride, stop - start - 1) for t in range(frames)]
-        views.append(transforms.test_transform(video[idx], size=size, num_crops=num_crops))
-    return torch.cat(views)
-
-
 def scores(rows, head):
     return {row["file"]: {p["label"]: p["score"] for p in row["predictions"][head]} for row in rows}
 
 
-def test_probabilities_equal_model_predict_on_the_same_frames(synthetic_dataset, demo_checkpoint, model, tmp_path):
+def test_probabilities_equal_model_predict_on_the_same_frames(synthetic_dataset, demo_checkpoint, demo_model, tmp_path):
     paths = [p for p, _ in read_list_file(synthetic_dataset / "val.txt")][:3]
     out = tmp_path / "p.json"
     assert predict_main([*paths, "--checkpoint", str(demo_checkpoint), "--views", "2x3", "--top-k", "8",
@@ -52,23 +28,23 @@ def test_probabilities_equal_model_predict_on_the_same_frames(synthetic_dataset,
     rows = json.loads(out.read_text())
     assert [r["file"] for r in rows] == paths
     for path in paths:
-        expected = model.predict(hand_views(path, 2, 3, model.image_size))
+        expected = demo_model.predict(hand_views(path, 2, 3, demo_model.image_size))
         for head in ("vc", "text", "fused"):
             got = scores(rows, head)[path]
-            assert list(got) == [model.class_names[i] for i in expected[head].mean(0).argsort(descending=True)]
+            assert list(got) == [demo_model.class_names[i] for i in expected[head].mean(0).argsort(descending=True)]
             for label, score in got.items():
-                want = float(expected[head].mean(0)[model.class_names.index(label)])
+                want = float(expected[head].mean(0)[demo_model.class_names.index(label)])
                 assert score == pytest.approx(want, abs=1e-5), (path, head, label)
 
 
-def test_zero_shot_classes_use_the_prompt_ensemble(synthetic_dataset, demo_checkpoint, model, tmp_path, capsys):
+def test_zero_shot_classes_use_the_prompt_ensemble(synthetic_dataset, demo_checkpoint, demo_model, tmp_path, capsys):
     path = read_list_file(synthetic_dataset / "val.txt")[0][0]
     classes = ["jumping", "a spinning bar", "waving"]
     assert predict_main([path, "--checkpoint", str(demo_checkpoint), "--classes", ",".join(classes),
                          "--csv", "-", *FAST]) == 0
     rows = list(csv.DictReader(capsys.readouterr().out.splitlines()))
     assert {r["head"] for r in rows} == {"text"} and [int(r["rank"]) for r in rows] == [1, 2, 3]
-    expected = model.predict(hand_views(path, 1, 1, model.image_size), class_names=classes,
+    expected = demo_model.predict(hand_views(path, 1, 1, demo_model.image_size), class_names=classes,
                              templates=ZERO_SHOT_TEMPLATES)["text"][0]
     for r in rows:
         assert float(r["score"]) == pytest.approx(float(expected[classes.index(r["label"])]), abs=1e-5)

@@ -11,7 +11,7 @@ from m2clip_fast.data import read_list_file
 from m2clip_fast.data.synthetic import write_broken_video
 from m2clip_fast.evaluate import main as evaluate_main
 from m2clip_fast.report import confusion_matrix, most_confused, per_class_rows
-from test_predict import hand_views, model  # noqa: F401 - model is a fixture
+from clip_views import hand_views
 
 
 def test_confusion_matrix_is_a_hand_count():
@@ -38,7 +38,7 @@ def test_per_class_accuracy_is_a_hand_count():
     assert per_class_rows({"vc": probs[:1]}, labels[:1], ["a", "b", "c"])[1]["top1_vc"] == ""  # no videos
 
 
-def test_report_of_a_real_evaluation(synthetic_dataset, demo_checkpoint, model, tmp_path, capsys):
+def test_report_of_a_real_evaluation(synthetic_dataset, demo_checkpoint, demo_model, tmp_path, capsys):
     bad = write_broken_video(tmp_path / "bad.mp4", "truncated")
     samples = read_list_file(synthetic_dataset / "val.txt")
     listing = tmp_path / "val.txt"
@@ -54,10 +54,10 @@ def test_report_of_a_real_evaluation(synthetic_dataset, demo_checkpoint, model, 
 
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [r["path"] for r in records] == [p for p, _ in samples]  # the unreadable video has no prediction
-    names = model.class_names
+    names = demo_model.class_names
     predicted = []
     for r, (path, label) in zip(records, samples):
-        expected = model.predict(hand_views(path, 1, 1, model.image_size))
+        expected = demo_model.predict(hand_views(path, 1, 1, demo_model.image_size))
         assert r["label"] == label and r["label_name"] == names[label]
         for head in ("fused", "vc", "text"):
             top = r["predictions"][head][0]

@@ -9,7 +9,8 @@ from m2clip_fast.data import decode_all_frames
 from m2clip_fast.data.synthetic import render_clip, write_video
 from m2clip_fast.predict import main as predict_main
 from m2clip_fast.windows import frame_windows, plan_windows
-from test_predict import FAST, hand_views, model  # noqa: F401 - model is a fixture
+from clip_views import hand_views
+from test_predict import FAST
 
 
 
@@ -43,7 +44,7 @@ def long_video(tmp_path_factory):
     return write_video(tmp_path_factory.mktemp("long") / "long.mp4", frames, fps=16)
 
 
-def test_window_predictions_timeline_and_annotated_copy(long_video, demo_checkpoint, model, tmp_path):
+def test_window_predictions_timeline_and_annotated_copy(long_video, demo_checkpoint, demo_model, tmp_path):
     out_dir, annotated = tmp_path / "pred", tmp_path / "annotated.mp4"
     assert predict_main([str(long_video), "--checkpoint", str(demo_checkpoint), "--window", "1", "--stride",
                          "0.75", "--out-dir", str(out_dir), "--annotate", str(annotated), "--top-k", "8",
@@ -53,10 +54,10 @@ def test_window_predictions_timeline_and_annotated_copy(long_video, demo_checkpo
     assert [(r["start_frame"], r["end_frame"]) for r in rows] == [(0, 16), (12, 28), (24, 40), (32, 48)]
     assert rows[0]["start"] == 0.0 and rows[-1]["end"] == pytest.approx(3.0)
     for r in rows:
-        expected = model.predict(hand_views(str(long_video), 1, 1, model.image_size, r["start_frame"],
+        expected = demo_model.predict(hand_views(str(long_video), 1, 1, demo_model.image_size, r["start_frame"],
                                             r["end_frame"]))["fused"][0]
         for p in r["predictions"]["fused"]:
-            assert p["score"] == pytest.approx(float(expected[model.class_names.index(p["label"])]), abs=1e-5)
+            assert p["score"] == pytest.approx(float(expected[demo_model.class_names.index(p["label"])]), abs=1e-5)
     assert (out_dir / "long.timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     source, copy = decode_all_frames(long_video), decode_all_frames(annotated)
     assert copy.shape == source.shape
@@ -66,13 +67,13 @@ def test_window_predictions_timeline_and_annotated_copy(long_video, demo_checkpo
     assert (copy[:, 16:].float() - source[:, 16:].float()).abs().mean() < 6
 
 
-def test_window_longer_than_the_video_and_a_one_frame_video(demo_checkpoint, model, tmp_path):
+def test_window_longer_than_the_video_and_a_one_frame_video(demo_checkpoint, demo_model, tmp_path):
     one = write_video(tmp_path / "one.mp4", render_clip(2, np.random.default_rng(1), frames=1, size=32), fps=10)
     assert predict_main([str(one), "--checkpoint", str(demo_checkpoint), "--window", "5", "--out-dir",
                          str(tmp_path), "--json", str(tmp_path / "w.json"), *FAST]) == 0
     (row,) = json.loads((tmp_path / "w.json").read_text())
     assert (row["start_frame"], row["end_frame"], row["start"], row["end"]) == (0, 1, 0.0, pytest.approx(0.1))
-    expected = model.predict(hand_views(str(one), 1, 1, model.image_size))["vc"][0]
+    expected = demo_model.predict(hand_views(str(one), 1, 1, demo_model.image_size))["vc"][0]
     top = row["predictions"]["vc"][0]
     assert top["score"] == pytest.approx(float(expected.max()), abs=1e-5)
 
