@@ -127,7 +127,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pretrained", default=None, help="backbone weights instead of the checkpoint's own source")
     p.add_argument("--out", required=True, help="the video graph's .onnx file")
     p.add_argument("--frames", type=engine.positive_int, default=None,
-                   help="frames per clip T (default: the checkpoint's; the adapters' temporal kernels take any T)")
+                   help="frames per clip T (default: the checkpoint's; the adapters' weights do not depend on T)")
     p.add_argument("--size", type=engine.positive_int, default=None,
                    help="frame size S; must be the backbone's (its positional embedding is fixed)")
     p.add_argument("--batch", type=engine.positive_int, default=2, help="batch of the example input and the check "
@@ -143,13 +143,14 @@ def export(args: argparse.Namespace) -> Dict[str, float]:
     """Write the files asked for and return the checks' largest differences."""
     overrides = {} if args.frames is None else {"num_frames": args.frames}
     model, _ = engine.load_model_checkpoint(Path(args.checkpoint), pretrained=args.pretrained, **overrides)
-    reference, _ = engine.load_model_checkpoint(Path(args.checkpoint), pretrained=args.pretrained, fused=False,
-                                                **overrides)
-    model.eval(), reference.eval()
     size = model.image_size if isinstance(model.image_size, int) else model.image_size[0]
     if args.size is not None and args.size != size:
         raise ValueError(f"--size {args.size}: this backbone takes {size}px frames (its positional embedding has a "
                          f"fixed number of patches)")
+    # the graph is traced from the reference adapters; the check compares it with the model as it runs here
+    reference, _ = engine.load_model_checkpoint(Path(args.checkpoint), pretrained=args.pretrained, fused=False,
+                                                **overrides)
+    model.eval(), reference.eval()
     frames = model.num_frames
     example = torch.randn(args.batch, frames, 3, size, size)
     start = time.perf_counter()

@@ -23,7 +23,8 @@ def exported(demo_checkpoint, tmp_path_factory):
     return out
 
 
-def test_video_graph_equals_pytorch_on_real_views(exported, synthetic_dataset, demo_model, capsys):
+@pytest.mark.slow  # the shared export takes ~30 s
+def test_video_graph_equals_pytorch_on_real_views(exported, synthetic_dataset, demo_model):
     session = ort.InferenceSession(str(exported / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == ["fused", "vc", "text"]
     paths = [p for p, _ in read_list_file(synthetic_dataset / "val.txt")]
@@ -36,6 +37,7 @@ def test_video_graph_equals_pytorch_on_real_views(exported, synthetic_dataset, d
             np.testing.assert_allclose(probs, expected[head].numpy(), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # the shared export takes ~30 s
 def test_text_graph_gives_zero_shot_class_embeddings(exported, demo_model):
     classes = ["juggling", "a bar moving left", "surfing"]
     session = ort.InferenceSession(str(exported / "text.onnx"), providers=["CPUExecutionProvider"])
@@ -45,6 +47,7 @@ def test_text_graph_gives_zero_shot_class_embeddings(exported, demo_model):
     torch.testing.assert_close(ensemble, demo_model.encode_text(classes, ZERO_SHOT_TEMPLATES), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # the shared export takes ~30 s
 def test_pt2_program_runs(exported, demo_model):
     program = torch.export.load(str(exported / "model.pt2"))
     size = demo_model.image_size
