@@ -14,7 +14,8 @@ and ``DIR/part-KKKKK-of-PPPPP.csv`` its rows (``row, path, label, views, status`
 was unreadable). Once every part exists, ``DIR/index.csv`` joins them. ``--shard i/N`` (i from 0) takes the i-th of
 N equal runs of parts, so the N jobs of a cluster array split a dataset between them. A part is written under a
 temporary name and renamed when complete: a rerun keeps finished parts and redoes a missing or unreadable one.
-``DIR/extract.json`` records the settings; a rerun with other settings into the same DIR is refused.
+``DIR/extract.json`` records the settings (every part's safetensors metadata repeats them); a rerun with other
+settings into the same DIR is refused.
 """
 from __future__ import annotations
 
@@ -243,7 +244,8 @@ def extract(args: argparse.Namespace) -> Dict[str, Any]:
     if not samples:
         raise ValueError(f"{args.list} lists no videos")
     out = Path(args.out)
-    claim_settings(out, settings_of(args, len(samples)))
+    settings = settings_of(args, len(samples))
+    claim_settings(out, settings)
     ranges = part_ranges(len(samples), args.part_size)
     mine = shard_parts(len(ranges), args.shard)
     todo = [k for k in mine if not part_done(out, k, len(ranges))]
@@ -258,7 +260,7 @@ def extract(args: argparse.Namespace) -> Dict[str, Any]:
         tensors, status = extract_part(model, dataset, rows, shapes, args, device, amp_dtype)
         index = [{"row": i, "path": samples[i][0], "label": samples[i][1], "views": args.views,
                   "status": status[i]} for i in rows]
-        write_part(out, k, len(ranges), tensors, index, {"views": args.views, "model": str(args.checkpoint)})
+        write_part(out, k, len(ranges), tensors, index, {key: str(value) for key, value in settings.items()})
         unreadable += [{"path": r["path"], "reason": r["status"]} for r in index if r["status"] != "ok"]
     index_path = join_index(out, len(ranges))
     return {"parts": len(ranges), "shard_parts": len(mine), "written": len(todo), "kept": len(mine) - len(todo),

@@ -19,6 +19,7 @@ import numpy as np
 from .data.decode import get_index
 from .data.loader import skip_reason
 from .inputs import Clip, collect_videos
+from .predict import format_table, load_predictor, report_failures, run_clips, top_k, write_rows
 
 __all__ = ["plan_windows", "video_rate", "predict_windows", "timeline_png", "annotate_video"]
 
@@ -75,8 +76,6 @@ def predict_windows(args: argparse.Namespace) -> int:
     """``predict --window``: per video, ``OUT_DIR/NAME.windows.jsonl`` (one row per window, with start/end in
     seconds and frames) and ``OUT_DIR/NAME.timeline.png``; ``--annotate``: the labelled copy. Exit 0 when at
     least one video was predicted, 1 when none could be."""
-    from .predict import load_predictor, report_failures, run_clips, top_k, write_rows, format_table
-
     paths = collect_videos(args.inputs)
     if args.annotate and len(paths) != 1:
         raise ValueError(f"--annotate writes one video, but the inputs hold {len(paths)}")
