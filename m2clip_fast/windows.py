@@ -182,6 +182,18 @@ def _draw_label(image: np.ndarray, text: str, font) -> np.ndarray:
     return np.asarray(picture)
 
 
+def _fitting_font(labels: Sequence[str], width: int, height: int):
+    """Pillow's default font at 1/18 of the frame height, smaller (down to 6 px) until the longest label fits."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    longest = max(labels, key=len)
+    size = max(8, height // 18)
+    while size > 6 and draw.textlength(longest, font=ImageFont.load_default(size=size)) > width - 4:
+        size -= 1
+    return ImageFont.load_default(size=size)
+
+
 def _even(image: np.ndarray) -> np.ndarray:
     """Pad to even height and width (YUV 4:2:0 needs them) by repeating the last row / column."""
     h, w = image.shape[:2]
@@ -192,7 +204,6 @@ def annotate_video(src: str, dst: str, rows: Sequence[Dict[str, Any]], head: str
     """Write ``dst`` (H.264 via PyAV, the source's frame rate; no audio): every frame of ``src`` with the top
     label and score of its current window (:func:`frame_windows`) drawn on it."""
     import av
-    from PIL import ImageFont
 
     total, fps = video_rate(src)
     current = frame_windows(total, rows)
@@ -200,7 +211,7 @@ def annotate_video(src: str, dst: str, rows: Sequence[Dict[str, Any]], head: str
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     with av.open(src) as source, av.open(dst, "w") as out:
         stream_in = source.streams.video[0]
-        font = ImageFont.load_default(size=max(8, stream_in.height // 18))
+        font = _fitting_font(labels, stream_in.width, stream_in.height)
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height = stream_in.width + stream_in.width % 2, stream_in.height + stream_in.height % 2
         stream.pix_fmt = "yuv420p"
