@@ -26,14 +26,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import engine
-from .cli import run_main
+from .checkpoint import TRUST_HELP, load_model_checkpoint
+from .cli import int_at_least, run_main
+from .errors import UsageError, UserError
 
 PROG = "python -m m2clip_fast.export"
 OUTPUTS = ("fused", "vc", "text")
 # ONNX's protobuf holds at most 2 GiB: larger models keep their weights in PATH.data beside the graph
 ONE_FILE_LIMIT = 1_800_000_000
 TOLERANCE = 1e-4  # probabilities: float32 graphs that differ only in operator order agree to ~1e-7
+
+
+class ExportCheckError(UserError):
+    """onnxruntime's output differs from PyTorch's beyond the tolerance asked for."""
 
 
 class VideoClassifier(nn.Module):
@@ -125,12 +130,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0].split(": ", 1)[1])
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by m2clip_fast.train or convert")
     p.add_argument("--pretrained", default=None, help="backbone weights instead of the checkpoint's own source")
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     p.add_argument("--out", required=True, help="the video graph's .onnx file")
-    p.add_argument("--frames", type=engine.positive_int, default=None,
+    p.add_argument("--frames", type=int_at_least(1), default=None,
                    help="frames per clip T (default: the checkpoint's; the adapters' weights do not depend on T)")
-    p.add_argument("--size", type=engine.positive_int, default=None,
+    p.add_argument("--size", type=int_at_least(1), default=None,
                    help="frame size S; must be the backbone's (its positional embedding is fixed)")
-    p.add_argument("--batch", type=engine.positive_int, default=2, help="batch of the example input and the check "
+    p.add_argument("--batch", type=int_at_least(1), default=2, help="batch of the example input and the check "
                                                                          "(the batch axis stays dynamic)")
     p.add_argument("--text-out", default=None, help="also export the text encoder (tokens → embeddings) here")
     p.add_argument("--pt2", default=None, help="also save the torch.export program (.pt2) of the video graph")
@@ -142,13 +148,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def export(args: argparse.Namespace) -> Dict[str, float]:
     """Write the files asked for and return the checks' largest differences."""
     overrides = {} if args.frames is None else {"num_frames": args.frames}
-    model, _ = engine.load_model_checkpoint(Path(args.checkpoint), pretrained=args.pretrained, **overrides)
-    size = model.image_size if isinstance(model.image_size, int) else model.image_size[0]
+    model, _ = load_model_checkpoint(Path(args.checkpoint), pretrained=args.pretrained, trust=args.trust_checkpoint, **overrides)
+    size = model.crop_size
     if args.size is not None and args.size != size:
-        raise ValueError(f"--size {args.size}: this backbone takes {size}px frames (its positional embedding has a "
+        raise UsageError(f"--size {args.size}: this backbone takes {size}px frames (its positional embedding has a "
                          f"fixed number of patches)")
     # the graph is traced from the reference adapters; the check compares it with the model as it runs here
-    reference, _ = engine.load_model_checkpoint(Path(args.checkpoint), pretrained=args.pretrained, fused=False,
+    reference, _ = load_model_checkpoint(Path(args.checkpoint), pretrained=args.pretrained, trust=args.trust_checkpoint, fused=False,
                                                 **overrides)
     model.eval(), reference.eval()
     frames = model.num_frames
@@ -179,7 +185,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"  {name[len('max_abs_diff_'):]:<13} {value:.3g}")
         over = {k: v for k, v in result.items() if not v <= args.tolerance}
         if over:
-            raise ValueError(f"the exported graph differs from PyTorch beyond --tolerance {args.tolerance:g}: "
+            raise ExportCheckError(f"the exported graph differs from PyTorch beyond --tolerance {args.tolerance:g}: "
                              f"{', '.join(f'{k[13:]} {v:.3g}' for k, v in over.items())}")
         return 0
 

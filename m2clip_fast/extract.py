@@ -30,9 +30,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import engine
-from .cli import run_main
-from .inputs import Clip, VideoViews, clip_sampling, image_size, views_loader
+from .cli import ANNOTATION_HELP, int_at_least, run_main, views_arg
+from .data.datasets import DatasetError, read_annotations
+from .data.loader import parse_views
+from .errors import UsageError
+from .runtime import autocast
+from .inputs import Clip, VideoViews, clip_sampling, views_loader
 from .predict import add_model_args, load_model
 
 PROG = "python -m m2clip_fast.extract"
@@ -145,7 +148,7 @@ def claim_settings(out: Path, settings: Dict[str, Any]) -> None:
     recorded = json.loads(path.read_text(encoding="utf-8"))
     differ = sorted(k for k in set(settings) | set(recorded) if settings.get(k) != recorded.get(k))
     if differ:
-        raise ValueError(f"{out} holds an extraction with other settings ({', '.join(differ)}: "
+        raise UsageError(f"{out} holds an extraction with other settings ({', '.join(differ)}: "
                          f"{[recorded.get(k) for k in differ]} there, {[settings.get(k) for k in differ]} now); "
                          f"use another --out or delete it")
 
@@ -158,7 +161,7 @@ def embed_views(model, video: torch.Tensor, device, amp_dtype, per_frame: bool) 
     """float32 (B, V, T, 3, S, S) views → ``{"video": (B, D)}`` (the mean over views of ``encode_video``), with
     ``per_frame`` also ``"frames"`` (B, V, T, D), ``"logits_text"`` and ``"logits_vc"`` (B, V, C). On the CPU."""
     b, v = video.shape[:2]
-    with engine.autocast(device, amp_dtype):
+    with autocast(device, amp_dtype):
         frames, pooled = model.encode_frames(video.to(device).flatten(0, 1))
         out = {"video": frames.float().mean(dim=1).reshape(b, v, -1).mean(dim=1)}
         if per_frame:
@@ -207,19 +210,19 @@ def extract_part(model, dataset: VideoViews, rows: range, shapes: Dict[str, Tupl
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0].split(": ", 1)[1])
-    p.add_argument("--list", required=True, help=f"the videos: {engine.ANNOTATION_HELP}")
+    p.add_argument("--list", required=True, help=f"the videos: {ANNOTATION_HELP}")
     p.add_argument("--data-root", default=None, help="the folder the list's paths are relative to (default: the "
                                                      "list's own folder)")
     p.add_argument("--out", required=True, help="output folder DIR")
     add_model_args(p)
     p.add_argument("--class-names", default=None,
                    help="class-name file for the list's labels (default: the model's classes)")
-    p.add_argument("--views", type=engine.views_arg, default="1x1", help="CLIPSxCROPS views per video, e.g. 4x3")
+    p.add_argument("--views", type=views_arg, default="1x1", help="CLIPSxCROPS views per video, e.g. 4x3")
     p.add_argument("--per-frame", action="store_true", help="also per-frame embeddings and class logits per view")
     p.add_argument("--shard", type=shard_arg, default=(0, 1), help="i/N: this job's share of the parts (i from 0)")
-    p.add_argument("--part-size", type=engine.positive_int, default=1024, help="rows per safetensors part")
-    p.add_argument("--batch-size", type=engine.positive_int, default=4, help="videos per step")
-    p.add_argument("--workers", type=engine.non_negative_int, default=2, help="DataLoader decoding workers")
+    p.add_argument("--part-size", type=int_at_least(1), default=1024, help="rows per safetensors part")
+    p.add_argument("--batch-size", type=int_at_least(1), default=4, help="videos per step")
+    p.add_argument("--workers", type=int_at_least(0), default=2, help="DataLoader decoding workers")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p.parse_args(argv)
 
@@ -240,9 +243,9 @@ def extract(args: argparse.Namespace) -> Dict[str, Any]:
 
     classes = load_class_names(args.class_names) if args.class_names else None
     model, train_config, _, device, amp_dtype = load_model(args, classes, "--class-names")
-    samples = engine.read_annotations(args.list, args.data_root, classes or model.class_names, train=False)
+    samples = read_annotations(args.list, args.data_root, classes or model.class_names, train=False)
     if not samples:
-        raise ValueError(f"{args.list} lists no videos")
+        raise DatasetError(f"{args.list} lists no videos")
     out = Path(args.out)
     settings = settings_of(args, len(samples))
     claim_settings(out, settings)
@@ -250,8 +253,8 @@ def extract(args: argparse.Namespace) -> Dict[str, Any]:
     mine = shard_parts(len(ranges), args.shard)
     todo = [k for k in mine if not part_done(out, k, len(ranges))]
     sampling, stride = clip_sampling(train_config)
-    views = engine.parse_views(args.views)
-    dataset = VideoViews([Clip(p) for p, _ in samples], num_frames=model.num_frames, size=image_size(model),
+    views = parse_views(args.views)
+    dataset = VideoViews([Clip(p) for p, _ in samples], num_frames=model.num_frames, size=model.crop_size,
                          sampling=sampling, stride=stride, num_clips=views[0], num_crops=views[1])
     shapes = row_shapes(model, args.per_frame, views[0] * views[1])
     unreadable: List[Dict[str, str]] = []

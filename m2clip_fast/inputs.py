@@ -17,10 +17,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .data.decode import decode_frames, num_frames as video_num_frames
-from .data.loader import skip_reason
+from .data.decode import num_frames as video_num_frames
+from .data.frames import decode_frames
+from .data.robust import SAMPLE_ERRORS, skip_reason
 from .data.sampling import sample_indices
 from .data.transforms import views_from_clips
+from .errors import MissingFileError
 
 __all__ = ["VIDEO_EXTENSIONS", "collect_videos", "Clip", "VideoViews", "collate_views", "views_loader"]
 
@@ -55,14 +57,14 @@ def collect_videos(inputs: Sequence[str]) -> List[str]:
 
     A file with a video extension is taken as is (readable or not: decoding reports it), a folder contributes
     every video file below it (sorted), ``@F`` or a ``.txt``/``.lst``/``.list`` file is a list of paths, and
-    anything else is a glob pattern. An input that matches nothing raises ``FileNotFoundError`` naming it.
+    anything else is a glob pattern. An input that matches nothing raises ``MissingFileError`` naming it.
     """
     out: List[str] = []
     for item in inputs:
         path = Path(item[1:] if item.startswith("@") else item)
         if item.startswith("@") or (path.is_file() and path.suffix.lower() in LIST_SUFFIXES):
             if not path.is_file():
-                raise FileNotFoundError(f"list file {path} not found")
+                raise MissingFileError(f"list file {path} not found")
             found = _from_list(path)
         elif path.is_dir():
             found = _from_folder(path)
@@ -72,7 +74,7 @@ def collect_videos(inputs: Sequence[str]) -> List[str]:
             found = sorted(p for p in glob.glob(item, recursive=True) if Path(p).is_file() and _is_video(Path(p)))
         if not found:
             what = "folder" if path.is_dir() else "list file" if path.is_file() else "input"
-            raise FileNotFoundError(f"{what} {item} holds no video files ({', '.join(VIDEO_EXTENSIONS[:5])}, ...)")
+            raise MissingFileError(f"{what} {item} holds no video files ({', '.join(VIDEO_EXTENSIONS[:5])}, ...)")
         out.extend(found)
     return list(dict.fromkeys(out))
 
@@ -118,7 +120,7 @@ class VideoViews(Dataset):
     def __getitem__(self, i: int) -> Dict[str, Any]:
         try:
             return {"video": self.views(self.clips[i]), "index": i, "error": None}
-        except Exception as exc:  # noqa: BLE001 - any odd file is reported and skipped, never stops the run
+        except SAMPLE_ERRORS as exc:  # the file's fault: reported and skipped (anything else is a bug)
             return {"video": None, "index": i, "error": skip_reason(exc)}
 
 
@@ -135,12 +137,6 @@ def views_loader(dataset: VideoViews, batch_size: int, workers: int) -> DataLoad
     """Batches of :func:`collate_views` in order, decoded in ``workers`` DataLoader worker processes."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                       collate_fn=collate_views, pin_memory=torch.cuda.is_available())
-
-
-def image_size(model) -> int:
-    """The model's square frame size in pixels."""
-    size = model.image_size
-    return size if isinstance(size, int) else size[0]
 
 
 def clip_sampling(config_train: Dict[str, Any]) -> Tuple[str, int]:

@@ -15,12 +15,19 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
-from . import engine
-from .cli import run_main
-from .inputs import Clip, VideoViews, clip_sampling, collect_videos, image_size, views_loader
+from . import runtime
+from .checkpoint import TRUST_HELP, load_model_checkpoint
+from .cli import int_at_least, run_main, views_arg
+from .data.loader import parse_views
+from .data.robust import SAMPLE_ERRORS, skip_reason
+from .errors import UsageError
+from .evaluation import view_probabilities
+from .inputs import Clip, VideoViews, clip_sampling, collect_videos, views_loader
 from .text import SHIPPED_CLASS_LISTS, ZERO_SHOT_TEMPLATES, load_class_names
+from .windows import annotate_video, output_names, timeline_png, window_row, windows_of, write_jsonl
 
 PROG = "python -m m2clip_fast.predict"
 HEAD_ORDER = ("fused", "vc", "text")
@@ -35,7 +42,7 @@ def parse_classes(text: str) -> List[str]:
         return load_class_names(text)
     if "," in text:
         return load_class_names([n for n in text.split(",") if n.strip()])
-    raise FileNotFoundError(f"--classes {text!r} is neither a shipped list ({', '.join(SHIPPED_CLASS_LISTS)}), "
+    raise UsageError(f"--classes {text!r} is neither a shipped list ({', '.join(SHIPPED_CLASS_LISTS)}), "
                             f"nor a file, nor a comma-separated list of names")
 
 
@@ -62,21 +69,9 @@ class Predictor:
                                   None if self.supervised else self.class_names, self.templates, self.heads)
 
     def dataset(self, clips: Sequence[Clip], views: str) -> VideoViews:
-        num_clips, num_crops = engine.parse_views(views)
-        return VideoViews(clips, num_frames=self.model.num_frames, size=image_size(self.model),
+        num_clips, num_crops = parse_views(views)
+        return VideoViews(clips, num_frames=self.model.num_frames, size=self.model.crop_size,
                           sampling=self.sampling, stride=self.stride, num_clips=num_clips, num_crops=num_crops)
-
-
-def view_probabilities(model, video: torch.Tensor, device, amp_dtype, class_names=None, templates=None,
-                       heads: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
-    """``model.predict`` over every view of (B, V, T, 3, S, S) videos: ``{head: float32 (B, C)}`` on the CPU,
-    the mean over the V views; ``heads`` keeps only those."""
-    b, v = video.shape[:2]
-    with engine.autocast(device, amp_dtype):
-        probs = model.predict(video.to(device, non_blocking=True).flatten(0, 1), class_names=class_names,
-                              templates=templates)
-    return {h: p.float().reshape(b, v, -1).mean(dim=1).cpu() for h, p in probs.items()
-            if heads is None or h in heads}
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -88,14 +83,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="backbone weights (open_clip tag or file): for --preset, or instead of a checkpoint's own")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--amp", default="auto", help="auto (bf16 on CUDA), none, bf16, fp16")
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
 
 
 def load_model(args: argparse.Namespace, classes: Optional[List[str]], classes_option: str = "--classes"):
     """``(model in eval mode on --device, its training config, whether it came from a checkpoint, device, amp
     dtype)``. A preset's model is built over ``classes`` (needed when the preset has no class list)."""
-    _, device = engine.init_distributed(args.device)
+    _, device = runtime.init_distributed(args.device)
     if args.checkpoint:
-        model, ckpt = engine.load_model_checkpoint(Path(args.checkpoint), pretrained=args.pretrained)
+        model, ckpt = load_model_checkpoint(Path(args.checkpoint), pretrained=args.pretrained,
+                                            trust=args.trust_checkpoint)
         train_config = ckpt["config"].get("train", {})
     else:
         from .model import create_model
@@ -103,13 +100,11 @@ def load_model(args: argparse.Namespace, classes: Optional[List[str]], classes_o
 
         config = resolve_config(args.preset)
         if classes is None and config.class_names is None:
-            raise ValueError(f"preset {args.preset} has no class list: give {classes_option}")
+            raise UsageError(f"preset {args.preset} has no class list: give {classes_option}")
         model = create_model(config, pretrained=args.pretrained, class_names=classes)
         train_config = config.train
-    model.to(device).eval()
-    amp_dtype = engine.resolve_amp(args.amp, device)
-    if device.type == "cuda" and amp_dtype is not None:
-        model.set_backbone_dtype(amp_dtype)
+    amp_dtype = runtime.place_model(model, device, args.amp)
+    model.eval()
     return model, train_config, bool(args.checkpoint), device, amp_dtype
 
 
@@ -226,10 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--templates", nargs="+", default=None,
                    help="prompt templates with {} for the class name; default: the checkpoint's own, or for "
                         "other classes the zero-shot ensemble of evaluate --zero-shot")
-    p.add_argument("--top-k", type=engine.positive_int, default=5)
-    p.add_argument("--views", type=engine.views_arg, default="1x1", help="CLIPSxCROPS per video (or window)")
-    p.add_argument("--batch-size", type=engine.positive_int, default=4, help="videos (or windows) per step")
-    p.add_argument("--workers", type=engine.non_negative_int, default=2, help="DataLoader decoding workers")
+    p.add_argument("--top-k", type=int_at_least(1), default=5)
+    p.add_argument("--views", type=views_arg, default="1x1", help="CLIPSxCROPS per video (or window)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=4, help="videos (or windows) per step")
+    p.add_argument("--workers", type=int_at_least(0), default=2, help="DataLoader decoding workers")
     p.add_argument("--json", metavar="OUT", default=None, help="write the predictions as JSON (- for stdout)")
     p.add_argument("--csv", metavar="OUT", default=None, help="write the predictions as CSV (- for stdout)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -290,11 +285,60 @@ def predict_files(args: argparse.Namespace) -> int:
     return 0 if ordered else 1
 
 
+def predict_windows(args: argparse.Namespace) -> int:
+    """``predict --window``: per video, ``OUT_DIR/NAME.windows.jsonl`` (one row per window, with start/end in
+    seconds and frames) and ``OUT_DIR/NAME.timeline.png``; ``--annotate``: the labelled copy. Exit 0 when at
+    least one video was predicted, 1 when none could be."""
+    paths = collect_videos(args.inputs)
+    if args.annotate and len(paths) != 1:
+        raise UsageError(f"--annotate writes one video, but the inputs hold {len(paths)}")
+    predictor = load_predictor(args)
+    clips, owner, rates, failed = [], [], {}, []
+    for n, path in enumerate(paths):
+        try:
+            windows, rates[n] = windows_of(path, args.window, args.stride or args.window)
+        except SAMPLE_ERRORS as exc:  # an unreadable video is reported and skipped
+            failed.append((path, skip_reason(exc)))
+            continue
+        clips += windows
+        owner += [n] * len(windows)
+    per_video: Dict[int, List[Tuple[int, Dict[str, Any]]]] = {}
+    bad: Dict[int, List[str]] = {}
+    for i, probs, reason in run_clips(predictor, clips, args.views, args.batch_size, args.workers,
+                                      progress=not args.no_progress):
+        if probs is None:
+            bad.setdefault(owner[i], []).append(reason)
+        else:
+            per_video.setdefault(owner[i], []).append((i, probs))
+    for n, reasons in bad.items():  # the readable windows of such a video are still written
+        failed.append((paths[n], f"{len(reasons)} of {owner.count(n)} windows unreadable: {reasons[0]}"))
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    all_rows = []
+    for n, name in enumerate(output_names(paths)):
+        if n not in per_video:
+            continue
+        windows = sorted(per_video[n], key=lambda item: item[0])
+        rows = [window_row(clips[i], rates[n], top_k(p, predictor.class_names, args.top_k)) for i, p in windows]
+        write_jsonl(out_dir / f"{name}.windows.jsonl", rows)
+        head = predictor.heads[0]
+        probs = np.stack([p[head].numpy() for _, p in windows])
+        timeline_png(out_dir / f"{name}.timeline.png", rows, probs, predictor.class_names, head, paths[n])
+        if args.annotate:
+            annotate_video(paths[n], args.annotate, rows, head)
+        all_rows += rows
+        print(f"{paths[n]}: {len(rows)} windows -> {out_dir / name}.windows.jsonl, .timeline.png", file=sys.stderr)
+    report_failures(failed)
+    write_rows(all_rows, args.json, args.csv)
+    if "-" not in (args.json, args.csv) and all_rows:
+        print(format_table(all_rows))
+    return 0 if all_rows else 1
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     def run() -> int:
         args = parse_args(argv)
         if args.window is not None:
-            from .windows import predict_windows
             return predict_windows(args)
         return predict_files(args)
 

@@ -14,54 +14,16 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from . import engine
-from .data import DatasetError
-from .predict import HEAD_ORDER, top_k, view_probabilities
+from .evaluation import Predictions
+from .predict import HEAD_ORDER, top_k
 
 PAIRS = 30
-Predictions = Dict[int, Tuple[Dict[str, torch.Tensor], int]]  # sample index -> ({head: (C,) probs}, label)
-
-
-@torch.no_grad()
-def evaluate_with_predictions(model, loader, device, amp_dtype, class_names=None, templates=None,
-                              progress: bool = False) -> Tuple[Dict[str, float], List[Dict[str, str]], Predictions]:
-    """What ``engine.evaluate_loader`` returns (metrics, skipped), plus every sample's view-averaged probabilities
-    per head and its label. Every sample counts once across torch.distributed ranks; the RNG is left as it was."""
-    model.eval()
-    per_sample: Predictions = {}
-    skipped: List[Dict[str, Any]] = []
-    if progress:
-        from tqdm import tqdm
-        loader = tqdm(loader, desc="eval", leave=False, dynamic_ncols=True, file=sys.stderr)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for batch in loader:
-            probs = view_probabilities(model, batch["video"], device, amp_dtype, class_names, templates)
-            for i, (index, label) in enumerate(zip(batch["index"].tolist(), batch["label"].tolist())):
-                per_sample[index] = ({h: p[i] for h, p in probs.items()}, label)
-            skipped.extend(batch["skipped"])
-    merged: Predictions = {}
-    for part in engine.all_gather_objects(per_sample):
-        merged.update(part)  # a DistributedSampler pads with repeats: keyed by sample, each counts once
-    bad: Dict[str, str] = {}
-    for part in engine.all_gather_objects(skipped):
-        for s in part:
-            bad.setdefault(s["path"], s["reason"])
-    if not merged:
-        raise DatasetError(f"evaluation produced no predictions ({len(bad)} unreadable videos)")
-    labels = torch.tensor([label for _, label in merged.values()])
-    metrics: Dict[str, float] = {"num_samples": len(merged), "excluded": len(bad)}
-    for head in next(iter(merged.values()))[0]:
-        correct = engine.topk_correct(torch.stack([p[head] for p, _ in merged.values()]), labels)
-        metrics[f"top1_{head}"] = 100.0 * correct[1] / len(merged)
-        metrics[f"top5_{head}"] = 100.0 * correct[5] / len(merged)
-    return metrics, [{"path": p, "reason": r} for p, r in sorted(bad.items())], merged
 
 
 # ----------------------------------------------------------------------------------------------- tables

@@ -18,14 +18,22 @@ than the stencil itself. ``release_workspace()`` frees it.
 bf16: with bfloat16 inputs, or under ``torch.autocast("cpu", dtype=torch.bfloat16)``, the GEMMs run
 in bf16 (MKL/oneDNN accumulate in fp32) and the stencil accumulates in fp32; the output keeps the
 dtype of ``residual`` like the reference's ``residual + update``.
+
+ISA: the stencil runs the best variant this CPU supports (AVX-512, AVX2+FMA or the baseline build).
+``M2CLIP_STENCIL_ISA=best|avx512|avx2|baseline``, read when this module is imported, pins one, e.g. to
+test every variant on one machine; a name this CPU (or this build) cannot run raises ``StencilISAError``
+at that import rather than silently running another variant.
 """
 from __future__ import annotations
 
+import os
 import threading
 from typing import Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from .adapters import check_kernel_params
 
 ABI_VERSION = 2  # must equal _C.ABI_VERSION (csrc/bindings.cpp): the kernels' signatures changed with it
 
@@ -54,6 +62,27 @@ except ImportError as exc:  # not built (no compiler at install time, or M2CLIP_
     _IMPORT_ERROR = exc
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+STENCIL_ISA_ENV = "M2CLIP_STENCIL_ISA"
+
+
+class StencilISAError(ValueError):
+    """M2CLIP_STENCIL_ISA names a stencil variant that this CPU or this build cannot run."""
+
+
+def apply_stencil_isa_from_env(environ=os.environ) -> None:
+    """Pin the C++ stencil to ``environ[M2CLIP_STENCIL_ISA]`` when it is set (and not empty)."""
+    name = environ.get(STENCIL_ISA_ENV, "").strip()
+    if not name:
+        return
+    if _C is None:
+        raise StencilISAError(f"{STENCIL_ISA_ENV}={name} is set, but the C++ stencil is unavailable: {_IMPORT_ERROR}")
+    try:
+        _C.set_stencil_isa(name)
+    except RuntimeError as exc:  # unknown name, or an ISA this CPU lacks: the message says which
+        raise StencilISAError(f"{STENCIL_ISA_ENV}={name}: {str(exc).splitlines()[0]}") from None
+
+
+apply_stencil_isa_from_env()
 
 
 class _Workspace(threading.local):
@@ -136,14 +165,9 @@ def _check(x: torch.Tensor, residual: torch.Tensor, weights: Tuple[torch.Tensor,
     if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
         raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x "
                          f"{tuple(x.shape)} {x.dtype} on {x.device}")
-    down_e_w, conv_e_w, up_e_w, down_d_w, conv_d_w, up_d_w = weights
-    r, c = down_e_w.shape
-    expected = {"down_e_w": (r, c), "conv_e_w": (r, 1, 3), "up_e_w": (c, r), "down_d_w": (r, c),
-                "conv_d_w": (r, 1, 3, 3), "up_d_w": (c, r)}
-    for name, t in zip(expected, weights):
-        if tuple(t.shape) != expected[name]:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {expected[name]} "
-                             f"(C={c}, r={r}; the fused kernel covers kernel size 3 only)")
+    params = dict(zip(("down_e_w", "conv_e_w", "up_e_w", "down_d_w", "conv_d_w", "up_d_w"), weights))
+    c = params["down_e_w"].shape[-1]
+    check_kernel_params(params, c, "the fused kernel covers kernel size 3 only")
     if c != x.shape[2]:
         raise ValueError(f"down_e_w expects C={c}, tokens have C={x.shape[2]}")
 

@@ -1,4 +1,4 @@
-"""Long videos: predictions over sliding windows, a timeline plot of them, and an annotated copy of the video.
+"""Long videos: the sliding windows predict --window predicts over, a timeline plot of them, and an annotated copy of the video.
 
 ``predict --window W --stride S`` cuts each video into windows of ``round(W * fps)`` frames every
 ``round(S * fps)`` frames (fps: the stream's average frame rate); the last window ends at the video's last frame,
@@ -7,9 +7,7 @@ Each window is predicted like a whole video (its own CLIPSxCROPS views, sampled 
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
@@ -17,11 +15,10 @@ from typing import Any, Dict, List, Sequence, Tuple
 import numpy as np
 
 from .data.decode import get_index
-from .data.loader import skip_reason
-from .inputs import Clip, collect_videos
-from .predict import format_table, load_predictor, report_failures, run_clips, top_k, write_rows
+from .inputs import Clip
 
-__all__ = ["plan_windows", "video_rate", "predict_windows", "timeline_png", "annotate_video"]
+__all__ = ["plan_windows", "video_rate", "windows_of", "window_row", "output_names", "write_jsonl", "timeline_png",
+           "annotate_video"]
 
 
 def plan_windows(total: int, window: int, stride: int) -> List[Tuple[int, int]]:
@@ -49,19 +46,19 @@ def video_rate(path: str) -> Tuple[int, Fraction]:
     return index.num_frames, Fraction(rate) if rate else Fraction(25)
 
 
-def _windows_of(path: str, window_s: float, stride_s: float) -> Tuple[List[Clip], Fraction]:
+def windows_of(path: str, window_s: float, stride_s: float) -> Tuple[List[Clip], Fraction]:
     total, fps = video_rate(path)
     window = max(1, round(window_s * fps))
     stride = min(window, max(1, round(stride_s * fps)))
     return [Clip(path, s, e) for s, e in plan_windows(total, window, stride)], fps
 
 
-def _window_row(clip: Clip, fps: Fraction, predictions: Dict[str, Any]) -> Dict[str, Any]:
+def window_row(clip: Clip, fps: Fraction, predictions: Dict[str, Any]) -> Dict[str, Any]:
     return {"file": clip.path, "start": float(clip.start / fps), "end": float(clip.stop / fps),
             "start_frame": clip.start, "end_frame": clip.stop, "predictions": predictions}
 
 
-def _output_names(paths: Sequence[str]) -> List[str]:
+def output_names(paths: Sequence[str]) -> List[str]:
     """A file-name stem for each video, made unique by a number where two videos share one."""
     seen: Dict[str, int] = {}
     names = []
@@ -72,57 +69,7 @@ def _output_names(paths: Sequence[str]) -> List[str]:
     return names
 
 
-def predict_windows(args: argparse.Namespace) -> int:
-    """``predict --window``: per video, ``OUT_DIR/NAME.windows.jsonl`` (one row per window, with start/end in
-    seconds and frames) and ``OUT_DIR/NAME.timeline.png``; ``--annotate``: the labelled copy. Exit 0 when at
-    least one video was predicted, 1 when none could be."""
-    paths = collect_videos(args.inputs)
-    if args.annotate and len(paths) != 1:
-        raise ValueError(f"--annotate writes one video, but the inputs hold {len(paths)}")
-    predictor = load_predictor(args)
-    clips, owner, rates, failed = [], [], {}, []
-    for n, path in enumerate(paths):
-        try:
-            windows, rates[n] = _windows_of(path, args.window, args.stride or args.window)
-        except Exception as exc:  # noqa: BLE001 - an unreadable video is reported and skipped
-            failed.append((path, skip_reason(exc)))
-            continue
-        clips += windows
-        owner += [n] * len(windows)
-    per_video: Dict[int, List[Tuple[int, Dict[str, Any]]]] = {}
-    bad: Dict[int, List[str]] = {}
-    for i, probs, reason in run_clips(predictor, clips, args.views, args.batch_size, args.workers,
-                                      progress=not args.no_progress):
-        if probs is None:
-            bad.setdefault(owner[i], []).append(reason)
-        else:
-            per_video.setdefault(owner[i], []).append((i, probs))
-    for n, reasons in bad.items():  # the readable windows of such a video are still written
-        failed.append((paths[n], f"{len(reasons)} of {owner.count(n)} windows unreadable: {reasons[0]}"))
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    all_rows = []
-    for n, name in enumerate(_output_names(paths)):
-        if n not in per_video:
-            continue
-        windows = sorted(per_video[n], key=lambda item: item[0])
-        rows = [_window_row(clips[i], rates[n], top_k(p, predictor.class_names, args.top_k)) for i, p in windows]
-        _write_jsonl(out_dir / f"{name}.windows.jsonl", rows)
-        head = predictor.heads[0]
-        probs = np.stack([p[head].numpy() for _, p in windows])
-        timeline_png(out_dir / f"{name}.timeline.png", rows, probs, predictor.class_names, head, paths[n])
-        if args.annotate:
-            annotate_video(paths[n], args.annotate, rows, head)
-        all_rows += rows
-        print(f"{paths[n]}: {len(rows)} windows -> {out_dir / name}.windows.jsonl, .timeline.png", file=sys.stderr)
-    report_failures(failed)
-    write_rows(all_rows, args.json, args.csv)
-    if "-" not in (args.json, args.csv) and all_rows:
-        print(format_table(all_rows))
-    return 0 if all_rows else 1
-
-
-def _write_jsonl(path: Path, rows: Sequence[Dict[str, Any]]) -> None:
+def write_jsonl(path: Path, rows: Sequence[Dict[str, Any]]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")

@@ -1,0 +1,105 @@
+"""Scoring a model over a loader of multi-view clips: top-k, the evaluation loop, and the bad videos met on
+the way, gathered over every process."""
+from __future__ import annotations
+
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .data.datasets import DatasetError
+from .runtime import all_gather_objects, autocast
+
+
+def topk_correct(probs: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> Dict[int, int]:
+    """probs (N, C), labels (N,) → ``{k: how many labels are among the top k}``."""
+    k_max = min(max(ks), probs.shape[1])
+    top = probs.topk(k_max, dim=1).indices
+    hits = top == labels[:, None]
+    return {k: int(hits[:, : min(k, k_max)].any(dim=1).sum()) for k in ks}
+
+
+def gather_skipped(skipped: List[Dict[str, Any]]) -> Dict[str, str]:
+    """``{path: reason}`` of the bad videos every process met: a bad video is met as the item itself (and
+    maybe again as another bad item's replacement, or by another process), and counts once."""
+    bad: Dict[str, str] = {}
+    for part in all_gather_objects(skipped):
+        for s in part:
+            bad.setdefault(s["path"], s["reason"])
+    return bad
+
+
+Predictions = Dict[int, Tuple[Dict[str, torch.Tensor], int]]  # sample index -> ({head: (C,) probs}, label)
+
+
+def view_probabilities(model, video: torch.Tensor, device, amp_dtype, class_names=None, templates=None,
+                       heads: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
+    """``model.predict`` over every view of (B, V, T, 3, H, W) videos: ``{head: float32 (B, C)}`` on the CPU,
+    the mean over the V views; ``heads`` keeps only those."""
+    b, v = video.shape[:2]
+    with autocast(device, amp_dtype):
+        probs = model.predict(video.to(device, non_blocking=True).flatten(0, 1), class_names=class_names,
+                              templates=templates)
+    return {h: p.float().reshape(b, v, -1).mean(dim=1).cpu() for h, p in probs.items()
+            if heads is None or h in heads}
+
+
+@torch.no_grad()
+def collect_predictions(model, loader, device, amp_dtype, class_names=None, templates=None,
+                        progress: bool = False) -> Tuple[Predictions, Dict[str, str]]:
+    """Every sample's class probabilities per head, averaged over its views, with its label, over a loader of
+    multi-view clips (B, V, T, 3, H, W), gathered over torch.distributed ranks (each sample once); and
+    ``{path: reason}`` of the videos that could not be decoded. The global RNG is left as it was, so evaluating
+    in the middle of training doesn't change what training does next."""
+    model.eval()
+    per_sample: Predictions = {}
+    iterator = loader
+    if progress:
+        from tqdm import tqdm
+        iterator = tqdm(loader, desc="eval", leave=False, dynamic_ncols=True, file=sys.stderr)
+    skipped = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for batch in iterator:
+            probs = view_probabilities(model, batch["video"], device, amp_dtype, class_names, templates)
+            for i, (index, label) in enumerate(zip(batch["index"].tolist(), batch["label"].tolist())):
+                per_sample[index] = ({h: p[i] for h, p in probs.items()}, label)
+            skipped.extend(batch["skipped"])
+    merged: Predictions = {}
+    for part in all_gather_objects(per_sample):
+        merged.update(part)  # a DistributedSampler pads with repeats: keyed by sample, each counts once
+    return merged, gather_skipped(skipped)
+
+
+def scores(predictions: Predictions, bad: Dict[str, str]) -> Tuple[Dict[str, float], List[Dict[str, str]]]:
+    """``(metrics, skipped)`` of :func:`evaluate_loader` from :func:`collect_predictions`' results."""
+    if not predictions:
+        raise DatasetError(f"evaluation produced no predictions ({len(bad)} unreadable videos)")
+    labels = torch.tensor([label for _, label in predictions.values()])
+    metrics: Dict[str, float] = {"num_samples": len(predictions), "excluded": len(bad)}
+    for head in next(iter(predictions.values()))[0]:
+        probs = torch.stack([p[head] for p, _ in predictions.values()])
+        correct = topk_correct(probs, labels)
+        metrics[f"top1_{head}"] = 100.0 * correct[1] / len(predictions)
+        metrics[f"top5_{head}"] = 100.0 * correct[5] / len(predictions)
+    return metrics, [{"path": path, "reason": reason} for path, reason in sorted(bad.items())]
+
+
+def evaluate_loader(model, loader, device, amp_dtype, class_names=None, templates=None,
+                    progress: bool = False) -> Tuple[Dict[str, float], List[Dict[str, str]]]:
+    """Top-1/top-5 (%) per head over a loader of multi-view clips (B, V, T, 3, H, W); scores are averaged
+    over views. Under torch.distributed, every sample is counted exactly once across ranks.
+
+    Returns ``(metrics, skipped)``. A video that cannot be decoded has no prediction: it is left out of
+    the accuracy (``metrics["num_samples"]`` counts the videos scored, ``metrics["excluded"]`` those left
+    out), and ``skipped`` lists it as ``{"path", "reason"}``, sorted by path. The global RNG is left as it
+    was (see :func:`collect_predictions`).
+    """
+    return scores(*collect_predictions(model, loader, device, amp_dtype, class_names, templates, progress))
+
+
+def excluded_note(metrics: Dict[str, Any]) -> str:
+    """'2 unreadable videos excluded; accuracy over 8 of 10 videos', or '' when none was."""
+    n, m = metrics.get("excluded", 0), metrics["num_samples"]
+    if not n:
+        return ""
+    return f"{n} unreadable video{'s' if n != 1 else ''} excluded; accuracy over {m} of {n + m} videos"
