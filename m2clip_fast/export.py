@@ -148,14 +148,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def export(args: argparse.Namespace) -> Dict[str, float]:
     """Write the files asked for and return the checks' largest differences."""
     overrides = {} if args.frames is None else {"num_frames": args.frames}
-    model, _ = load_model_checkpoint(Path(args.checkpoint), pretrained=args.pretrained, trust=args.trust_checkpoint, **overrides)
+    source = {"pretrained": args.pretrained, "trust": args.trust_checkpoint, **overrides}
+    model, _ = load_model_checkpoint(Path(args.checkpoint), **source)
     size = model.crop_size
     if args.size is not None and args.size != size:
         raise UsageError(f"--size {args.size}: this backbone takes {size}px frames (its positional embedding has a "
                          f"fixed number of patches)")
     # the graph is traced from the reference adapters; the check compares it with the model as it runs here
-    reference, _ = load_model_checkpoint(Path(args.checkpoint), pretrained=args.pretrained, trust=args.trust_checkpoint, fused=False,
-                                                **overrides)
+    reference, _ = load_model_checkpoint(Path(args.checkpoint), fused=False, **source)
     model.eval(), reference.eval()
     frames = model.num_frames
     example = torch.randn(args.batch, frames, 3, size, size)

@@ -1,4 +1,5 @@
-"""Long videos: the sliding windows predict --window predicts over, a timeline plot of them, and an annotated copy of the video.
+"""Long videos: the sliding windows ``predict --window`` predicts over, their timeline plot, and an annotated copy
+of the video.
 
 ``predict --window W --stride S`` cuts each video into windows of ``round(W * fps)`` frames every
 ``round(S * fps)`` frames (fps: the stream's average frame rate); the last window ends at the video's last frame,
