@@ -52,13 +52,17 @@ setup(
         "numpy",
         "pyyaml",
         "tqdm",
-        "matplotlib",  # the demo's training-curve PNG
+        "matplotlib",  # the demo's training-curve PNG, predict's timelines, the evaluation report's confusion matrix
+        "pillow",  # predict --annotate draws labels on frames
+        "safetensors",  # extract's embedding shards
     ],
     extras_require={
         # DALI is in the test extra so that CI runs its CPU (VP9) tests; it ships x86-64 / aarch64 Linux wheels only
-        "test": ["pytest", "pytest-benchmark", "matplotlib", "tensorboard",
+        "test": ["pytest", "pytest-benchmark", "matplotlib", "tensorboard", "onnx", "onnxruntime", "onnxscript",
                  "nvidia-dali-cuda120; platform_system == 'Linux' and platform_machine in 'x86_64 aarch64'"],
         "dali": ["nvidia-dali-cuda120"],
+        # python -m m2clip_fast.export: torch's ONNX exporter needs onnx and onnxscript, the check onnxruntime
+        "export": ["onnx", "onnxruntime", "onnxscript"],
         "xformers": ["xformers"],
         "train": ["matplotlib", "tensorboard"],
     },

@@ -21,7 +21,8 @@ from .cli import add_data_args, int_at_least, run_main, splits_arg, views_arg
 from .data.datasets import check_samples, load_samples, read_split
 from .data.loader import DecodeTally, build_clip_loader, decode_stats_line, resolve_decoder
 from .errors import UsageError
-from .evaluation import evaluate_loader, excluded_note
+from .evaluation import collect_predictions, evaluate_loader, excluded_note, scores
+from .report import report_dir, write_report
 from .text import ZERO_SHOT_TEMPLATES, load_class_names
 
 
@@ -41,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--amp", default="auto", help="auto (bf16 on CUDA), none, bf16, fp16")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--report", metavar="DIR", default=None,
+                   help="also write per-class accuracy, the confusion matrix (CSV, PNG) and per-video predictions "
+                        "to DIR (zero-shot: DIR/split_N)")
     p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     add_data_args(p, train=False)
     args = p.parse_args(argv)
@@ -78,10 +82,14 @@ def evaluate(args: argparse.Namespace) -> Dict[str, object]:
     sampling, stride = train_cfg.get("sampling", "dense"), train_cfg.get("stride", 8)
     result: Dict[str, object] = {"checkpoint": str(args.checkpoint), "views": args.views}
 
-    def run(samples, **zero_shot):
+    def run(samples, split=None, **zero_shot):
         loader, decoding = _loader(model, samples, args, decoder, device, sampling, stride, workers), DecodeTally()
-        metrics, skipped = evaluate_loader(model, decoding.watch(loader), device, amp_dtype, progress=info.is_main,
-                                           **zero_shot)
+        predictions, bad = collect_predictions(model, decoding.watch(loader), device, amp_dtype,
+                                               progress=info.is_main, **zero_shot)
+        if args.report is not None and info.is_main:
+            write_report(report_dir(args.report, split), predictions, [path for path, _ in samples],
+                         zero_shot.get("class_names", model.class_names))
+        metrics, skipped = scores(predictions, bad)
         return {**metrics, "decode_stats": decoding.record(runtime.all_gather_objects)}, skipped
 
     if args.zero_shot is None:
@@ -97,7 +105,7 @@ def evaluate(args: argparse.Namespace) -> Dict[str, object]:
 
     per_split: List[Dict[str, object]] = []
     for split, (samples, dropped) in splits.items():
-        metrics, skipped = run(samples, class_names=names, templates=ZERO_SHOT_TEMPLATES)
+        metrics, skipped = run(samples, split, class_names=names, templates=ZERO_SHOT_TEMPLATES)
         per_split.append({"split": split, "top1": metrics["top1_text"], "top5": metrics["top5_text"],
                           "num_samples": metrics["num_samples"], "excluded": metrics["excluded"],
                           "dropped": len(dropped), "skipped": skipped, "decode_stats": metrics["decode_stats"]})

@@ -3,7 +3,7 @@ the way, gathered over every process."""
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -29,7 +29,61 @@ def gather_skipped(skipped: List[Dict[str, Any]]) -> Dict[str, str]:
     return bad
 
 
+Predictions = Dict[int, Tuple[Dict[str, torch.Tensor], int]]  # sample index -> ({head: (C,) probs}, label)
+
+
+def view_probabilities(model, video: torch.Tensor, device, amp_dtype, class_names=None, templates=None,
+                       heads: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
+    """``model.predict`` over every view of (B, V, T, 3, H, W) videos: ``{head: float32 (B, C)}`` on the CPU,
+    the mean over the V views; ``heads`` keeps only those."""
+    b, v = video.shape[:2]
+    with autocast(device, amp_dtype):
+        probs = model.predict(video.to(device, non_blocking=True).flatten(0, 1), class_names=class_names,
+                              templates=templates)
+    return {h: p.float().reshape(b, v, -1).mean(dim=1).cpu() for h, p in probs.items()
+            if heads is None or h in heads}
+
+
 @torch.no_grad()
+def collect_predictions(model, loader, device, amp_dtype, class_names=None, templates=None,
+                        progress: bool = False) -> Tuple[Predictions, Dict[str, str]]:
+    """Every sample's class probabilities per head, averaged over its views, with its label, over a loader of
+    multi-view clips (B, V, T, 3, H, W), gathered over torch.distributed ranks (each sample once); and
+    ``{path: reason}`` of the videos that could not be decoded. The global RNG is left as it was, so evaluating
+    in the middle of training doesn't change what training does next."""
+    model.eval()
+    per_sample: Predictions = {}
+    iterator = loader
+    if progress:
+        from tqdm import tqdm
+        iterator = tqdm(loader, desc="eval", leave=False, dynamic_ncols=True, file=sys.stderr)
+    skipped = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for batch in iterator:
+            probs = view_probabilities(model, batch["video"], device, amp_dtype, class_names, templates)
+            for i, (index, label) in enumerate(zip(batch["index"].tolist(), batch["label"].tolist())):
+                per_sample[index] = ({h: p[i] for h, p in probs.items()}, label)
+            skipped.extend(batch["skipped"])
+    merged: Predictions = {}
+    for part in all_gather_objects(per_sample):
+        merged.update(part)  # a DistributedSampler pads with repeats: keyed by sample, each counts once
+    return merged, gather_skipped(skipped)
+
+
+def scores(predictions: Predictions, bad: Dict[str, str]) -> Tuple[Dict[str, float], List[Dict[str, str]]]:
+    """``(metrics, skipped)`` of :func:`evaluate_loader` from :func:`collect_predictions`' results."""
+    if not predictions:
+        raise DatasetError(f"evaluation produced no predictions ({len(bad)} unreadable videos)")
+    labels = torch.tensor([label for _, label in predictions.values()])
+    metrics: Dict[str, float] = {"num_samples": len(predictions), "excluded": len(bad)}
+    for head in next(iter(predictions.values()))[0]:
+        probs = torch.stack([p[head] for p, _ in predictions.values()])
+        correct = topk_correct(probs, labels)
+        metrics[f"top1_{head}"] = 100.0 * correct[1] / len(predictions)
+        metrics[f"top5_{head}"] = 100.0 * correct[5] / len(predictions)
+    return metrics, [{"path": path, "reason": reason} for path, reason in sorted(bad.items())]
+
+
 def evaluate_loader(model, loader, device, amp_dtype, class_names=None, templates=None,
                     progress: bool = False) -> Tuple[Dict[str, float], List[Dict[str, str]]]:
     """Top-1/top-5 (%) per head over a loader of multi-view clips (B, V, T, 3, H, W); scores are averaged
@@ -38,40 +92,9 @@ def evaluate_loader(model, loader, device, amp_dtype, class_names=None, template
     Returns ``(metrics, skipped)``. A video that cannot be decoded has no prediction: it is left out of
     the accuracy (``metrics["num_samples"]`` counts the videos scored, ``metrics["excluded"]`` those left
     out), and ``skipped`` lists it as ``{"path", "reason"}``, sorted by path. The global RNG is left as it
-    was, so evaluating in the middle of training doesn't change what training does next.
+    was (see :func:`collect_predictions`).
     """
-    model.eval()
-    per_sample: Dict[int, Tuple[Dict[str, torch.Tensor], int]] = {}
-    iterator = loader
-    if progress:
-        from tqdm import tqdm
-        iterator = tqdm(loader, desc="eval", leave=False, dynamic_ncols=True, file=sys.stderr)
-    skipped = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for batch in iterator:
-            video = batch["video"].to(device, non_blocking=True)
-            b, v = video.shape[:2]
-            with autocast(device, amp_dtype):
-                probs = model.predict(video.flatten(0, 1), class_names=class_names, templates=templates)
-            for head, p in probs.items():
-                probs[head] = p.float().reshape(b, v, -1).mean(dim=1).cpu()
-            for i, (index, label) in enumerate(zip(batch["index"].tolist(), batch["label"].tolist())):
-                per_sample[index] = ({h: p[i] for h, p in probs.items()}, label)
-            skipped.extend(batch["skipped"])
-    merged: Dict[int, Tuple[Dict[str, torch.Tensor], int]] = {}
-    for part in all_gather_objects(per_sample):
-        merged.update(part)  # a DistributedSampler pads with repeats: keyed by sample, each counts once
-    bad = gather_skipped(skipped)
-    if not merged:
-        raise DatasetError(f"evaluation produced no predictions ({len(bad)} unreadable videos)")
-    labels = torch.tensor([label for _, label in merged.values()])
-    metrics: Dict[str, float] = {"num_samples": len(merged), "excluded": len(bad)}
-    for head in next(iter(merged.values()))[0]:
-        probs = torch.stack([p[head] for p, _ in merged.values()])
-        correct = topk_correct(probs, labels)
-        metrics[f"top1_{head}"] = 100.0 * correct[1] / len(merged)
-        metrics[f"top5_{head}"] = 100.0 * correct[5] / len(merged)
-    return metrics, [{"path": path, "reason": reason} for path, reason in sorted(bad.items())]
+    return scores(*collect_predictions(model, loader, device, amp_dtype, class_names, templates, progress))
 
 
 def excluded_note(metrics: Dict[str, Any]) -> str:
