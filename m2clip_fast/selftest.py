@@ -256,7 +256,8 @@ def check_model_step(device: torch.device, dtype: torch.dtype, quick: bool, pert
     """One training step (forward, every loss, backward) of the tiny model, fused against unfused."""
     fused, reference = _tiny(True).to(device).train(), _tiny(False).to(device).train()
     reference.load_state_dict(fused.state_dict())
-    exact_model = copy.deepcopy(reference).cpu().double()
+    # float64 on the same device: the CMLM masks come from that device's generator
+    exact_model = copy.deepcopy(reference).double()
     if dtype != torch.float32:
         fused.set_backbone_dtype(dtype)
         reference.set_backbone_dtype(dtype)
@@ -276,10 +277,10 @@ def check_model_step(device: torch.device, dtype: torch.dtype, quick: bool, pert
 
     with _quiet():
         fast, ref = step(fused, device, torch.float32), step(reference, device, torch.float32)
-        exact = step(exact_model, torch.device("cpu"), torch.float64)
+        exact = step(exact_model, device, torch.float64)
     cmp = Comparison(dtype, perturb)
     for name in exact:
-        cmp.add(name, fast[name].cpu(), ref[name].cpu(), exact[name])
+        cmp.add(name, fast[name].cpu(), ref[name].cpu(), exact[name].cpu())
     return cmp.check("tiny model training step")
 
 
