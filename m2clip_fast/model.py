@@ -283,8 +283,7 @@ class M2CLIP(nn.Module):
             wordless = [n for n in self.class_names if not humanize(n).split()]
             if wordless:
                 warnings.warn(f"class names without any word get no CMLM target: {wordless[:5]}")
-            self._cmlm_host = self._cmlm_class_table()
-            self._cmlm_on_device: Dict[torch.device, Tuple[torch.Tensor, ...]] = {}
+        self._cmlm_on_device: Dict[torch.device, Tuple[torch.Tensor, ...]] = {}  # see _cmlm_table
         self._text_cache: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.use_text_cache = True
         self.use_eot_text_path = True
@@ -382,6 +381,11 @@ class M2CLIP(nn.Module):
             x = block(x, attn_mask=mask)
         return x
 
+    @staticmethod
+    def _trim(tokens: torch.Tensor, used: int) -> torch.Tensor:
+        """Drop the all-padding columns from ``used`` on. Exact under the causal mask: no position attends forward."""
+        return tokens[:, :used]
+
     def _frozen_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Hidden states after the frozen text blocks, (N, n, width); no autograd graph."""
         with torch.no_grad():
@@ -443,9 +447,7 @@ class M2CLIP(nn.Module):
         if self.use_text_cache and key in self._text_cache:
             return self._text_cache[key]
         built = [self.prompts(class_names, t) for t in templates]
-        # Trailing all-padding columns dropped: exact under the causal mask (no position attends forward).
-        used = max(p.used for p in built)
-        tokens = torch.cat([p.tokens[:, :used] for p in built]).to(device)
+        tokens = self._trim(torch.cat([p.tokens for p in built]), max(p.used for p in built)).to(device)
         hidden = self._frozen_text(tokens)
         if tap is not None:
             tap.record = True
@@ -502,12 +504,13 @@ class M2CLIP(nn.Module):
         prompts = self.prompts(self.class_names, self.config.templates[0])
         words = [[self._word_index[w] for w in humanize(n).split()] for n in self.class_names]
         table = label_word_table(prompts, words, self.config.mask_ratio)
-        return prompts.tokens[:, :prompts.used], table.spans, table.counts
+        return self._trim(prompts.tokens, prompts.used), table.spans, table.counts
 
     def _cmlm_table(self, device: torch.device) -> Tuple[torch.Tensor, ...]:
-        """The class table on ``device``, copied there once: a step then only indexes it by its labels."""
+        """The class table on ``device``, built and copied there on first use: a step then only indexes it
+        by its labels."""
         if device not in self._cmlm_on_device:
-            self._cmlm_on_device[device] = tuple(t.to(device) for t in self._cmlm_host)
+            self._cmlm_on_device[device] = tuple(t.to(device) for t in self._cmlm_class_table())
         return self._cmlm_on_device[device]
 
     def _cmlm_logits(self, labels: torch.Tensor, frames: torch.Tensor):
