@@ -46,3 +46,6 @@ def test_perturbed_selftest_fails():
     assert proc.returncode == 1, proc.stdout + proc.stderr
     ran = [(name, status) for name, _, status in rows if status != "SKIP"]
     assert len(ran) >= 6 and all(status == "FAIL" for _, status in ran), proc.stdout
+    # every compared tensor, not just the worst: "k of n tensors off" with k = n
+    counts = re.findall(r"(\d+) of (\d+) tensors off", proc.stdout)
+    assert len(counts) == len(ran) - 1 and all(k == n for k, n in counts), proc.stdout  # all but DALI
