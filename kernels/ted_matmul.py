@@ -49,7 +49,8 @@ def _tiles():
       (8 warps) and 128×128 (4 warps) were dropped: 255 registers and ~0.8 KB/thread of spills
       (bf16, s3, both targets).
     * tf32: the 16-bit tiles at BLOCK_K = 32, i.e. the same shared-memory bytes per stage; at
-      BLOCK_K = 64, 128×128 s4 (256 KB) and 64×256 s3 (240 KB) exceed an H100 block.
+      BLOCK_K = 64, 128×128 s4 (256 KB) and 64×256 s3 (240 KB) exceed an H100 block, and
+      128×128 s4 (192 KB) an A100 one.
       96–254 registers, ≤ 128 KB.
     * ieee: plain-fp32 dots run on FMA units, with the operand fragments in registers; at
       BLOCK_K = 64 every tile spilled on sm_80 (0.6–5.9 KB/thread) and 128×128 on sm_90 (8 B).

@@ -191,8 +191,8 @@ def _d_half(z_ptr, ds_ptr, s_ptr, dz_ptr, acc, slots, rows, row_ok, t, tok, chan
 # layout, so a per-process tuning choice would make two runs (or a run and its resume) differ in
 # the last bits. Compiled for sm_90a and sm_80 (tests/test_kernels_aot.py), 32×64 at 8 warps
 # spilled (fp32 24–40 B/thread, fp16 without S 48 B, on sm_90a) or took up to 160 registers
-# (fp16 with S), at which one 8-warp block fills an SM's register file; at 16 warps: 100–128
-# registers, no spills, and a 16-warp block per SM, twice the warps in flight for the tap loads.
+# (fp16 with S), at which only one 8-warp block fits an SM's 64 K registers; at 16 warps: 100–128
+# registers, no spills, and one 16-warp block per SM: twice the warps in flight for the tap loads.
 _BACKWARD_TILE = {"BLOCK_M": 32, "BLOCK_R": 64, "num_warps": 16}
 
 
