@@ -18,9 +18,15 @@ than the stencil itself. ``release_workspace()`` frees it.
 bf16: with bfloat16 inputs, or under ``torch.autocast("cpu", dtype=torch.bfloat16)``, the GEMMs run
 in bf16 (MKL/oneDNN accumulate in fp32) and the stencil accumulates in fp32; the output keeps the
 dtype of ``residual`` like the reference's ``residual + update``.
+
+ISA: the stencil runs the best variant this CPU supports (AVX-512, AVX2+FMA or the baseline build).
+``M2CLIP_STENCIL_ISA=best|avx512|avx2|baseline``, read when this module is imported, pins one, e.g. to
+test every variant on one machine; a name this CPU (or this build) cannot run raises ``StencilISAError``
+at that import rather than silently running another variant.
 """
 from __future__ import annotations
 
+import os
 import threading
 from typing import Optional, Tuple
 
@@ -54,6 +60,27 @@ except ImportError as exc:  # not built (no compiler at install time, or M2CLIP_
     _IMPORT_ERROR = exc
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+STENCIL_ISA_ENV = "M2CLIP_STENCIL_ISA"
+
+
+class StencilISAError(ValueError):
+    """M2CLIP_STENCIL_ISA names a stencil variant that this CPU or this build cannot run."""
+
+
+def apply_stencil_isa_from_env(environ=os.environ) -> None:
+    """Pin the C++ stencil to ``environ[M2CLIP_STENCIL_ISA]`` when it is set (and not empty)."""
+    name = environ.get(STENCIL_ISA_ENV, "").strip()
+    if not name:
+        return
+    if _C is None:
+        raise StencilISAError(f"{STENCIL_ISA_ENV}={name} is set, but the C++ stencil is unavailable: {_IMPORT_ERROR}")
+    try:
+        _C.set_stencil_isa(name)
+    except RuntimeError as exc:  # unknown name, or an ISA this CPU lacks: the message says which
+        raise StencilISAError(f"{STENCIL_ISA_ENV}={name}: {str(exc).splitlines()[0]}") from None
+
+
+apply_stencil_isa_from_env()
 
 
 class _Workspace(threading.local):

@@ -3,9 +3,13 @@
 Everything except the missing-extension notice runs the real extension; those tests are skipped,
 with the reason, only when ``m2clip_fast._C`` is not built.
 """
+import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
+
+import copy
 
 import pytest
 import torch
@@ -17,13 +21,13 @@ from m2clip_fast.fused import FusedTEDAdapter, extension_available
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from baselines import saved_storages  # noqa: E402  (shared with the benchmarks' saved-bytes column)
+from tolerance import assert_within_reference_error  # noqa: E402
 
 needs_ext = pytest.mark.skipif(
     not extension_available(),
     reason="m2clip_fast._C is not built (pip install --no-build-isolation -e .); the CPU fused path cannot run",
 )
 
-FP32_TOL = 1e-5  # relative to the tensor's largest magnitude; fused and reference differ only in fp32 rounding
 
 
 def randomised(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -76,13 +80,38 @@ def run(module, x, grad, residual=None, frames=None):
     return out.detach(), grads
 
 
-def assert_scaled_close(got, want, tol, what):
-    assert got is not None, f"{what}: no gradient"
-    assert got.shape == want.shape and got.dtype == want.dtype, f"{what}: {got.shape}/{got.dtype} vs {want.shape}/{want.dtype}"
-    scale = want.abs().max().item()
-    assert scale > 0, f"{what}: reference is all zero, the comparison would prove nothing"
-    err = (got.double() - want.double()).abs().max().item()
-    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} × {scale:.3g}"
+def output_and_gradients(module, x, grad, residual=None, frames=None):
+    """{"output": ..., "grad <name>": ...} of ``run``."""
+    out, grads = run(module, x, grad, residual, frames)
+    return {"output": out, **{f"grad {name}": g for name, g in grads.items()}}
+
+
+def assert_like_reference(got, ref, exact, what, zero=(), dtype=None):
+    """got (the fused path) and ref (the eager TEDAdapter), both fp32, against exact (TEDAdapter in float64),
+    name → tensor: the error model of tests/tolerance.py. Every exact tensor must be nonzero, or the
+    comparison would prove nothing, except those named in ``zero`` (exactly zero by construction). ``dtype``:
+    the precision the paths compute in, for the 1-ulp floor (default: the reference output's dtype)."""
+    assert got.keys() == ref.keys() == exact.keys(), what
+    for name, want in exact.items():
+        assert got[name] is not None, f"{what}: no {name}"
+        assert got[name].dtype == ref[name].dtype, f"{what}: {name} is {got[name].dtype}, not {ref[name].dtype}"
+        assert (torch.count_nonzero(want) == 0) == (name in zero), f"{what}: {name} all zero: {name in zero}"
+    assert_within_reference_error(got, ref, exact, what, dtype=dtype)
+
+
+def assert_fp32_like_reference(fast, ref, x, grad, residual=None, frames=None, zero=()):
+    """Output and every gradient of ``fast`` within 2× the fp32 reference's own error vs float64."""
+    double = None if residual is None else residual.double()
+    exact = output_and_gradients(copy.deepcopy(ref).double(), x.double(), grad.double(), double, frames)
+    assert_like_reference(output_and_gradients(fast, x, grad, residual, frames),
+                          output_and_gradients(ref, x, grad, residual, frames), exact, "fp32", zero)
+
+
+def assert_outputs_like_reference(got, ref, x, what="output"):
+    """A forward-only output ``got`` = fast(x) within 2× ref(x)'s fp32 error vs ref in float64."""
+    with torch.no_grad():
+        exact = copy.deepcopy(ref).double()(x.double())
+        assert_like_reference({"output": got}, {"output": ref(x)}, {"output": exact}, what)
 
 
 CASES = [  # batch, frames, grid, C, r, separate residual
@@ -103,32 +132,24 @@ def test_forward_and_every_gradient_match_reference_fp32(batch, frames, grid, di
     residual = tokens(batch, frames, grid, dim, seed=2) if separate else None
     grad = tokens(batch, frames, grid, dim, seed=3)
     assert fast.select_backend(x) == "cpu"
-    out_ref, grads_ref = run(ref, x, grad, residual)
-    out, grads = run(fast, x, grad, residual)
-    assert_scaled_close(out, out_ref, FP32_TOL, "output")
-    assert grads.keys() == grads_ref.keys() and len(grads) == 13 + separate
-    for name in grads_ref:
-        if frames == 1 and name == "down_d.weight":  # one frame: every difference is 0, so is this gradient
-            assert torch.count_nonzero(grads_ref[name]) == 0 and torch.count_nonzero(grads[name]) == 0
-            continue
-        assert_scaled_close(grads[name], grads_ref[name], FP32_TOL, f"grad {name}")
+    # one frame: every frame difference is 0, and so is down_d's gradient (in float64 too: exact zeros)
+    assert_fp32_like_reference(fast, ref, x, grad, residual, zero=("grad down_d.weight",) if frames == 1 else ())
 
 
 @pytest.fixture
 def pinned_isa():
-    """Pins the stencil to one compiled ISA variant for the test, then restores the best."""
-    pinned = []
+    """Pins the stencil to one compiled ISA variant for the test, then restores the one in use before
+    (not "best": a run under M2CLIP_STENCIL_ISA keeps its variant for the tests after this one)."""
+    before = ted_cpu._C.stencil_isa()
 
     def pin(name):
         try:
             ted_cpu._C.set_stencil_isa(name)
         except RuntimeError as exc:
             pytest.skip(f"this CPU cannot run the {name} variant: {exc}")
-        pinned.append(name)
 
     yield pin
-    if pinned:
-        ted_cpu._C.set_stencil_isa("best")
+    ted_cpu._C.set_stencil_isa(before)
 
 
 @needs_ext
@@ -139,11 +160,53 @@ def test_every_isa_variant_matches_reference(isa, pinned_isa):
     grid, dim, r, frames = (6, 10), 70, 45, 3  # r and C leave lane tails for every vector width
     ref, fast = pair(dim, r, frames, grid, seed=4)
     x, grad = tokens(2, frames, grid, dim, seed=5), tokens(2, frames, grid, dim, seed=6)
-    out_ref, grads_ref = run(ref, x, grad)
-    out, grads = run(fast, x, grad)
-    assert_scaled_close(out, out_ref, FP32_TOL, "output")
-    for name in grads_ref:
-        assert_scaled_close(grads[name], grads_ref[name], FP32_TOL, f"grad {name}")
+    assert_fp32_like_reference(fast, ref, x, grad)
+
+
+@needs_ext
+def test_stencil_isa_environment_variable(pinned_isa):  # the fixture restores the variant afterwards
+    """M2CLIP_STENCIL_ISA pins the variant (read at import; here applied to a given environment); a name
+    that is unknown, or that this CPU cannot run, is an error naming the variable, not another variant."""
+    ted_cpu.apply_stencil_isa_from_env({ted_cpu.STENCIL_ISA_ENV: "baseline"})
+    assert ted_cpu._C.stencil_isa() == "baseline"
+    ted_cpu.apply_stencil_isa_from_env({ted_cpu.STENCIL_ISA_ENV: ""})  # empty: unset, nothing changes
+    assert ted_cpu._C.stencil_isa() == "baseline"
+    with pytest.raises(ted_cpu.StencilISAError, match="M2CLIP_STENCIL_ISA=sse9: .*unknown ISA 'sse9'"):
+        ted_cpu.apply_stencil_isa_from_env({ted_cpu.STENCIL_ISA_ENV: "sse9"})
+    ted_cpu.apply_stencil_isa_from_env({ted_cpu.STENCIL_ISA_ENV: "best"})
+    best = ted_cpu._C.stencil_isa()
+    if best != "avx512":
+        with pytest.raises(ted_cpu.StencilISAError, match=f"this CPU cannot run 'avx512' \\(best is {best}\\)"):
+            ted_cpu.apply_stencil_isa_from_env({ted_cpu.STENCIL_ISA_ENV: "avx512"})
+        assert ted_cpu._C.stencil_isa() == best
+
+
+@needs_ext
+def test_stencil_runs_the_variant_the_environment_names():
+    """Under M2CLIP_STENCIL_ISA (CI's per-ISA runs) the stencil really runs that variant in this process."""
+    name = os.environ.get(ted_cpu.STENCIL_ISA_ENV, "").strip()
+    if name in ("", "best"):
+        pytest.skip(f"{ted_cpu.STENCIL_ISA_ENV} does not name one variant here")
+    assert ted_cpu._C.stencil_isa() == name
+
+
+def test_stencil_isa_environment_variable_is_read_at_import():
+    """In a fresh process: the variable takes effect when ted_cpu is imported, and a bad value fails there."""
+    code = "from m2clip_fast import ted_cpu; print(ted_cpu._C.stencil_isa() if ted_cpu._C else 'none')"
+    root = str(Path(__file__).resolve().parents[1])
+
+    def run_with(value):
+        env = {**os.environ, ted_cpu.STENCIL_ISA_ENV: value, "PYTHONPATH": root}
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+    pinned = run_with("baseline")
+    if not extension_available():
+        assert pinned.returncode != 0 and "the C++ stencil is unavailable" in pinned.stderr
+        return
+    assert pinned.returncode == 0 and pinned.stdout.strip() == "baseline", pinned.stderr[-2000:]
+    bad = run_with("nonsense")
+    assert bad.returncode != 0
+    assert "StencilISAError: M2CLIP_STENCIL_ISA=nonsense" in bad.stderr.strip().splitlines()[-1]
 
 
 @needs_ext
@@ -153,11 +216,7 @@ def test_non_contiguous_input_and_num_frames_override():
     x = tokens(2, 4, grid, dim).transpose(0, 1).contiguous().transpose(0, 1)
     assert not x.is_contiguous()
     grad = tokens(2, 4, grid, dim, seed=7)
-    out_ref, grads_ref = run(ref, x, grad, frames=4)
-    out, grads = run(fast, x, grad, frames=4)
-    assert_scaled_close(out, out_ref, FP32_TOL, "output")
-    for name in grads_ref:
-        assert_scaled_close(grads[name], grads_ref[name], FP32_TOL, f"grad {name}")
+    assert_fp32_like_reference(fast, ref, x, grad, frames=4)
 
 
 @needs_ext
@@ -170,8 +229,8 @@ def test_inference_outputs_are_independent_of_later_calls():
         kept = first.clone()
         second = fast(x2)
         assert torch.equal(first, kept)
-        assert_scaled_close(first, ref(x1), FP32_TOL, "first output")
-        assert_scaled_close(second, ref(x2), FP32_TOL, "second output")
+    assert_outputs_like_reference(first, ref, x1, "first output")
+    assert_outputs_like_reference(second, ref, x2, "second output")
 
 
 @needs_ext
@@ -184,47 +243,33 @@ def test_partially_frozen_gradients():
             p.requires_grad_(name.startswith("conv"))
     x, grad = tokens(1, frames, grid, dim), tokens(1, frames, grid, dim, seed=8)
     grads = []
-    for module in (ref, fast):
+    for module, dtype in ((ref, torch.float32), (fast, torch.float32), (copy.deepcopy(ref).double(), torch.float64)):
         module.zero_grad(set_to_none=True)
-        module(x).backward(grad)
+        module(x.to(dtype)).backward(grad.to(dtype))
         grads.append({n: p.grad for n, p in module.named_parameters()})
-    for name, g in grads[0].items():
-        if name.startswith("conv"):
-            assert_scaled_close(grads[1][name], g, FP32_TOL, f"grad {name}")
-        else:
-            assert g is None and grads[1][name] is None
-
-
-def bf16_errors(module_fp64, candidate, reference_bf16, x, grad, autocast):
-    """Max errors vs fp64 of the candidate and of PyTorch's own bf16 reference, per tensor."""
-    out64, grads64 = run(module_fp64, x.double(), grad.double())
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out_c, grads_c = run(candidate, x, grad)
-        out_r, grads_r = run(reference_bf16, x, grad)
-    assert out_c.dtype == out_r.dtype
-    rows = [("output", out_c, out_r, out64)]
-    rows += [(f"grad {n}", grads_c[n], grads_r[n], grads64[n]) for n in grads64]
-    for name, c, r_, want in rows:
-        assert c.dtype == r_.dtype, f"{name}: {c.dtype} vs reference {r_.dtype}"
-        yield name, (c.double() - want).abs().max().item(), (r_.double() - want).abs().max().item(), \
-            want.abs().max().item()
+    trained = {n for n, g in grads[0].items() if g is not None}
+    assert trained == {n for n, g in grads[1].items() if g is not None} == {n for n in grads[0] if n.startswith("conv")}
+    want, got, exact = ({n: g[n] for n in trained} for g in grads)
+    assert_like_reference(got, want, exact, "partially frozen")
 
 
 @needs_ext
 @pytest.mark.parametrize("mode", ["autocast", "bf16_weights_and_inputs"])
 def test_bf16_error_within_twice_pytorch_bf16_error(mode):
-    """flash-attention's criterion: |fused − fp64| ≤ 2·|PyTorch bf16 − fp64| + a small atol."""
+    """flash-attention's criterion, as tests/tolerance.py words it: the fused path's error vs fp64 within
+    2 × that of PyTorch's own bf16 run of TEDAdapter (+ 1 bf16 ulp), output and every gradient."""
     grid, dim, r, frames = (7, 7), 96, 48, 4
     ref, fast = pair(dim, r, frames, grid, seed=9)
-    ref64 = TEDAdapter(dim, r, frames, grid=grid).double()
     x, grad = tokens(2, frames, grid, dim, seed=10), tokens(2, frames, grid, dim, seed=11)
     if mode == "bf16_weights_and_inputs":
         ref, fast = ref.bfloat16(), fast.bfloat16()
         x, grad = x.bfloat16(), grad.bfloat16()
-    ref64.load_state_dict({k: v.double() for k, v in ref.state_dict().items()})
+    exact = output_and_gradients(copy.deepcopy(ref).double(), x.double(), grad.double())
     assert fast.select_backend(x) == "cpu"
-    for name, err, err_ref, scale in bf16_errors(ref64, fast, ref, x, grad, autocast=mode == "autocast"):
-        assert err <= 2 * err_ref + 1e-3 * scale, f"{name}: fused error {err:.3g}, PyTorch bf16 error {err_ref:.3g}"
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+        got, want = output_and_gradients(fast, x, grad), output_and_gradients(ref, x, grad)
+    assert got["output"].dtype == want["output"].dtype == x.dtype
+    assert_like_reference(got, want, exact, mode, dtype=torch.bfloat16)
 
 
 def saved_activation_bytes(module, x):
@@ -264,7 +309,7 @@ def test_state_dict_round_trips_both_ways():
         assert torch.equal(back.state_dict()[key], value)
     x = tokens(1, 4, (3, 5), 40)
     with torch.no_grad():
-        assert_scaled_close(fast(x), ref(x), FP32_TOL, "output after loading")
+        assert_outputs_like_reference(fast(x), ref, x, "output after loading")
 
 
 def test_reference_backend_is_silent_and_exact():
@@ -375,7 +420,7 @@ def test_functional_entry_point_validates_inputs():
                            "up_d.weight", "up_d.bias")]
     x = tokens(1, 2, (3, 3), 32)
     with torch.no_grad():
-        assert_scaled_close(ted_cpu.ted_adapter_cpu(x, x, *args, 2, 3, 3), ref(x), FP32_TOL, "functional output")
+        assert_outputs_like_reference(ted_cpu.ted_adapter_cpu(x, x, *args, 2, 3, 3), ref, x, "functional output")
         with pytest.raises(ValueError, match="residual"):
             ted_cpu.ted_adapter_cpu(x, x[:, :5], *args, 2, 3, 3)
         with pytest.raises(ValueError, match="1\\+h\\*w"):
@@ -398,11 +443,7 @@ def test_triton_backend_on_cpu_tensors_in_interpreter():
     tri.load_state_dict(ref.state_dict())
     x, grad = tokens(1, 2, (3, 3), 32), tokens(1, 2, (3, 3), 32, seed=18)
     assert tri.select_backend(x) == "triton"
-    out_ref, grads_ref = run(ref, x, grad)
-    out, grads = run(tri, x, grad)
-    assert_scaled_close(out, out_ref, 1e-4, "output")
-    for name in grads_ref:
-        assert_scaled_close(grads[name], grads_ref[name], 1e-4, f"grad {name}")
+    assert_fp32_like_reference(tri, ref, x, grad)
 
 
 def test_stale_extension_is_named_not_called():
