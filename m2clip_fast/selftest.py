@@ -6,10 +6,10 @@ forward and gradients against TEDAdapter, the attention backends against PyTorch
 training step of the tiny model fused against unfused, and DALI decoding against PyAV. Prints a
 PASS / FAIL / SKIP table; the exit status is 1 when any check fails.
 
-Error model: the fast path and the reference both run in the dtype under test, and both are compared with
-the reference computed in float64. The fast path passes when its error (max |a − exact| / max |exact|, per
-tensor) is at most ``REF_MULTIPLE`` × the reference's own error + ``EPS_FLOOR`` units of the dtype's
-rounding error: as accurate as the reference, up to a small factor, and not merely close to it.
+Error model: the tests' (m2clip_fast.tolerance). The fast path and the reference both run in the dtype under
+test, and both are compared with the reference computed in float64; every tensor of the fast path (output,
+losses, gradients) must be within FACTOR × the reference's own pooled relative error + FLOOR_ULPS units of the
+dtype's rounding error: as accurate as the reference, up to a small factor, and not merely close to it.
 
 ``--perturb`` is the self-test's own check: it adds half of each result's largest magnitude (1 to an all-zero
 result) to one element of every fast-path result, so every tensor of every check that runs must then fail
@@ -36,8 +36,6 @@ import torch
 from .cli import run_main
 
 PROG = "python -m m2clip_fast.selftest"
-REF_MULTIPLE = 4.0
-EPS_FLOOR = 2.0
 PERTURBATION = 0.5  # of the largest magnitude, added to one element by --perturb: beyond any tolerance here
 
 
@@ -88,12 +86,6 @@ def environment() -> List[Tuple[str, str]]:
 
 
 # --------------------------------------------------------------------------------------------- error model
-def _rel_error(a: torch.Tensor, exact: torch.Tensor) -> float:
-    exact = exact.double()
-    scale = exact.abs().max().item()
-    return (a.double() - exact).abs().max().item() / (scale if scale > 0 else 1.0)
-
-
 def _perturbed(t: torch.Tensor) -> torch.Tensor:
     t = t.detach().double().clone()
     scale = t.abs().max().item()
@@ -103,31 +95,35 @@ def _perturbed(t: torch.Tensor) -> torch.Tensor:
 
 @dataclasses.dataclass
 class Comparison:
-    """Accumulates per-tensor verdicts of one check; the check's detail names its worst tensor."""
+    """The tensors of one check, name → (fast, reference, float64), judged together by the tests' error model."""
     dtype: torch.dtype
     perturb: bool
-    worst: Tuple[float, str] = (-1.0, "")
-    failed: List[str] = dataclasses.field(default_factory=list)
-    count: int = 0
+    fast: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    reference: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    exact: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def add(self, name: str, fast: torch.Tensor, ref: torch.Tensor, exact: torch.Tensor) -> None:
-        if self.perturb:
-            fast = _perturbed(fast)
-        self.count += 1
-        err, ref_err = _rel_error(fast, exact), _rel_error(ref, exact)
-        allowed = REF_MULTIPLE * ref_err + EPS_FLOOR * torch.finfo(self.dtype).eps
-        ratio = err / allowed
-        text = f"{name}: err {err:.1e}, reference {ref_err:.1e}, allowed {allowed:.1e}"
-        if ratio > self.worst[0]:
-            self.worst = (ratio, text)
-        if err > allowed or err != err:  # NaN fails too
-            self.failed.append(name)
+        self.fast[name] = _perturbed(fast) if self.perturb else fast.detach().cpu()
+        self.reference[name], self.exact[name] = ref.detach().cpu(), exact.detach().cpu()
 
     def check(self, name: str) -> Check:
+        from .tolerance import FACTOR, FLOOR_ULPS, max_error, reference_error_violations, relative_error
+
         dtype = str(self.dtype).replace("torch.", "")
-        if self.failed:
-            return Check(name, dtype, "FAIL", f"{len(self.failed)} of {self.count} tensors off; worst {self.worst[1]}")
-        return Check(name, dtype, "PASS", f"{self.count} tensors; worst {self.worst[1]}")
+        off = reference_error_violations(self.fast, self.reference, self.exact, dtype=self.dtype)
+        rho_ref = relative_error(self.reference, self.exact)
+        allowed = FACTOR * rho_ref + FLOOR_ULPS * torch.finfo(self.dtype).eps
+
+        def rel(n):
+            scale = self.exact[n].abs().max().item()
+            return max_error(self.fast[n], self.exact[n]) / (scale if scale > 0 else 1.0)
+
+        worst = max(self.exact, key=rel)
+        summary = (f"worst {worst}: err {rel(worst):.1e} of max|exact|, allowed {allowed:.1e} "
+                   f"({FACTOR:g} × reference's {rho_ref:.1e} + {FLOOR_ULPS:g} ulp)")
+        if off:
+            return Check(name, dtype, "FAIL", f"{len(off)} of {len(self.exact)} tensors off; {summary}")
+        return Check(name, dtype, "PASS", f"{len(self.exact)} tensors; {summary}")
 
 
 def _grad(p: torch.Tensor) -> torch.Tensor:
