@@ -16,7 +16,7 @@ import contextlib
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..adapters import token_layout
+from ..adapters import check_kernel_params, token_layout
 
 try:
     from . import ted_matmul, ted_stencil
@@ -66,18 +66,7 @@ def _kernel_scope(t: torch.Tensor):
 
 
 def _check_params(c: int, p: dict) -> int:
-    r = p["down_e_w"].shape[0]
-    expected = {
-        "down_e_w": (r, c), "down_e_b": (r,), "conv_e_w": (r, 1, 3), "conv_e_b": (r,),
-        "up_e_w": (c, r), "up_e_b": (c,),
-        "down_d_w": (r, c), "down_d_b": (r,), "conv_d_w": (r, 1, 3, 3), "conv_d_b": (r,),
-        "up_d_w": (c, r), "up_d_b": (c,),
-    }
-    for name, shape in expected.items():
-        if tuple(p[name].shape) != shape:
-            raise ValueError(f"{name} has shape {tuple(p[name].shape)}, expected {shape} "
-                             f"(C = {c}, r = {r}; kernels are k = 3 temporal and 3×3 spatial)")
-    return r
+    return check_kernel_params(p, c, "kernels are k = 3 temporal and 3×3 spatial")
 
 
 class TEDTritonFunction(torch.autograd.Function):

@@ -11,13 +11,46 @@ first and the patch grid row-major, frames of one clip contiguous (clip b, frame
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 Grid = Tuple[int, int]
+
+
+def ted_param_shapes(dim: int, bottleneck: int, temporal_kernel: int = 3,
+                     spatial_kernel: int = 3) -> Dict[str, Tuple[int, ...]]:
+    """The shape of each of a :class:`TEDAdapter`'s 12 parameters, by state_dict key, for width C = ``dim`` and
+    bottleneck r: the E branch down (r, C), depthwise temporal conv (r, 1, kt), up (C, r); the D branch the
+    same with a depthwise spatial conv (r, 1, ks, ks); biases (r,) or (C,)."""
+    r, c = bottleneck, dim
+    return {
+        "down_e.weight": (r, c), "down_e.bias": (r,), "conv_e.weight": (r, 1, temporal_kernel), "conv_e.bias": (r,),
+        "up_e.weight": (c, r), "up_e.bias": (c,),
+        "down_d.weight": (r, c), "down_d.bias": (r,), "conv_d.weight": (r, 1, spatial_kernel, spatial_kernel),
+        "conv_d.bias": (r,), "up_d.weight": (c, r), "up_d.bias": (c,),
+    }
+
+
+def kernel_name(key: str) -> str:
+    """The fused kernels' argument name of a state_dict key: 'down_e.weight' → 'down_e_w'."""
+    module, kind = key.split(".")
+    return f"{module}_{kind[0]}"
+
+
+def check_kernel_params(params: Dict[str, torch.Tensor], dim: int, note: str) -> int:
+    """Check the fused kernels' parameters (by :func:`kernel_name`; any subset of the 12) against
+    :func:`ted_param_shapes` with kernel size 3, r read off ``down_e_w``; returns r. ``note`` ends the
+    ValueError's message (what the kernel covers)."""
+    r = params["down_e_w"].shape[0]
+    for key, shape in ted_param_shapes(dim, r).items():
+        name = kernel_name(key)
+        if name in params and tuple(params[name].shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(params[name].shape)}, expected {shape} (C = {dim}, r = {r}; "
+                             f"{note})")
+    return r
 
 
 def token_layout(x: torch.Tensor, num_frames: int, grid: Optional[Grid] = None) -> Tuple[int, int, int, int]:

@@ -1,5 +1,5 @@
-"""What every command-line entry point shares: one-line errors for bad input, checkpoint reading and
-argparse types for counts.
+"""What every command-line entry point shares: one-line errors for bad input, and the argparse types and
+argument groups of more than one command.
 
 A user who passes a wrong path or a malformed file should read one line naming the problem, not a
 traceback from deep inside torch; ``M2CLIP_DEBUG=1`` brings the traceback back for bug reports.
@@ -8,25 +8,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import sys
-from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Callable, List, Optional
 
-import torch
-
-# Exceptions that carry a message meant for the user: bad paths, malformed files, invalid options.
-# Anything else is a bug in m2clip-fast and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
-               FileExistsError)
-
-
-class CheckpointError(ValueError):
-    """A file that should be a checkpoint is missing, truncated, or not a checkpoint at all."""
-
+from .data.loader import parse_views
+from .errors import UserError
 
 def run_main(main: Callable[[], int], prog: str, on_interrupt: Optional[Callable[[], str]] = None) -> int:
-    """Run a CLI body: user errors print ``prog: error: …`` and return 2, Ctrl-C returns 130.
+    """Run a CLI body: user errors (:class:`~m2clip_fast.errors.UserError`: bad paths, malformed files,
+    invalid options) print ``prog: error: …`` and return 2, Ctrl-C returns 130. Any other exception is a bug
+    in m2clip-fast (or torch's), and keeps its traceback.
 
     ``on_interrupt`` may return a hint to print on Ctrl-C (e.g. how to resume).
     """
@@ -36,43 +27,14 @@ def run_main(main: Callable[[], int], prog: str, on_interrupt: Optional[Callable
         hint = on_interrupt() if on_interrupt is not None else ""
         print(f"\n{prog}: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
         return 130
-    except USER_ERRORS as exc:
+    except UserError as exc:
         if os.environ.get("M2CLIP_DEBUG") == "1":
             raise
         print(f"{prog}: error: {exc}\n(set M2CLIP_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
 
 
-def load_checkpoint_file(path: Union[str, Path], what: str = "checkpoint", map_location: Any = "cpu") -> Any:
-    """torch.load of a file we expect to be a checkpoint, with errors that say what is wrong with it.
-
-    Tries ``weights_only=True`` first (tensors, containers, numbers: no code runs while unpickling);
-    checkpoints that hold other objects (our RNG state, some official checkpoints' argparse
-    namespaces) need the full unpickler, which runs only on files the user chose to load.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{what} {path} does not exist" if not path.exists() else f"{what} {path} is not a file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{what} {path} is empty (0 bytes): an interrupted download or copy?")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights_only" not in str(exc) and "Weights only" not in str(exc):
-            raise _unreadable(path, what, exc) from exc
-    except Exception as exc:  # the weights-only unpickler fails on junk with KeyError, EOFError, ...
-        raise _unreadable(path, what, exc) from exc
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:
-        raise _unreadable(path, what, exc) from exc
-
-
-def _unreadable(path: Path, what: str, exc: BaseException) -> CheckpointError:
-    text = str(exc).strip()
-    first = f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-    return CheckpointError(f"{what} {path} is not a readable PyTorch checkpoint (truncated, or another kind of "
-                           f"file?): {first}")
+# ------------------------------------------------------------------------------------------ argparse types
 
 
 def int_at_least(minimum: int, even: bool = False) -> Callable[[str], int]:
@@ -89,3 +51,54 @@ def int_at_least(minimum: int, even: bool = False) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be even (yuv420p video), got {value}")
         return value
     return parse
+
+
+def views_arg(text: str) -> str:
+    """argparse type: CLIPSxCROPS, checked by :func:`~m2clip_fast.data.loader.parse_views` before anything
+    is built."""
+    try:
+        parse_views(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def splits_arg(text: str) -> List[int]:
+    """argparse type: official split numbers, e.g. '1,2,3' → [1, 2, 3]."""
+    try:
+        splits = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected split numbers like 1,2,3, got {text!r}") from None
+    if not splits or any(s not in (1, 2, 3) for s in splits) or len(set(splits)) != len(splits):
+        raise argparse.ArgumentTypeError(f"splits are 1, 2 and/or 3 (each once), got {text!r}")
+    return splits
+
+
+# ------------------------------------------------------------------------------------------ argument groups
+
+ANNOTATION_HELP = (
+    "annotations, by file name: an mmaction2 list .txt ('relative/path label', labels from 0), a Kinetics .csv "
+    "(videos ROOT/<label>/ID_START_END.mp4 or ROOT/ID_START_END.mp4, detected), an SSv2 .json (ROOT/ID.webm), "
+    "a UCF101 trainlist0N.txt / testlist0N.txt (classInd.txt next to it; videos ROOT/Class/v_*.avi) or any "
+    "HMDB51 <class>_test_splitN.txt (split N of its folder; videos ROOT/<class>/*.avi)")
+
+
+def add_data_args(parser: argparse.ArgumentParser, train: bool) -> None:
+    """The data options of ``train`` and ``evaluate``."""
+    g = parser.add_argument_group("data")
+    if train:
+        g.add_argument("--train-list", help=f"training {ANNOTATION_HELP}")
+        g.add_argument("--val-list", help="validation annotations (same formats; HMDB51: the videos marked 2)")
+    else:
+        g.add_argument("--val-list", help=f"evaluation {ANNOTATION_HELP}")
+    g.add_argument("--data-root", default=None,
+                   help="ROOT, the folder the annotation paths are relative to; default, for every format: the "
+                        "annotation file's own folder (give it when the videos live elsewhere, e.g. "
+                        "k400/videos for k400/train.csv)")
+    g.add_argument("--class-names", default=None, help="class-name file, one per line (line i = label i)")
+    g.add_argument("--decoder", choices=("auto", "pyav", "dali"), default="auto",
+                   help="video decoder: auto = DALI on CUDA when installed, else PyAV")
+    g.add_argument("--skip-missing", action="store_true",
+                   help="drop missing files (listed in skipped.jsonl) instead of stopping before the run; "
+                        "unreadable or empty files are always replaced during training and left out of evaluation")
+    g.add_argument("--workers", type=int_at_least(0), default=None, help="DataLoader workers per process")

@@ -38,7 +38,10 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .cli import load_checkpoint_file, run_main
+from .adapters import ted_param_shapes
+from .checkpoint import TRUST_HELP, atomic_save, build_checkpoint, load_checkpoint_file
+from .cli import run_main
+from .errors import UserError
 
 # official key → ours; weights of the D conv additionally change rank (Conv3d → Conv2d).
 _KEY_MAP: Dict[str, str] = {
@@ -57,16 +60,17 @@ _KEY_MAP: Dict[str, str] = {
 }
 
 
+class ConversionError(UserError, ValueError):
+    """An official checkpoint or adapter state that does not convert (wrong file, shapes, keys or labels)."""
+
+
 def _expected_shapes(dim: int, r: int, kt: int, ks: int, official: bool) -> Dict[str, Tuple[int, ...]]:
-    """Shapes under our keys for width C = dim, bottleneck r, kernels kt (time) and ks (space)."""
-    return {
-        "down_e.weight": (r, dim), "down_e.bias": (r,),
-        "conv_e.weight": (r, 1, kt), "conv_e.bias": (r,),
-        "up_e.weight": (dim, r), "up_e.bias": (dim,),
-        "down_d.weight": (r, dim), "down_d.bias": (r,),
-        "conv_d.weight": (r, 1, 1, ks, ks) if official else (r, 1, ks, ks), "conv_d.bias": (r,),
-        "up_d.weight": (dim, r), "up_d.bias": (dim,),
-    }
+    """Shapes under our keys for width C = dim, bottleneck r, kernels kt (time) and ks (space); the official
+    D conv is a Conv3d with a time kernel of 1: (r, 1, 1, ks, ks)."""
+    shapes = ted_param_shapes(dim, r, kt, ks)
+    if official:
+        shapes["conv_d.weight"] = (r, 1, 1, ks, ks)
+    return shapes
 
 
 def _rename(state: Mapping[str, torch.Tensor], key_map: Mapping[str, str], source: str) -> Dict[str, torch.Tensor]:
@@ -90,9 +94,9 @@ def _check_shapes(ours: Mapping[str, torch.Tensor], official: bool, naming: Mapp
     wrong = [f"{naming[k]}: got {tuple(v.shape)}, expected {expected[k]}"
              for k, v in ours.items() if tuple(v.shape) != expected[k]]
     if r < 1 or wrong:
-        raise ValueError(f"inconsistent adapter shapes (C={dim}, r={r}, kernels {kt}/{ks}): " + "; ".join(wrong))
+        raise ConversionError(f"inconsistent adapter shapes (C={dim}, r={r}, kernels {kt}/{ks}): " + "; ".join(wrong))
     if kt % 2 == 0 or ks % 2 == 0:
-        raise ValueError(f"conv kernels must be odd, got temporal {kt} and spatial {ks}")
+        raise ConversionError(f"conv kernels must be odd, got temporal {kt} and spatial {ks}")
 
 
 def convert_official_adapter(state: Mapping[str, torch.Tensor], prefix: str = "") -> Dict[str, torch.Tensor]:
@@ -158,7 +162,7 @@ def read_mlm_labels(path: Union[str, Path]) -> Dict[str, int]:
             continue
         parts = line.split()
         if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise ValueError(f"{path}:{number}: expected 'word index', got {line!r}")
+            raise ConversionError(f"{path}:{number}: expected 'word index', got {line!r}")
         words[parts[0].lower()] = int(parts[1])
     return words
 
@@ -167,7 +171,7 @@ def _official_model_state(checkpoint) -> Dict[str, torch.Tensor]:
     """The state dict inside an official checkpoint ({"model": ...} or bare), DDP prefix removed."""
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, Mapping) else None
     if not isinstance(state, Mapping) or not state:
-        raise ValueError("not an official M²-CLIP checkpoint: expected a state dict or {'model': state dict}")
+        raise ConversionError("not an official M²-CLIP checkpoint: expected a state dict or {'model': state dict}")
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
@@ -186,7 +190,7 @@ def _require_official_keys(checkpoint, state: Mapping[str, torch.Tensor], source
     hint = ""
     if isinstance(checkpoint, Mapping) and "config" in checkpoint and "class_names" in checkpoint:
         hint = " (it looks like an m2clip-fast checkpoint already: evaluate --checkpoint reads it as it is)"
-    raise ValueError(f"no official M²-CLIP keys found in {source}; is this an official checkpoint? It holds "
+    raise ConversionError(f"no official M²-CLIP keys found in {source}; is this an official checkpoint? It holds "
                      f"{len(found)} keys, e.g. {found[:4]}, and none like visual.adapter_fc.weight or "
                      f"visual.transformer.resblocks.N.adapter_pre_mlp.fc1.weight{hint}")
 
@@ -231,7 +235,7 @@ def _mlm_rows(weight: torch.Tensor, bias: torch.Tensor, vocabulary: Sequence[str
               initial_weight: torch.Tensor, initial_bias: torch.Tensor, report: ConversionReport):
     """Decoder rows reordered from the official word indices to our vocabulary's; unmatched rows keep ours."""
     if max(official_words.values()) >= weight.shape[0]:
-        raise ValueError(f"the MLM label file indexes row {max(official_words.values())}, but the checkpoint's "
+        raise ConversionError(f"the MLM label file indexes row {max(official_words.values())}, but the checkpoint's "
                          f"decoder has {weight.shape[0]} rows: wrong label file for this checkpoint?")
     new_weight, new_bias = initial_weight.clone(), initial_bias.clone()
     unmatched = []
@@ -327,26 +331,28 @@ def convert_official_checkpoint(checkpoint, model, mlm_labels: Optional[Union[st
         else:
             report.ignored_frozen += 1
     if unplaced:
-        raise ValueError("the official checkpoint does not fit this model; no place for: " + "; ".join(unplaced))
+        raise ConversionError("the official checkpoint does not fit this model; no place for: " + "; ".join(unplaced))
 
     expected = model.state_dict()
     wrong = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)}"
              for k, v in ours.items() if tuple(v.shape) != tuple(expected[k].shape)]
     if wrong:
-        raise ValueError("shapes differ (is the preset's bottleneck / class list the checkpoint's?): "
+        raise ConversionError("shapes differ (is the preset's bottleneck / class list the checkpoint's?): "
                          + "; ".join(wrong[:8]))
     report.converted = len(handled)
     report.kept_initial = sorted(k for k in model.tunable_state_dict() if k not in ours)
     return {k: v.to(expected[k].dtype) for k, v in ours.items()}, report
 
 
-def load_official_checkpoint(model, checkpoint, mlm_labels=None, *, source: Optional[str] = None) -> ConversionReport:
+def load_official_checkpoint(model, checkpoint, mlm_labels=None, *, source: Optional[str] = None,
+                             trust: bool = False) -> ConversionReport:
     """Convert (see :func:`convert_official_checkpoint`) and load into ``model``; ``checkpoint`` may be a path
-    (an unreadable file raises :class:`m2clip_fast.cli.CheckpointError`, a ValueError, naming it).
-    ``source`` names the checkpoint in errors (default: its path, or "the checkpoint")."""
+    (an unreadable or unsafe file raises :class:`m2clip_fast.checkpoint.CheckpointError`, a ValueError, naming
+    it; ``trust``: see :func:`~m2clip_fast.checkpoint.load_checkpoint_file`). ``source`` names the checkpoint in
+    errors (default: its path, or "the checkpoint")."""
     if isinstance(checkpoint, (str, Path)):
         source = source or str(checkpoint)
-        checkpoint = load_checkpoint_file(checkpoint, "official checkpoint")
+        checkpoint = load_checkpoint_file(checkpoint, "official checkpoint", trust=trust)
     state, report = convert_official_checkpoint(checkpoint, model, mlm_labels, source=source or "the checkpoint")
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected, unexpected  # every key was checked against model.state_dict() above
@@ -371,17 +377,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--template", default=OFFICIAL_TEMPLATE,
                    help="prompt template the text adapters were trained with (default: the official one)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     args = p.parse_args(argv)
     return run_main(lambda: _convert(args), PROG)
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .engine import atomic_save, model_checkpoint
     from .model import create_model
     from .presets import parse_overrides
 
     # Both input files first: a wrong file should fail before the (possibly downloaded) CLIP is built.
-    checkpoint = load_checkpoint_file(args.official, "official checkpoint")
+    checkpoint = load_checkpoint_file(args.official, "official checkpoint", trust=args.trust_checkpoint)
     _require_official_keys(checkpoint, _official_model_state(checkpoint), args.official)
     mlm_labels = read_mlm_labels(args.mlm_labels) if args.mlm_labels is not None else None
     pretrained = None if args.pretrained.lower() == "none" else args.pretrained
@@ -390,8 +396,8 @@ def _convert(args: argparse.Namespace) -> int:
                              templates=(args.template,), **parse_overrides(args.set))
         report = load_official_checkpoint(model, checkpoint, mlm_labels, source=args.official)
     except KeyError as exc:  # an incomplete group of official keys: the message names the missing key
-        raise ValueError(exc.args[0]) from None
-    atomic_save(model_checkpoint(model, pretrained), Path(args.out))
+        raise ConversionError(exc.args[0]) from None
+    atomic_save(build_checkpoint(model, pretrained), Path(args.out))
     print(report.summary())
     print(f"wrote {args.out}")
     return 0

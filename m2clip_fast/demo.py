@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 from typing import Any, List, Optional
 
-from . import train as train_module
+from . import run_dir, train as train_module
 from .cli import int_at_least, run_main
+from .data.datasets import DatasetError
 from .data.synthetic import CLASSES, dataset_meta, make_dataset, read_meta
 
 CHANCE_CLASSES = 8
@@ -42,7 +43,7 @@ def prepare_data(data: Path, **params: Any) -> str:
         return f"using the synthetic set in {data} (seed {wanted['seed']}, {wanted['per_class']} per class)"
     lists = [name for name in ("train.txt", "val.txt") if (data / name).exists()]
     if held is None and lists and not _holds_motion_classes(data):
-        raise ValueError(f"{data} holds {' and '.join(lists)} but no synthetic set (no meta.json, and classes.txt "
+        raise DatasetError(f"{data} holds {' and '.join(lists)} but no synthetic set (no meta.json, and classes.txt "
                          f"does not list the motion classes): pass another --data-dir")
     if held is not None:
         changed = ", ".join(f"{k} {held.get(k)} -> {v}" for k, v in wanted.items() if held.get(k) != v)
@@ -68,7 +69,7 @@ def clear_previous_run(out: Path) -> List[Path]:
     train appends to its logs and keeps best.pt unless beaten, so without this a new demo run's curves,
     skipped list and best checkpoint would mix with the old run's (and TensorBoard would show both).
     """
-    return train_module.delete_files(train_module.run_outputs(out) + [out / "training_curves.png"])
+    return run_dir.delete_files(run_dir.run_outputs(out) + [out / "training_curves.png"])
 
 
 def plot_curves(run_dir: Path, png: Path, title: str) -> None:

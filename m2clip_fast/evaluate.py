@@ -15,11 +15,13 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import torch
-
-from . import engine
-from .cli import run_main
-from .data import check_samples
+from . import runtime
+from .checkpoint import TRUST_HELP, load_model_checkpoint
+from .cli import add_data_args, int_at_least, run_main, splits_arg, views_arg
+from .data.datasets import check_samples, load_samples, read_split
+from .data.loader import build_clip_loader, resolve_decoder
+from .errors import UsageError
+from .evaluation import evaluate_loader, excluded_note
 from .text import ZERO_SHOT_TEMPLATES, load_class_names
 
 
@@ -29,17 +31,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pretrained", default=None,
                    help="backbone weights (open_clip tag or local file) instead of the checkpoint's own source, "
                         "e.g. when its weights file has moved")
-    p.add_argument("--views", type=engine.views_arg, default="1x1",
+    p.add_argument("--views", type=views_arg, default="1x1",
                    help="CLIPSxCROPS: temporal clips x spatial crops (1, 3 or 4)")
-    p.add_argument("--batch-size", type=engine.positive_int, default=4,
+    p.add_argument("--batch-size", type=int_at_least(1), default=4,
                    help="videos per step (each has CLIPS*CROPS views)")
     p.add_argument("--zero-shot", choices=("ucf101", "hmdb51"), default=None)
     p.add_argument("--split-dir", default=None, help="folder with the official split files (zero-shot)")
-    p.add_argument("--splits", type=engine.splits_arg, default=[1, 2, 3], help="zero-shot splits, e.g. 1,2,3")
+    p.add_argument("--splits", type=splits_arg, default=[1, 2, 3], help="zero-shot splits, e.g. 1,2,3")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--amp", default="auto", help="auto (bf16 on CUDA), none, bf16, fp16")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    engine.add_data_args(p, train=False)
+    p.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
+    add_data_args(p, train=False)
     args = p.parse_args(argv)
     if args.zero_shot is None and not args.val_list:
         p.error("give --val-list, or --zero-shot with --split-dir")
@@ -51,43 +54,40 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _loader(model, samples, args, decoder: str, device, sampling: str, stride: int, workers: int):
-    size = model.image_size if isinstance(model.image_size, int) else model.image_size[0]
-    return engine.build_clip_loader(samples, train=False, decoder=decoder, device=device, views=args.views,
-                                    batch_size=args.batch_size, workers=workers, num_frames=model.num_frames,
-                                    size=size, sampling=sampling, stride=stride, seed=0)
+    return build_clip_loader(samples, train=False, decoder=decoder, device=device, views=args.views,
+                             batch_size=args.batch_size, workers=workers, num_frames=model.num_frames,
+                             size=model.crop_size, sampling=sampling, stride=stride, seed=0)
 
 
 def evaluate(args: argparse.Namespace) -> Dict[str, object]:
     """Scores of ``args.checkpoint``: every head's top-1/top-5 on ``--val-list``, or the text head's zero-shot
     accuracy per split. Unreadable videos are left out of the accuracy, counted (``excluded``) and listed
     (``skipped``: path and reason)."""
-    info, device = engine.init_distributed(args.device)
+    info, device = runtime.init_distributed(args.device)
     if args.zero_shot is None:
         names = load_class_names(args.class_names) if args.class_names else None
     else:
         names = load_class_names(args.class_names or args.zero_shot)
         splits = _zero_shot_splits(args, names)  # every split file read and checked before the model is built
-    model, ckpt = engine.load_model_checkpoint(Path(args.checkpoint), pretrained=args.pretrained)
-    model.to(device)
-    amp_dtype = engine.resolve_amp(args.amp, device)
-    if device.type == "cuda" and amp_dtype is not None:
-        model.set_backbone_dtype(amp_dtype)
+    model, ckpt = load_model_checkpoint(Path(args.checkpoint), pretrained=args.pretrained,
+                                        trust=args.trust_checkpoint)
+    amp_dtype = runtime.place_model(model, device, args.amp)
     train_cfg = ckpt["config"].get("train", {})
-    decoder = engine.resolve_decoder(args.decoder, device)
+    decoder = resolve_decoder(args.decoder, device)
     workers = train_cfg.get("workers", 2) if args.workers is None else args.workers
     sampling, stride = train_cfg.get("sampling", "dense"), train_cfg.get("stride", 8)
     result: Dict[str, object] = {"checkpoint": str(args.checkpoint), "views": args.views}
 
     def run(samples, **zero_shot):
         loader = _loader(model, samples, args, decoder, device, sampling, stride, workers)
-        return engine.evaluate_loader(model, loader, device, amp_dtype, progress=info.is_main, **zero_shot)
+        return evaluate_loader(model, loader, device, amp_dtype, progress=info.is_main, **zero_shot)
 
     if args.zero_shot is None:
         names = names if names is not None else model.class_names
         if list(names) != model.class_names:
-            raise ValueError(f"--class-names gives {len(names)} classes that differ from the checkpoint's "
+            raise UsageError(f"--class-names gives {len(names)} classes that differ from the checkpoint's "
                              f"{len(model.class_names)}; use --zero-shot for another label set")
-        samples, dropped = engine.load_samples(args.val_list, args.data_root, names, train=False,
+        samples, dropped = load_samples(args.val_list, args.data_root, names, train=False,
                                                skip_missing=args.skip_missing, what="validation list")
         metrics, skipped = run(samples)
         result.update(metrics, dropped=len(dropped), skipped=skipped)
@@ -110,7 +110,7 @@ def _zero_shot_splits(args: argparse.Namespace, names: List[str]) -> Dict[int, t
     so that a missing split file is reported at once, not after the earlier splits have run."""
     splits = {}
     for split in args.splits:
-        samples = engine.read_split(args.zero_shot, args.split_dir, args.data_root, split, train=False,
+        samples = read_split(args.zero_shot, args.split_dir, args.data_root, split, train=False,
                                     class_names=names)
         splits[split] = check_samples(samples, len(names), skip_missing=args.skip_missing,
                                       what=f"{args.zero_shot} split {split}", root=args.data_root)
@@ -127,14 +127,14 @@ def format_result(result: Dict[str, object]) -> str:
         for s in result["splits"]:
             lines.append(f"  split {s['split']}: top-1 {s['top1']:.2f}%  top-5 {s['top5']:.2f}%  "
                          f"({s['num_samples']} videos)")
-            lines += _skipped_lines(s["skipped"], engine.excluded_note(s))
+            lines += _skipped_lines(s["skipped"], excluded_note(s))
         lines.append(f"  top-1 {result['top1_mean']:.2f} ± {result['top1_std']:.2f}% over {len(result['splits'])} splits")
         return "\n".join(lines)
     lines = [f"{result['num_samples']} videos, {result['views']} views:"]
     for head in ("vc", "text", "fused"):
         if f"top1_{head}" in result:
             lines.append(f"  {head:<6} top-1 {result[f'top1_{head}']:.2f}%  top-5 {result[f'top5_{head}']:.2f}%")
-    lines += _skipped_lines(result["skipped"], engine.excluded_note(result))
+    lines += _skipped_lines(result["skipped"], excluded_note(result))
     return "\n".join(lines)
 
 
@@ -144,8 +144,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             result = evaluate(args)
         finally:
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
+            runtime.shutdown_distributed()
         print(json.dumps(result) if args.json else format_result(result))
         return 0
 

@@ -13,12 +13,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .cli import run_main
+from .errors import UsageError
 from .model import M2CLIP, create_model
 from .presets import PRESETS, parse_overrides, resolve_config
 
 PROG = "python -m m2clip_fast.info"
 
-# The official K400 ViT-B/16 release, by module (see the core issue): the MLM decoder adds 513 per word.
+# The official K400 ViT-B/16 release's tunable parameters, by module; its MLM decoder adds 513 per word.
 OFFICIAL_K400 = {
     "TED E branches": 7_110_144, "TED D branches": 7_137_792, "temporal adapter": 263_936,
     "VC head": 307_600, "text adapters": 788_224, "MLM head (without decoder)": 263_680,
@@ -60,7 +61,7 @@ def forward_flops(model: M2CLIP) -> int:
     over the class prompts (the frozen ones are cached), and the heads."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    size = model.image_size if isinstance(model.image_size, int) else model.image_size[0]
+    size = model.crop_size
     video = torch.zeros(1, model.num_frames, 3, size, size)
     model.eval()
     model.encode_text()  # fill the text cache, as evaluation does once per class list
@@ -100,9 +101,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def build_model(preset: str, class_names: Optional[str], overrides: Sequence[str]) -> M2CLIP:
     """The preset's model with random weights; ValueError in command-line terms (--class-names, --set)."""
-    config = resolve_config(preset, overrides=parse_overrides(overrides))  # ConfigError (a ValueError) names bad keys
+    config = resolve_config(preset, overrides=parse_overrides(overrides))  # a ConfigError names bad keys
     if class_names is None and config.class_names is None:
-        raise ValueError(f"preset {preset} has no class list: pass --class-names FILE (one class name per line)")
+        raise UsageError(f"preset {preset} has no class list: pass --class-names FILE (one class name per line)")
     return create_model(config, pretrained=None, class_names=class_names)
 
 

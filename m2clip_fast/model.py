@@ -22,8 +22,11 @@ import torch.nn.functional as F
 
 from .adapters import TEDAdapter, TemporalAdapter, TextAdapter
 from .attention import set_attention_backend
+from .errors import UsageError
+from .fused import FusedTEDAdapter
 from .heads import (HEADS, MLMHead, VisualClassifier, cmc_loss, cmlm_loss, kl_contrastive_loss, vc_loss)
 from .presets import SHIPPED_BACKBONES, ConfigError, M2CLIPConfig, resolve_config
+from .runtime import gather_batch
 from .text import PromptTokenizer, humanize, label_word_table, label_words, load_class_names, mask_words
 
 
@@ -72,6 +75,21 @@ class _AdapterPreHook:
         return (x, *rest), kwargs
 
 
+def alias_kv_norm(block: nn.Module) -> None:
+    """Let ``block`` normalise keys/values apart from its queries, as open_clip's blocks do when they have an
+    ``ln_1_kv``: with ln_1 itself, as an alias kept out of the module tree, so the state_dict does not change.
+
+    Checkpoints of the CMLM block written while the alias was a registered submodule hold ln_1's weights a
+    second time under ``ln_1_kv.*``; loading drops them (they are ln_1's own)."""
+    block.__dict__["ln_1_kv"] = block.ln_1
+    block._register_load_state_dict_pre_hook(_drop_kv_norm_alias)
+
+
+def _drop_kv_norm_alias(state_dict, prefix, *args) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + "ln_1_kv.")]:
+        del state_dict[key]
+
+
 class _ClassTokenQueriesHook:
     """Forward pre-hook for the last vision block, registered after its adapter hook (hooks run in order).
 
@@ -82,9 +100,7 @@ class _ClassTokenQueriesHook:
     """
 
     def __init__(self, block: nn.Module, tap: Optional[PreMLPTap]):
-        # open_clip's block normalises keys/values with ln_1_kv when it has one; an alias of ln_1 kept
-        # out of the module tree, so the state_dict does not change
-        block.__dict__["ln_1_kv"] = block.ln_1
+        alias_kv_norm(block)
         self.tap, self.enabled = tap, True
 
     def __call__(self, module, args, kwargs):
@@ -118,41 +134,6 @@ def attach_adapters(block: nn.Module, pre_attn: Optional[nn.Module] = None,
     return hook
 
 
-class _GatherRows(torch.autograd.Function):
-    """All processes' x (equal shapes) concatenated along dim 0; backward sums every process's
-    gradient of the whole result and keeps this process's rows. all_reduce rather than
-    reduce_scatter, which gloo (CPU) lacks; torch.distributed.nn's all_gather is deprecated."""
-
-    @staticmethod
-    def forward(ctx, x):
-        import torch.distributed as dist
-
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rows, ctx.rank = x.shape[0], dist.get_rank()
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        import torch.distributed as dist
-
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
-
-
-def gather_batch(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate x over all processes (differentiable); x itself when not distributed.
-
-    Every process then computes the same global loss; the gather's backward sums the gradients
-    of each process's own rows, and DDP's average turns that into the single-process gradient."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    return _GatherRows.apply(x)
-
-
 # ---------------------------------------------------------------------------------------------- open_clip
 def _register_shipped_backbones() -> None:
     import open_clip
@@ -171,7 +152,7 @@ def load_clip(backbone: str, pretrained: Optional[str], quick_gelu: bool) -> nn.
     if pretrained is not None and not Path(pretrained).exists():
         known = open_clip.list_pretrained_tags_by_model(backbone)
         if pretrained not in known:
-            raise ValueError(
+            raise UsageError(
                 f"pretrained={pretrained!r} is neither a local file nor an open_clip tag of {backbone} ({known})"
             )
     clip = open_clip.create_model(backbone, pretrained=pretrained, force_quick_gelu=quick_gelu)
@@ -181,14 +162,12 @@ def load_clip(backbone: str, pretrained: Optional[str], quick_gelu: bool) -> nn.
 
 
 def _ted_factory(config: M2CLIPConfig, width: int, grid: Tuple[int, int]):
+    """A maker of the config's TED adapters. FusedTEDAdapter always imports (it chooses a backend per call
+    and falls back to the reference path itself), so there is no import failure to handle here."""
     kwargs = dict(dim=width, bottleneck=config.ted_bottleneck, num_frames=config.num_frames, grid=grid,
                   enhance=config.ted_enhance, difference=config.ted_difference)
     if config.fused:
-        try:
-            from .fused import FusedTEDAdapter
-            return lambda: FusedTEDAdapter(**kwargs)
-        except ImportError as err:  # the kernels' module wrapper is optional
-            warnings.warn(f"FusedTEDAdapter unavailable ({err}); using the reference TEDAdapter")
+        return lambda: FusedTEDAdapter(**kwargs)
     return lambda: TEDAdapter(**kwargs)
 
 
@@ -224,7 +203,7 @@ class M2CLIP(nn.Module):
         self._ted_hooks: Dict[str, _AdapterPreHook] = {}
         if config.ted_adapters:
             if not 0 < config.ted_layers <= len(vblocks):
-                raise ValueError(f"ted_layers={config.ted_layers} but the vision tower has {len(vblocks)} blocks")
+                raise UsageError(f"ted_layers={config.ted_layers} but the vision tower has {len(vblocks)} blocks")
             make = _ted_factory(config, width, self.grid)
             for i in range(len(vblocks) - config.ted_layers, len(vblocks)):
                 pre_attn = make() if config.ted_pre_attn else None
@@ -248,7 +227,7 @@ class M2CLIP(nn.Module):
         # text: adapters (pre-MLP) in the last text_adapter_layers blocks; everything before is cached
         tblocks = clip.transformer.resblocks
         if not 0 <= config.text_adapter_layers <= len(tblocks):
-            raise ValueError(f"text_adapter_layers={config.text_adapter_layers}, text tower has {len(tblocks)} blocks")
+            raise UsageError(f"text_adapter_layers={config.text_adapter_layers}, text tower has {len(tblocks)} blocks")
         # CMLM's cross-attention block: a frozen copy of the last text block taken before adapters go in,
         # made cross-attention by giving it its ln_1 for keys/values too.
         self.cmlm_block = copy.deepcopy(tblocks[-1]) if config.cmlm else None
@@ -272,9 +251,9 @@ class M2CLIP(nn.Module):
         self._word_index = {word: i for i, word in enumerate(self.vocabulary)}
         if config.cmlm:
             if embed_dim != text_width:
-                raise ValueError(f"CMLM cross-attends text (width {text_width}) to frame embeddings "
+                raise UsageError(f"CMLM cross-attends text (width {text_width}) to frame embeddings "
                                  f"(dim {embed_dim}); they must match")
-            self.cmlm_block.ln_1_kv = self.cmlm_block.ln_1
+            alias_kv_norm(self.cmlm_block)
             for p in self.cmlm_block.parameters():
                 p.requires_grad_(False)
             self.cmlm_adapter = TextAdapter(text_width, config.text_bottleneck)
@@ -575,6 +554,12 @@ class M2CLIP(nn.Module):
         return out
 
     # -------------------------------------------------------------------------------------- precision
+    @property
+    def crop_size(self) -> int:
+        """The side of the square frames the clip loaders make for this model: ``image_size``, or the height
+        of a non-square one."""
+        return self.image_size if isinstance(self.image_size, int) else self.image_size[0]
+
     def set_backbone_dtype(self, dtype: torch.dtype) -> "M2CLIP":
         """Cast the frozen weights (CLIP and the CMLM block) to ``dtype``; adapters and heads keep fp32
         master weights, and so does CLIP's scalar temperature (bf16 would turn logit scale 100 into 98.9).
@@ -634,7 +619,7 @@ def create_model(preset_or_config: Union[str, M2CLIPConfig] = "k400_b16_8f", pre
     if class_names is not None:
         config.class_names = class_names if isinstance(class_names, str) else tuple(class_names)
     if config.class_names is None:
-        raise ValueError("this preset has no class list: pass class_names=[...] or a class-name file")
+        raise UsageError("this preset has no class list: pass class_names=[...] or a class-name file")
     names = load_class_names(config.class_names)
     clip = load_clip(config.backbone, pretrained, config.quick_gelu)
     tokenizer = open_clip.get_tokenizer(config.backbone)

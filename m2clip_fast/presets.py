@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Tuple, Union
 
+from .errors import MissingFileError, UsageError, UserError
 from .heads import DEFAULT_LOSS_WEIGHTS
 from .text import DEFAULT_TEMPLATES
 
@@ -23,8 +24,9 @@ DEMO_BACKBONE = "m2clip-demo"  # the same at 64 px with 8 px patches (same token
 SHIPPED_BACKBONES = (TINY_BACKBONE, DEMO_BACKBONE)
 
 
-class ConfigError(ValueError, KeyError):
-    """An unknown preset or config key (a KeyError for dict-style callers, a ValueError for the CLIs)."""
+class ConfigError(UserError, KeyError):
+    """An unknown preset or config key. A KeyError, as a dict lookup of an unknown key raises, for library
+    callers that treat a config as a mapping; a UserError, so the commands print it as one line."""
 
     def __str__(self) -> str:  # KeyError's would quote the message
         return str(self.args[0]) if self.args else ""
@@ -89,15 +91,14 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # The synthetic motion demo: a tiny frozen backbone, trained on 2 CPU cores in minutes.
     "demo": {
         # Adapters before attention and before the MLP (as for SSv2, the motion-heavy dataset): direction
-        # of motion needs the frozen blocks' nonlinearity between adapter updates.
-        # A bottleneck twice the width is what tells a rotation or a growth from its reverse (translations are
-        # learnt at any width): top-1 after 16-24 epochs went from 81-86% at r = 64 to 94% at 128 and 96-99% at 256.
-        # The 64 px backbone sees the videos at full size, where a bar grows by about half a pixel per sampled
-        # frame (a quarter at 32 px): on a set where growing/shrinking stayed at 90.6% at 32 px it reached 97.9%.
+        # of motion needs the frozen blocks' nonlinearity between adapter updates. A bottleneck twice the
+        # width is what tells a rotation or a growth from its reverse; the 64 px backbone sees the videos at
+        # full size, where a growing bar changes by about half a pixel per sampled frame. (The runs behind
+        # these choices: docs/demo_tuning.md.)
         "backbone": DEMO_BACKBONE, "quick_gelu": True, "class_names": None, "ted_bottleneck": 256,
         "ted_layers": 3, "ted_pre_attn": True, "text_bottleneck": 32, "templates": ("a video of a shape {}.",),
         # Every 4th frame of the 32-frame videos: the clip spans the whole growth or turn, so the change between
-        # sampled frames is large (on the same model: 94.8% with 20-frame videos at stride 2, 100% like this).
+        # sampled frames is large.
         "train": {**_TRAIN_DEFAULTS, "epochs": 24, "batch_size": 16, "blr": 0.08, "warmup_epochs": 1,
                   "grad_clip": 1.0, "stride": 4, "workers": 2, "amp": "none", "flip": False, "eval_every": 4},
     },
@@ -128,7 +129,7 @@ def parse_overrides(items: Iterable[str]) -> Dict[str, Any]:
     result: Dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value")
+            raise UsageError(f"override {item!r} is not key=value")
         key, raw = item.split("=", 1)
         try:
             value = ast.literal_eval(raw)
@@ -152,10 +153,15 @@ def resolve_config(
     if config_file is not None:
         import yaml
 
-        with open(config_file, encoding="utf-8") as f:
-            loaded = yaml.safe_load(f) or {}
+        if not Path(config_file).is_file():
+            raise MissingFileError(f"config file {config_file} not found")
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise UsageError(f"{config_file} is not a readable YAML file: {' '.join(str(exc).split())}") from None
         if not isinstance(loaded, dict):
-            raise ValueError(f"{config_file}: expected a mapping of config keys, got {type(loaded).__name__}")
+            raise UsageError(f"{config_file}: expected a mapping of config keys, got {type(loaded).__name__}")
         file_preset = loaded.pop("preset", None)
         if preset is None:
             preset = file_preset  # a YAML file may name the preset it refines

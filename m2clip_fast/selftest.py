@@ -296,7 +296,8 @@ def check_dali(dali_device: str, quick: bool, perturb: bool) -> Check:
     documented, so there the mean difference must stay under one level: a wrong colour matrix, range or
     frame moves it by many."""
     from .data.dali import dali_available
-    from .data.decode import bilinear_bt601_rgb, decode_all_frames, decode_frames
+    from .data.decode import bilinear_bt601_rgb, decode_all_frames
+    from .data.frames import decode_frames
     from .data.synthetic import textured_frames, write_video
 
     name = f"DALI decode vs PyAV ({dali_device})"

@@ -33,6 +33,8 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
+from .adapters import check_kernel_params
+
 ABI_VERSION = 2  # must equal _C.ABI_VERSION (csrc/bindings.cpp): the kernels' signatures changed with it
 
 
@@ -163,14 +165,9 @@ def _check(x: torch.Tensor, residual: torch.Tensor, weights: Tuple[torch.Tensor,
     if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
         raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x "
                          f"{tuple(x.shape)} {x.dtype} on {x.device}")
-    down_e_w, conv_e_w, up_e_w, down_d_w, conv_d_w, up_d_w = weights
-    r, c = down_e_w.shape
-    expected = {"down_e_w": (r, c), "conv_e_w": (r, 1, 3), "up_e_w": (c, r), "down_d_w": (r, c),
-                "conv_d_w": (r, 1, 3, 3), "up_d_w": (c, r)}
-    for name, t in zip(expected, weights):
-        if tuple(t.shape) != expected[name]:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {expected[name]} "
-                             f"(C={c}, r={r}; the fused kernel covers kernel size 3 only)")
+    params = dict(zip(("down_e_w", "conv_e_w", "up_e_w", "down_d_w", "conv_d_w", "up_d_w"), weights))
+    c = params["down_e_w"].shape[-1]
+    check_kernel_params(params, c, "the fused kernel covers kernel size 3 only")
     if c != x.shape[2]:
         raise ValueError(f"down_e_w expects C={c}, tokens have C={x.shape[2]}")
 

@@ -16,6 +16,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .errors import MissingFileError, UsageError
+
 DEFAULT_TEMPLATES: Tuple[str, ...] = ("a video of a person {}.",)
 
 # Zero-shot prompt ensemble in the style of ActionCLIP / X-CLIP evaluation.
@@ -50,17 +52,17 @@ def humanize(name: str) -> str:
 
 def load_class_names(source: Union[str, Path, Sequence[str]]) -> List[str]:
     """Class names from a shipped list name ("kinetics400", "ssv2", "ucf101", "hmdb51"), a file with one
-    name per line (line i is label i; read by :func:`m2clip_fast.data.load_class_names`), or a sequence."""
-    from .data.datasets import DatasetError, load_class_names as read_class_file
+    name per line (line i is label i; read by :func:`m2clip_fast.data.read_class_names`), or a sequence."""
+    from .data.datasets import DatasetError, read_class_names
 
     if isinstance(source, (str, Path)) and str(source) in SHIPPED_CLASS_LISTS:
-        return read_class_file(resources.files("m2clip_fast.assets").joinpath(f"{source}.txt"))
+        return read_class_names(resources.files("m2clip_fast.assets").joinpath(f"{source}.txt"))
     if isinstance(source, (str, Path)):
         if not Path(source).is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"class-name file {source} not found (or use one of the shipped lists: {', '.join(SHIPPED_CLASS_LISTS)})"
             )
-        return read_class_file(source)
+        return read_class_names(source)
     names = [str(n).strip() for n in source]
     if not names or not all(names):
         raise DatasetError(f"class names must be non-empty strings, got {list(source)[:10]}")
@@ -78,7 +80,7 @@ def label_words(class_names: Sequence[str]) -> List[str]:
 
 def _split_template(template: str) -> Tuple[str, str]:
     if template.count("{}") != 1:
-        raise ValueError(f"a prompt template needs exactly one '{{}}' placeholder, got {template!r}")
+        raise UsageError(f"a prompt template needs exactly one '{{}}' placeholder, got {template!r}")
     prefix, suffix = template.split("{}")
     return prefix, suffix
 
@@ -124,7 +126,7 @@ class PromptTokenizer:
                 ids += piece
             ids += suffix_ids + [self.eot]
             if len(ids) > self.context_length:
-                raise ValueError(
+                raise UsageError(
                     f"prompt {template.format(humanize(name))!r} has {len(ids)} tokens, "
                     f"more than the context length {self.context_length}"
                 )

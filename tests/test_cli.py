@@ -5,7 +5,8 @@ import argparse
 import pytest
 import torch
 
-from m2clip_fast.cli import CheckpointError, load_checkpoint_file, run_main
+from m2clip_fast.checkpoint import CheckpointError, load_checkpoint_file
+from m2clip_fast.cli import run_main
 from m2clip_fast.data.datasets import DatasetError
 
 
@@ -56,3 +57,30 @@ def test_checkpoint_files(tmp_path):
             load_checkpoint_file(tmp_path / name)
     with pytest.raises(CheckpointError, match="not a file"):
         load_checkpoint_file(tmp_path)
+
+
+def test_only_our_user_errors_are_one_line(capsys, monkeypatch):
+    """A ValueError from inside torch (a shape bug) keeps its traceback; each of our user-facing error types
+    prints its one line (a ConfigError's unquoted, though it is a KeyError)."""
+    from m2clip_fast.data.errors import VideoDecodeError
+    from m2clip_fast.errors import MissingFileError, UsageError
+    from m2clip_fast.presets import ConfigError
+    from m2clip_fast.run_dir import RunDirError
+
+    monkeypatch.delenv("M2CLIP_DEBUG", raising=False)
+
+    def shape_bug():
+        torch.nn.functional.cross_entropy(torch.zeros(2, 3), torch.zeros(5, dtype=torch.long))
+
+    with pytest.raises(ValueError, match="batch_size"):
+        run_main(shape_bug, "prog")
+    for error in (CheckpointError("c.pt is empty"), ConfigError("unknown config key 'x'"),
+                  VideoDecodeError("v.mp4", "zero frames"), RunDirError("run holds a run"),
+                  MissingFileError("f.yaml not found"), UsageError("--views 0x1"),
+                  DatasetError("list.txt: 1 problem(s)")):
+        def fail():
+            raise error
+        assert run_main(fail, "prog") == 2, error
+        err = capsys.readouterr().err
+        assert err == f"prog: error: {error.args[0]}\n" \
+                      "(set M2CLIP_DEBUG=1 for the traceback)\n"

@@ -98,7 +98,7 @@ import torch.nn.functional as F  # noqa: E402
 from m2clip_fast import create_model  # noqa: E402
 from m2clip_fast.convert import convert_official_checkpoint, load_official_checkpoint  # noqa: E402
 from m2clip_fast.convert import main as convert_main  # noqa: E402
-from m2clip_fast.engine import load_model_checkpoint, model_checkpoint  # noqa: E402
+from m2clip_fast.checkpoint import build_checkpoint, load_model_checkpoint  # noqa: E402
 
 
 def linear(state, prefix, n_out, n_in, gen):
@@ -274,7 +274,7 @@ def test_checkpoint_without_official_keys_is_refused(tiny_official, tmp_path, ca
     assert err.startswith("python -m m2clip_fast.convert: error: no official M²-CLIP keys found in ")
     assert "unrelated.pth; is this an official checkpoint?" in err and "['foo', 'visual.proj']" in err
     assert not out.exists()
-    ours = model_checkpoint(tiny_model(), "none")  # our own format names its tuned keys differently
+    ours = build_checkpoint(tiny_model(), "none")  # our own format names its tuned keys differently
     with pytest.raises(ValueError, match="no official M²-CLIP keys found in the checkpoint.*m2clip-fast checkpoint "
                                          "already"):
         convert_official_checkpoint(ours, tiny_model())

@@ -17,7 +17,8 @@ import torch
 dali = pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed (pip install nvidia-dali-cuda120)")
 
 from m2clip_fast.data import DatasetError, VideoDecodeError, decode_all_frames, decode_frames  # noqa: E402
-from m2clip_fast.data.dali import DALIClipLoader, dali_available  # noqa: E402
+from m2clip_fast.data.dali import dali_available  # noqa: E402
+from m2clip_fast.data.dali_loader import DALIClipLoader  # noqa: E402
 from m2clip_fast.data.decode import bilinear_bt601_rgb as yuv_reference_rgb  # noqa: E402
 from m2clip_fast.data.synthetic import textured_frames, write_broken_video, write_video  # noqa: E402
 

@@ -6,7 +6,7 @@ import pytest
 from m2clip_fast.data import (
     DatasetError,
     check_samples,
-    load_class_names,
+    read_class_names,
     read_hmdb51,
     read_kinetics_csv,
     read_list_file,
@@ -29,16 +29,16 @@ def touch(path, data=b"x"):
 
 
 def test_load_class_names(tmp_path):
-    assert load_class_names(write(tmp_path / "c.txt", " abseiling \nair drumming\n\n\n")) == ["abseiling", "air drumming"]
+    assert read_class_names(write(tmp_path / "c.txt", " abseiling \nair drumming\n\n\n")) == ["abseiling", "air drumming"]
     with pytest.raises(DatasetError, match="line 2: empty class name"):
-        load_class_names(write(tmp_path / "gap.txt", "a\n\nb\n"))
+        read_class_names(write(tmp_path / "gap.txt", "a\n\nb\n"))
     with pytest.raises(DatasetError) as info:
-        load_class_names(write(tmp_path / "dup.txt", "a\nb\na\nb\n"))
+        read_class_names(write(tmp_path / "dup.txt", "a\nb\na\nb\n"))
     assert len(info.value.problems) == 2 and "duplicate class name 'a' (first on line 1)" in str(info.value)
     with pytest.raises(DatasetError, match="no class names"):
-        load_class_names(write(tmp_path / "empty.txt", "\n"))
+        read_class_names(write(tmp_path / "empty.txt", "\n"))
     with pytest.raises(DatasetError, match="not found"):
-        load_class_names(tmp_path / "missing.txt")
+        read_class_names(tmp_path / "missing.txt")
 
 
 def test_read_list_file_splits_on_last_whitespace(tmp_path):

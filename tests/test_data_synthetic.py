@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from m2clip_fast.data import decode_all_frames, load_class_names, num_frames, read_list_file
+from m2clip_fast.data import decode_all_frames, read_class_names, num_frames, read_list_file
 from m2clip_fast.data.synthetic import CLASSES, dataset_meta, main, make_dataset, read_meta, render_clip, write_video
 
 
@@ -68,7 +68,7 @@ def test_cli_writes_a_deterministic_decodable_dataset(tmp_path, capsys):
     assert "wrote 24 videos" in capsys.readouterr().out
     main(["--out", str(tmp_path / "b"), *args])
     main(["--out", str(tmp_path / "c"), "--seed", "1", *args])
-    assert load_class_names(tmp_path / "a" / "classes.txt") == list(CLASSES)
+    assert read_class_names(tmp_path / "a" / "classes.txt") == list(CLASSES)
     train = read_list_file(tmp_path / "a" / "train.txt")
     val = read_list_file(tmp_path / "a" / "val.txt")
     assert len(train) == 16 and len(val) == 8

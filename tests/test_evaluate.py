@@ -10,7 +10,7 @@ import torch
 
 from m2clip_fast.data import VideoClipDataset, read_list_file
 from m2clip_fast.data.synthetic import write_broken_video
-from m2clip_fast.engine import load_model_checkpoint
+from m2clip_fast.checkpoint import load_model_checkpoint
 from m2clip_fast.evaluate import main as evaluate_main
 from m2clip_fast.train import main as train_main
 from ucf_layout import CAMEL, ucf_videos, write_class_ind

@@ -162,6 +162,23 @@ def test_state_dict_round_trip():
     torch.testing.assert_close(c.predict(v)["fused"], a.predict(v)["fused"], rtol=0, atol=0)
 
 
+def test_the_kv_norm_alias_is_not_in_the_state_dict_and_old_state_dicts_load():
+    """ln_1_kv (an alias of ln_1 in the last vision block and the CMLM block) is never a state_dict key; a
+    state_dict written while the CMLM block registered it (its keys twice) loads strictly all the same."""
+    a = tiny().eval()
+    randomise_tunable(a, seed=3)
+    state = a.state_dict()
+    assert not [k for k in state if "ln_1_kv" in k]
+    assert a.cmlm_block.ln_1_kv is a.cmlm_block.ln_1
+    old = dict(state)
+    old.update({k.replace(".ln_1.", ".ln_1_kv."): v.clone() for k, v in state.items() if k.startswith("cmlm_block.ln_1.")})
+    assert len(old) == len(state) + 2
+    b = tiny().eval()
+    b.load_state_dict(old, strict=True)
+    v = video()
+    torch.testing.assert_close(b.predict(v)["fused"], a.predict(v)["fused"], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("bad,match", [
     (lambda: torch.randn(2, 3, 3, SIZE, SIZE), "3 frames but the model was built for num_frames=4"),
     (lambda: torch.zeros(2, FRAMES, 3, SIZE, SIZE, dtype=torch.uint8), "floating-point tensor, got dtype torch.uint8"),

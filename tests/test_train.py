@@ -178,7 +178,7 @@ def test_old_checkpoints_and_moved_backbone_files_resume(dataset, tmp_path, monk
     assert train_main(base_args(dataset, "run", "--max-steps", "2", "--pretrained", "w/backbone.pt", *common)) == 0
     last = Path("run/checkpoints/last.pt")
     state = torch.load(last, weights_only=False)
-    for key in ("run", "batches_done", "epoch_done", "pretrained_size"):
+    for key in ("format_version", "run", "batches_done", "epoch_done", "pretrained_size"):
         del state[key]
     state["pretrained"] = "w/backbone.pt"
     torch.save(state, last)
@@ -274,7 +274,7 @@ def test_wrong_data_root_is_named(dataset, tmp_path, capsys):
 def test_ucf101_split_files_train_with_0_based_labels(dataset, tmp_path, capsys):
     """An official trainlist01.txt (1-based labels, classInd.txt next to it) trains with the labels of its
     classes; testlist01.txt (no labels) validates with the labels of the class folders."""
-    from m2clip_fast.engine import read_annotations
+    from m2clip_fast.data.datasets import read_annotations
 
     split_dir, root = make_ucf_split(dataset, tmp_path)
     names = (dataset / "classes.txt").read_text().split()
@@ -329,7 +329,7 @@ def test_ddp_two_processes_equal_one_process(dataset, tmp_path, capsys):
         return result.stdout
 
     torchrun(two)
-    from m2clip_fast.engine import seed_everything
+    from m2clip_fast.runtime import seed_everything
 
     names = (dataset / "classes.txt").read_text().split()
     seed_everything(0)  # as train does for --seed 0 on rank 0, whose weights DDP broadcasts

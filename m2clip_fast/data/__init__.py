@@ -1,30 +1,23 @@
 """Data layer: annotation readers, frame samplers, sparse video decoding, clip transforms and the
 DataLoader for Kinetics-400, Something-Something-V2, UCF101 and HMDB51.
 
-DALI support lives in :mod:`m2clip_fast.data.dali` and is imported only when asked for, so the
-package works without it.
+DALI support (:mod:`.dali`, :mod:`.dali_loader`) imports NVIDIA DALI only when used, so the package
+works without it.
 """
 from .datasets import (
     DatasetError,
     Sample,
     check_samples,
-    load_class_names,
+    read_class_names,
     read_hmdb51,
     read_kinetics_csv,
     read_list_file,
     read_ssv2_json,
     read_ucf101,
 )
-from .decode import (
-    DecodeStats,
-    VideoDecodeError,
-    VideoIndex,
-    clear_index_cache,
-    decode_all_frames,
-    decode_frames,
-    get_index,
-    num_frames,
-)
+from .decode import DecodeStats, VideoIndex, clear_index_cache, decode_all_frames, get_index, num_frames
+from .errors import VideoDecodeError
+from .frames import decode_frames
 from .loader import ClipLoader, VideoClipDataset, build_loader, collate
 from .sampling import dense_indices, sample_indices, uniform_indices
 from .transforms import CLIP_MEAN, CLIP_STD, test_transform, train_transform
@@ -33,7 +26,7 @@ __all__ = [
     "DatasetError",
     "Sample",
     "check_samples",
-    "load_class_names",
+    "read_class_names",
     "read_hmdb51",
     "read_kinetics_csv",
     "read_list_file",

@@ -16,10 +16,12 @@ import re
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+from ..errors import UsageError, UserError
+
 __all__ = [
     "Sample",
     "DatasetError",
-    "load_class_names",
+    "read_class_names",
     "read_list_file",
     "read_kinetics_csv",
     "read_ssv2_json",
@@ -28,6 +30,10 @@ __all__ = [
     "official_split",
     "read_split_file",
     "check_samples",
+    "annotation_root",
+    "read_annotations",
+    "read_split",
+    "load_samples",
 ]
 
 Sample = Tuple[str, int]
@@ -35,7 +41,7 @@ PathLike = Union[str, os.PathLike]
 _SHOWN = 20
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """Bad annotations or data. ``problems`` holds one string per problem found."""
 
     def __init__(self, message: str, problems: Sequence[str] = ()):
@@ -72,7 +78,7 @@ def _read_lines(path: PathLike, what: str) -> List[str]:
     return _read_text(path, what).splitlines()
 
 
-def load_class_names(path: PathLike) -> List[str]:
+def read_class_names(path: PathLike) -> List[str]:
     """Class names, one per line; line ``i`` (from 0) is label ``i``.
 
     Surrounding whitespace is stripped and trailing blank lines are ignored. A blank line between
@@ -127,7 +133,7 @@ def _label_map(names: Union[PathLike, Sequence[str], Mapping[str, int]]) -> Dict
     if isinstance(names, Mapping):
         return {str(k): int(v) for k, v in names.items()}
     if isinstance(names, (str, os.PathLike)):
-        names = load_class_names(names)
+        names = read_class_names(names)
     names = list(names)
     if len(set(names)) != len(names):
         raise DatasetError("duplicate class names in the class list")
@@ -168,7 +174,7 @@ def read_kinetics_csv(
     labels = _label_map(class_names) if class_names is not None else {
         name: i for i, name in enumerate(sorted({r["label"] for _, r in rows}))}
     if layout not in ("auto", "per_label", "flat"):
-        raise ValueError(f"layout must be 'auto', 'per_label' or 'flat', got {layout!r}")
+        raise UsageError(f"layout must be 'auto', 'per_label' or 'flat', got {layout!r}")
     folders = {name: _kinetics_folder(root, name) for name in {r["label"] for _, r in rows}}
     if layout == "auto":
         layout = "per_label" if any(folders.values()) else "flat"
@@ -300,7 +306,7 @@ def read_ucf101(split_dir: PathLike, data_root: PathLike, *, split: int = 1, tra
     official lists spell some classes differently from classInd).
     """
     if split not in (1, 2, 3):
-        raise ValueError(f"UCF101 split must be 1, 2 or 3, got {split}")
+        raise UsageError(f"UCF101 split must be 1, 2 or 3, got {split}")
     split_dir = Path(split_dir)
     classes = _ucf_classes(split_dir)
     folded = {name.lower(): idx for name, idx in classes.items()}
@@ -350,7 +356,7 @@ def read_hmdb51(
     the split files.
     """
     if split not in (1, 2, 3):
-        raise ValueError(f"HMDB51 split must be 1, 2 or 3, got {split}")
+        raise UsageError(f"HMDB51 split must be 1, 2 or 3, got {split}")
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
         raise DatasetError(f"HMDB51 split directory not found: {split_dir}")
@@ -427,7 +433,7 @@ def read_split_file(
     """
     found = official_split(path)
     if found is None:
-        raise ValueError(f"{os.fspath(path)} is not named like a UCF101 or HMDB51 official split file")
+        raise DatasetError(f"{os.fspath(path)} is not named like a UCF101 or HMDB51 official split file")
     dataset, split = found
     split_dir = Path(path).parent
     if dataset == "ucf101" and not (split_dir / "classInd.txt").is_file():
@@ -494,3 +500,45 @@ def check_samples(
     problems = bad_labels + ([] if skip_missing and kept else [f"{m['path']}: {m['reason']}" for m in missing])
     _raise_if(problems, what, notes)
     return kept, missing
+
+
+# ------------------------------------------------------------------------------- routing by file name
+
+
+def annotation_root(path: PathLike, data_root: Optional[PathLike]) -> str:
+    """Where an annotation file's video paths are joined: ``--data-root``, else the file's own folder."""
+    return os.fspath(data_root) if data_root is not None else str(Path(path).parent)
+
+
+def read_annotations(path: PathLike, data_root: Optional[PathLike], class_names: Sequence[str],
+                     train: bool = True) -> List[Sample]:
+    """Samples of an annotation file, by its name: a UCF101/HMDB51 official split file (see
+    :func:`official_split`; HMDB51 takes the videos marked 1 when ``train``, else 2), .csv Kinetics, .json
+    SSv2, anything else a list file (labels from 0)."""
+    suffix = Path(path).suffix.lower()
+    root = annotation_root(path, data_root)
+    if official_split(path) is not None:
+        return read_split_file(path, root, train=train, class_names=class_names)
+    if suffix == ".csv":
+        return read_kinetics_csv(path, root, class_names)
+    if suffix == ".json":
+        return read_ssv2_json(path, root, {n: i for i, n in enumerate(class_names)})
+    return read_list_file(path, root)
+
+
+def read_split(dataset: str, split_dir: PathLike, data_root: PathLike, split: int, train: bool,
+               class_names: Optional[Sequence[str]] = None) -> List[Sample]:
+    """Split ``split`` of the UCF101 / HMDB51 official split files in ``split_dir``."""
+    if dataset == "ucf101":
+        return read_ucf101(split_dir, data_root, split=split, train=train)
+    if dataset == "hmdb51":
+        return read_hmdb51(split_dir, data_root, split=split, train=train, class_names=class_names)
+    raise UsageError(f"split files are read for ucf101 or hmdb51, not {dataset!r}")
+
+
+def load_samples(path: PathLike, data_root: Optional[PathLike], class_names: Sequence[str], *, train: bool,
+                 skip_missing: bool, what: str) -> Tuple[List[Sample], List[Dict[str, str]]]:
+    """Read and check an annotation file: ``(kept samples, dropped missing files)``."""
+    samples = read_annotations(path, data_root, class_names, train=train)
+    return check_samples(samples, len(class_names), skip_missing=skip_missing, what=f"{what} {path}",
+                         root=annotation_root(path, data_root))

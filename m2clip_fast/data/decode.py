@@ -26,6 +26,8 @@ import av.video.reformatter
 import numpy as np
 import torch
 
+from .errors import VideoDecodeError, check_frame_indices as _check_indices, short_text
+
 __all__ = [
     "VideoDecodeError",
     "VideoIndex",
@@ -44,18 +46,6 @@ INDEX_CACHE_SIZE = 2048
 # Beyond this many presentation positions past a wanted frame, a frame that has not come out of
 # the decoder never will: H.264/HEVC reorder at most 16 frames.
 _REORDER_SLACK = 32
-
-
-class VideoDecodeError(RuntimeError):
-    """A video could not be decoded. ``path`` names the file, ``reason`` says why in a few words."""
-
-    def __init__(self, path: PathLike, reason: str):
-        self.path = os.fspath(path)
-        self.reason = str(reason)
-        super().__init__(f"cannot decode {self.path}: {self.reason}")
-
-    def __reduce__(self):  # keep (path, reason) when a DataLoader worker pickles the error
-        return (type(self), (self.path, self.reason))
 
 
 @dataclass
@@ -126,8 +116,7 @@ class VideoIndex:
 
 
 def _reason(exc: BaseException) -> str:
-    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-    return " ".join(str(text).split())[:160]
+    return short_text(getattr(exc, "strerror", None) or str(exc) or type(exc).__name__)
 
 
 def _open(path: str) -> "av.container.InputContainer":
@@ -378,14 +367,6 @@ def _to_rgb(frame) -> np.ndarray:
     return _REFORMATTERS.reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray()
 
 
-def _check_indices(indices, n: int, path: str) -> np.ndarray:
-    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-    if idx.size and (idx.min() < 0 or idx.max() >= n):
-        bad = idx[(idx < 0) | (idx >= n)]
-        raise VideoDecodeError(path, f"frame index {int(bad[0])} out of range for {n} frames")
-    return idx
-
-
 def _stack(path: str, frames: Dict[int, np.ndarray], idx: np.ndarray, height: int, width: int) -> torch.Tensor:
     if idx.size == 0:
         return torch.empty((0, height, width, 3), dtype=torch.uint8)
@@ -568,33 +549,22 @@ class _SparseDecoder:
 def decode_frames(
     path: PathLike,
     indices: Sequence[int],
-    backend: str = "pyav",
     *,
     threads: Optional[int] = None,
     stats: Optional[DecodeStats] = None,
-    **backend_kwargs,
 ) -> torch.Tensor:
     """Decode the frames at ``indices`` (presentation order) of ``path``'s first video stream.
 
     Returns uint8 (len(indices), H, W, 3) RGB, in the order requested; indices may repeat and be
-    unsorted. The pixels equal ``decode_all_frames(path)[indices]``. ``backend="pyav"`` decodes
-    sparsely on the CPU; ``backend="dali"`` uses NVIDIA DALI (see :mod:`m2clip_fast.data.dali`;
-    ``backend_kwargs`` go to it). ``threads``: codec threads for PyAV (None: automatic).
+    unsorted. The pixels equal ``decode_all_frames(path)[indices]``, decoded sparsely on the CPU
+    (:func:`m2clip_fast.data.frames.decode_frames` picks this or another backend). ``threads``: codec
+    threads (None: automatic).
     ``stats``: a :class:`DecodeStats` to accumulate counters into.
 
     Raises :class:`VideoDecodeError` (missing, unreadable, corrupt, truncated, zero-frame file or
     an index out of range).
     """
     path = os.fspath(path)
-    if backend == "dali":
-        from .dali import decode_frames_dali
-
-        return decode_frames_dali(path, indices, **backend_kwargs)
-    if backend != "pyav":
-        raise ValueError(f"unknown decode backend {backend!r}; expected 'pyav' or 'dali'")
-    if backend_kwargs:
-        raise TypeError(f"unexpected arguments for the pyav backend: {sorted(backend_kwargs)}")
-
     with _as_decode_error(path):
         container = _open(path)
         with container:

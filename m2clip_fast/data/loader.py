@@ -1,41 +1,35 @@
 """The training/evaluation dataset and DataLoader: video files -> normalised clip tensors.
 
 :class:`VideoClipDataset` samples frame indices, decodes only those frames and transforms them.
-A bad video (missing, unreadable, corrupt, truncated, zero frames, or any other exception its
-decoding or transforming raises) never stops a run: it is
-replaced by another sample chosen deterministically, and reported in the item's ``skipped`` list
-so the training loop can count it and log it (e.g. to ``skipped.jsonl``).
+A bad video (missing, unreadable, corrupt, truncated, zero frames, or too large to hold) never stops
+a run: it is replaced by another sample chosen deterministically (:mod:`.robust`), and reported in the
+item's ``skipped`` list so the training loop can count it and log it (e.g. to ``skipped.jsonl``).
 
 All randomness of item ``i`` comes from a generator seeded with ``(seed, epoch, i)``, so results
 do not depend on the number of workers or on the order in which workers fetch items.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import itertools
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
+from ..errors import UsageError
+from .dali import dali_available, require_dali
+from .dali_loader import DALIClipLoader
 from .datasets import DatasetError, Sample
-from .decode import VideoDecodeError, decode_frames, num_frames as video_num_frames
+from .decode import num_frames as video_num_frames
+from .frames import BACKENDS, decode_frames
+from .robust import REPLACEMENT_STEP, SAMPLE_ERRORS, replacement_index, skip_reason
 from .sampling import SAMPLINGS, sample_indices
 from .transforms import train_transform, views_from_clips
 
-__all__ = ["VideoClipDataset", "collate", "build_loader", "ClipLoader", "REPLACEMENT_STEP"]
-
-# Replacements for item i are tried at (i + k * REPLACEMENT_STEP) % n, k = 1, 2, ...: a prime
-# step scatters them over the dataset (a run of bad files in one folder does not make every
-# neighbour fail the same way) and visits every sample when n is not a multiple of it.
-REPLACEMENT_STEP = 7919
-
-
-def replacement_index(i: int, k: int, n: int) -> int:
-    """The sample tried at attempt ``k`` (0: ``i`` itself) for item ``i`` of ``n`` samples."""
-    step = REPLACEMENT_STEP if n % REPLACEMENT_STEP else REPLACEMENT_STEP + 2  # 7921 = 89^2
-    return (i + k * step) % n
-
+__all__ = ["VideoClipDataset", "collate", "build_loader", "ClipLoader", "REPLACEMENT_STEP", "build_clip_loader",
+           "batches_from", "parse_views", "resolve_decoder"]
 
 class VideoClipDataset(Dataset):
     """Clips of ``num_frames`` frames from ``samples`` (a list of ``(path, label)``).
@@ -50,7 +44,7 @@ class VideoClipDataset(Dataset):
     ``sampling``: ``"dense"`` (``num_frames`` frames ``stride`` apart) or ``"uniform"`` (TSN
     segments). ``scale_range``: training short-side jitter relative to ``size``. ``flip``:
     random horizontal flips in training (turn off for Something-Something). ``decoder``:
-    ``"pyav"`` or ``"dali"``. ``max_attempts``: how many samples to try before giving up.
+    a :data:`~m2clip_fast.data.frames.BACKENDS` name. ``max_attempts``: how many samples to try before giving up.
     """
 
     def __init__(
@@ -73,15 +67,15 @@ class VideoClipDataset(Dataset):
         if not samples:
             raise DatasetError("VideoClipDataset needs at least one sample")
         if sampling not in SAMPLINGS:
-            raise ValueError(f"unknown sampling {sampling!r}; expected one of {SAMPLINGS}")
+            raise UsageError(f"unknown sampling {sampling!r}; expected one of {SAMPLINGS}")
         if train and (num_clips != 1 or num_crops != 1):
             raise ValueError("training uses one clip and one crop per video")
         if num_crops not in (1, 3, 4):
             raise ValueError(f"num_crops must be 1, 3 or 4, got {num_crops}")
-        if decoder not in ("pyav", "dali"):
-            raise ValueError(f"decoder must be 'pyav' or 'dali', got {decoder!r}")
+        if decoder not in BACKENDS:
+            raise UsageError(f"decoder must be one of {BACKENDS}, got {decoder!r}")
         if max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+            raise UsageError(f"max_attempts must be >= 1, got {max_attempts}")
         self.samples = [(str(p), int(label)) for p, label in samples]
         self.num_frames, self.sampling, self.stride = num_frames, sampling, stride
         self.train, self.size = train, size
@@ -133,23 +127,12 @@ class VideoClipDataset(Dataset):
             rng = np.random.default_rng([self.seed, epoch, i, k])
             try:
                 video = self._clip(path, rng)
-            except ImportError:  # a missing decoder backend (DALI) is a set-up error, not a bad file
-                raise
-            except Exception as exc:  # noqa: BLE001 - whatever an odd file triggers, never stop the run
+            except SAMPLE_ERRORS as exc:  # the file's fault (see robust): replaced, never a stopped run
                 skipped.append({"path": path, "reason": skip_reason(exc), "index": j})
                 continue
             return {"video": video, "label": label, "index": j, "skipped": skipped}
         reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped)
         raise DatasetError(f"item {i}: all {len(skipped)} attempted videos failed to decode ({reasons})")
-
-
-def skip_reason(exc: BaseException) -> str:
-    """A skipped video's reason in a few words: the VideoDecodeError's own, else the exception's
-    type and message (an unexpected error stays recognisable in ``skipped.jsonl``)."""
-    if isinstance(exc, VideoDecodeError):
-        return exc.reason
-    text = " ".join(str(exc).split())[:160]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def collate(batch: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
@@ -223,3 +206,82 @@ def build_loader(
     )
     loader._shuffle_seed = seed
     return loader
+
+
+# ----------------------------------------------------------------------------------- the loader factory
+
+
+def parse_views(views: str) -> Tuple[int, int]:
+    """'4x3' → (4 temporal clips, 3 spatial crops)."""
+    try:
+        clips, crops = (int(v) for v in views.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"--views must look like CLIPSxCROPS, e.g. 4x3, got {views!r}") from None
+    if clips < 1 or crops not in (1, 3, 4):
+        raise UsageError(f"--views {views}: need >= 1 clip and 1, 3 or 4 crops")
+    return clips, crops
+
+
+def resolve_decoder(choice: str, device: torch.device) -> str:
+    """The decoder a loader uses: ``choice`` ("pyav", "dali": checked to be importable now, not after the
+    model is built), or for "auto" DALI on CUDA when it is installed, else PyAV."""
+    if choice == "dali":
+        require_dali()
+    if choice != "auto":
+        return choice
+    return "dali" if device.type == "cuda" and dali_available() else "pyav"
+
+
+def build_clip_loader(samples, *, train: bool, decoder: str, device: torch.device, batch_size: int, workers: int,
+                      num_frames: int, size: int, sampling: str, stride: int, seed: int, flip: bool = True,
+                      views: str = "1x1"):
+    """Batches of clips ({"video", "label", "index", "skipped"}) from ``samples``, with ``set_epoch``.
+
+    decoder "pyav": VideoClipDataset in ``workers`` DataLoader workers. decoder "dali": a DALIClipLoader,
+    one DALI pipeline (``workers`` threads) that decodes, resizes, crops and normalises whole batches, on
+    the GPU when ``device`` is CUDA. Either way sharded over torch.distributed ranks, training batches
+    shuffled and full, evaluation batches ``views`` (CLIPSxCROPS) per video.
+    """
+    clips, crops = (1, 1) if train else parse_views(views)
+    if decoder == "dali":
+        distributed = dist.is_available() and dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        return DALIClipLoader(samples, batch_size=batch_size, num_frames=num_frames, size=size, train=train,
+                              sampling=sampling, stride=stride, flip=flip, drop_last=train, seed=seed,
+                              device="mixed" if device.type == "cuda" else "cpu", num_threads=max(1, workers),
+                              shard_id=rank, num_shards=world, num_clips=clips, num_crops=crops)
+    dataset = VideoClipDataset(samples, num_frames=num_frames, sampling=sampling, stride=stride, size=size,
+                               train=train, flip=flip, num_clips=clips, num_crops=crops, decoder=decoder, seed=seed)
+    return build_loader(dataset, batch_size, workers, shuffle=train, drop_last=train, seed=seed)
+
+
+def batches_from(loader, start: int) -> Iterable:
+    """The loader's batches for the current epoch (``set_epoch`` first) from batch ``start`` on: exactly the
+    batches an uninterrupted pass yields there, for continuing an interrupted epoch.
+
+    A torch DataLoader replays its batch sampler (the same seeded order) and loads only the batches kept;
+    another loader (DALI) decodes the first ``start`` batches and drops them.
+    """
+    if start == 0:
+        return loader
+    if not isinstance(loader, DataLoader):
+        return itertools.islice(iter(loader), start, None)
+    extra = {"persistent_workers": False, "prefetch_factor": loader.prefetch_factor} if loader.num_workers else {}
+    # the loader's own generator seeds the workers, so the global RNG (dropout, masking) is left as it was
+    return DataLoader(
+        loader.dataset, batch_sampler=_SkipBatches(loader.batch_sampler, start), num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, generator=loader.generator,
+        worker_init_fn=loader.worker_init_fn, **extra)
+
+
+class _SkipBatches:
+    """A batch sampler without its first ``start`` batches (their indices are drawn, not loaded)."""
+
+    def __init__(self, batch_sampler, start: int):
+        self.batch_sampler, self.start = batch_sampler, start
+
+    def __iter__(self) -> Iterator[List[int]]:
+        return itertools.islice(iter(self.batch_sampler), self.start, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.batch_sampler) - self.start)

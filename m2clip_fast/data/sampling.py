@@ -10,6 +10,8 @@ from typing import Optional
 
 import numpy as np
 
+from ..errors import UsageError
+
 __all__ = ["dense_indices", "uniform_indices", "sample_indices", "SAMPLINGS"]
 
 SAMPLINGS = ("dense", "uniform")
@@ -57,7 +59,7 @@ def dense_indices(
     """
     _check(video_frames, num_frames, num_clips, train, rng)
     if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
+        raise UsageError(f"stride must be >= 1, got {stride}")
     span = (num_frames - 1) * stride + 1
     slack = max(video_frames - span, 0)  # the last start that fits
     if train:
@@ -112,4 +114,4 @@ def sample_indices(
         return dense_indices(video_frames, num_frames, stride, train=train, num_clips=num_clips, rng=rng)
     if sampling == "uniform":
         return uniform_indices(video_frames, num_frames, train=train, num_clips=num_clips, rng=rng)
-    raise ValueError(f"unknown sampling {sampling!r}; expected one of {SAMPLINGS}")
+    raise UsageError(f"unknown sampling {sampling!r}; expected one of {SAMPLINGS}")

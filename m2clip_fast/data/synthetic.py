@@ -33,6 +33,8 @@ from typing import Any, Dict, Optional, Sequence, Union
 import av
 import numpy as np
 
+from ..errors import UsageError
+
 __all__ = [
     "CLASSES",
     "CODECS",
@@ -94,7 +96,7 @@ def _encoder_options(codec: str, gop: int, bframes: int, quality: Optional[int])
         }
     if codec == "mpeg4":
         return {"bf": str(bframes)}
-    raise ValueError(f"unknown codec {codec!r}; expected one of {sorted(CODECS)}")
+    raise UsageError(f"unknown codec {codec!r}; expected one of {sorted(CODECS)}")
 
 
 def _rgb_to_yuv420p(image: np.ndarray) -> np.ndarray:
@@ -137,7 +139,7 @@ def write_video(
     differ by a few levels even though the rendered frames are identical. Returns the path.
     """
     if codec not in CODECS:
-        raise ValueError(f"unknown codec {codec!r}; expected one of {sorted(CODECS)}")
+        raise UsageError(f"unknown codec {codec!r}; expected one of {sorted(CODECS)}")
     frames = np.asarray(frames_uint8)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
@@ -339,9 +341,9 @@ def _check_parameters(codec: str, per_class: int, val_per_class: int, frames: in
     for name, value, low in (("per_class", per_class, 1), ("val_per_class", val_per_class, 0), ("frames", frames, 1),
                              ("size", size, 2), ("gop", gop, 1), ("fps", fps, 1)):
         if value < low:
-            raise ValueError(f"{name} must be >= {low}, got {value}")
+            raise UsageError(f"{name} must be >= {low}, got {value}")
     if size % 2:
-        raise ValueError(f"size must be even (yuv420p), got {size}")
+        raise UsageError(f"size must be even (yuv420p), got {size}")
 
 
 def _remove_earlier_set(out: Path) -> None:

@@ -18,6 +18,7 @@ __all__ = [
     "CLIP_STD",
     "resize_short_side",
     "normalize",
+    "CROP_FRACTIONS",
     "crop_offsets",
     "train_transform",
     "test_transform",
@@ -67,22 +68,24 @@ def normalize(clip: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(_SHIFT, clip.float(), _SCALE).contiguous()
 
 
+# Test-crop positions along the long side as fractions of its slack (long − size), the official M²-CLIP
+# offsets; crop_offsets rounds them down to whole pixels, the DALI loader hands them to DALI as they are.
+# (Quarters and halves: exact in binary floating point, so the rounding is that of the official m // 4.)
+CROP_FRACTIONS = {1: (0.5,), 3: (0.0, 0.5, 1.0), 4: (0.0, 0.25, 0.5, 1.0)}
+
+
 def crop_offsets(long: int, size: int, num_crops: int) -> List[int]:
     """Start offsets of the test crops along the long side (length ``long``).
 
     With ``m = long - size``: 1 crop -> ``[m // 2]``; 3 crops -> ``[0, m // 2, m]``; 4 crops ->
-    ``[0, m // 4, m // 2, m]`` (the official M²-CLIP offsets).
+    ``[0, m // 4, m // 2, m]`` (:data:`CROP_FRACTIONS` of ``m``).
     """
     m = long - size
     if m < 0:
         raise ValueError(f"crop size {size} is larger than the side {long}")
-    if num_crops == 1:
-        return [m // 2]
-    if num_crops == 3:
-        return [0, m // 2, m]
-    if num_crops == 4:
-        return [0, m // 4, m // 2, m]
-    raise ValueError(f"num_crops must be 1, 3 or 4, got {num_crops}")
+    if num_crops not in CROP_FRACTIONS:
+        raise ValueError(f"num_crops must be 1, 3 or 4, got {num_crops}")
+    return [int(m * f) for f in CROP_FRACTIONS[num_crops]]
 
 
 def train_transform(
