@@ -19,6 +19,7 @@ dali = pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed (pip
 from m2clip_fast.data import DatasetError, VideoDecodeError, decode_all_frames, decode_frames  # noqa: E402
 from m2clip_fast.data.dali import dali_available  # noqa: E402
 from m2clip_fast.data.dali_loader import DALIClipLoader  # noqa: E402
+from m2clip_fast.data.decode import bilinear_bt601_rgb as yuv_reference_rgb  # noqa: E402
 from m2clip_fast.data.synthetic import textured_frames, write_broken_video, write_video  # noqa: E402
 
 
@@ -40,24 +41,6 @@ def vp9(tmp_path_factory):
     paths = [write_video(root / f"v{i}.webm", textured_frames(30, 48, 64, seed=i), codec="vp9", gop=7)
              for i in range(4)]
     return root, paths
-
-
-def yuv_reference_rgb(path):
-    """float64 (N, H, W, 3): PyAV's YUV frames in pts order, converted BT.601 + bilinear chroma."""
-    with av.open(str(path)) as container:
-        frames = sorted(container.decode(video=0), key=lambda f: f.pts)
-    out = []
-    for f in frames:
-        h, w = f.height, f.width
-        planes = f.to_ndarray(format="yuv420p").astype(np.float64)
-        y = planes[:h]
-        uv = torch.from_numpy(np.stack([planes[h:h + h // 4].reshape(h // 2, w // 2),
-                                        planes[h + h // 4:].reshape(h // 2, w // 2)]))
-        u, v = torch.nn.functional.interpolate(uv[None], size=(h, w), mode="bilinear", align_corners=False)[0].numpy()
-        y, u, v = (y - 16) * 255 / 219, (u - 128) * 255 / 224, (v - 128) * 255 / 224
-        rgb = np.stack([y + 1.402 * v, y - 0.344136 * u - 0.714136 * v, y + 1.772 * u], -1)
-        out.append(np.clip(np.round(rgb), 0, 255))
-    return np.stack(out)
 
 
 def test_dali_frames_match_pyav(vp9):
