@@ -145,14 +145,30 @@ class Start:
     ckpt_path: Optional[Path] = None
     epoch: int = 0
     skip_batches: int = 0
+    lock: Any = None  # run_dir.lock_output_dir's file, on the main process
 
 
 def start(args: argparse.Namespace) -> Start:
-    """Resolve the config, join the process group, check OUTPUT and seed; with --resume, read the checkpoint
-    and check that it continues this run."""
+    """Resolve and check the config, join the process group, lock and check OUTPUT, seed; with --resume, read
+    the checkpoint and check that it continues this run. The lock is released when this raises."""
     cfg = build_config(args)
     info, device = runtime.init_distributed(args.device)
     out = Path(args.output_dir)
+    lock = run_dir.lock_output_dir(out) if info.is_main else None
+    try:
+        if info.is_main:  # left by a killed run: its --overwrite half done, its checkpoint write torn
+            run_dir.recover_asides(out)
+            run_dir.clean_temp_files(out)
+        st = _start_checks(args, cfg, info, device, out)
+    except BaseException:
+        run_dir.unlock_output_dir(lock)
+        raise
+    st.lock = lock
+    return st
+
+
+def _start_checks(args, cfg, info: runtime.DistInfo, device: torch.device, out: Path) -> Start:
+    """The checks of :func:`start` made with OUTPUT locked; the resolved Start."""
     run_dir.check_output_dir(out, bool(args.resume), args.overwrite)
     runtime.seed_everything(args.seed + info.rank)
     if cfg.class_names is None:
@@ -223,6 +239,7 @@ class Trainer:
         self.run_info = {"preset": args.preset, "config_file": args.config, "settings": st.settings,
                          "batches_per_epoch": self.batches_per_epoch}
         self.logger: Optional[run_dir.Logger] = None
+        self.aside: Optional[Path] = None  # the earlier run --overwrite replaces, until the first checkpoint
 
     def _loaders(self, train_samples, val_samples):
         tcfg, per_process = self.tcfg, self.tcfg["batch_size"]
@@ -268,10 +285,13 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
             if st.ckpt is not None:
                 run_dir.truncate_logs(out, self.step)
+            elif st.args.overwrite:  # kept until this run's first checkpoint exists (see save, undo_overwrite)
+                self.aside = run_dir.set_aside(out)
+                if self.aside is not None:
+                    print(f"--overwrite: the earlier run is set aside in {self.aside}; it is deleted once this "
+                          f"run's first checkpoint is written")
             else:
-                removed = run_dir.clear_run(out)  # a fresh run: nothing of an earlier one is kept
-                if removed and st.args.overwrite:
-                    print(f"--overwrite: deleted the earlier run's {len(removed)} file(s) in {out}")
+                run_dir.clear_run(out)  # logs of an earlier start that wrote no checkpoint
             if self.dropped:
                 print(f"--skip-missing: dropped {len(self.dropped)} missing file(s)")
                 for d in self.dropped:
@@ -384,7 +404,21 @@ class Trainer:
             atomic_save(ckpt, run_dir.checkpoint_path(self.out, "last"))
             if self.val_loader is not None and score > self.best:
                 atomic_save(ckpt, run_dir.checkpoint_path(self.out, "best"))
+            run_dir.drop_aside(self.aside)
+            self.aside = None
         self.best = max(self.best, score)
+
+    def undo_overwrite(self) -> None:
+        """The run failed before its first checkpoint: the earlier run --overwrite set aside comes back."""
+        if self.aside is None:
+            return
+        if self.logger is not None:
+            self.logger.close()
+            self.logger = None
+        run_dir.restore_aside(self.out, self.aside)
+        print(f"--overwrite: this run stopped before its first checkpoint; the earlier run in {self.out} is "
+              f"restored", file=sys.stderr)
+        self.aside = None
 
     def close(self) -> None:
         if self.logger is not None:
@@ -401,6 +435,13 @@ def train(args: argparse.Namespace, progress: Optional[Dict[str, Any]] = None) -
     progress = {} if progress is None else progress
     progress.update(resume=args.resume, overwrite=args.overwrite)
     st = start(args)
+    try:
+        return _train(st, progress)
+    finally:
+        run_dir.unlock_output_dir(st.lock)
+
+
+def _train(st: Start, progress: Dict[str, Any]) -> Dict[str, Any]:
     epochs = st.cfg.train["epochs"]
     if st.ckpt is not None:
         where = position_text(st.epoch, st.skip_batches, st.ckpt["run"]["batches_per_epoch"], epochs)
@@ -410,7 +451,19 @@ def train(args: argparse.Namespace, progress: Optional[Dict[str, Any]] = None) -
     trainer = Trainer(st)
     if st.ckpt is not None:
         trainer.restore(st.ckpt)
-    trainer.prepare_output()
+    try:
+        trainer.prepare_output()
+        _epochs(trainer, st, progress)
+    except BaseException:
+        if st.info.is_main:
+            trainer.undo_overwrite()
+        raise
+    trainer.close()
+    return trainer.last_metrics
+
+
+def _epochs(trainer: Trainer, st: Start, progress: Dict[str, Any]) -> None:
+    epochs = st.cfg.train["epochs"]
     for epoch in range(st.epoch, epochs):
         batches_done, stop = trainer.train_epoch(epoch, st.skip_batches if epoch == st.epoch else 0)
         last = epoch == epochs - 1 or stop
@@ -422,8 +475,6 @@ def train(args: argparse.Namespace, progress: Optional[Dict[str, Any]] = None) -
                         where=trainer.position(epoch + epoch_done, 0 if epoch_done else batches_done))
         if stop:
             break
-    trainer.close()
-    return trainer.last_metrics
 
 
 def main(argv=None) -> int:

@@ -9,6 +9,8 @@ import socket
 import stat
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -127,7 +129,8 @@ def test_resume_continues_exactly(dataset, tmp_path, capsys):
 
 
 def test_overwrite_starts_afresh(dataset, tmp_path, capsys):
-    """--overwrite deletes the earlier run's checkpoints and logs; the progress bar goes to stderr."""
+    """--overwrite replaces the earlier run's checkpoints and logs (set aside, deleted after the first checkpoint);
+    the progress bar goes to stderr."""
     run = tmp_path / "run"
     common = ["--epochs", "1", "--max-steps", "1", "--val-list", str(dataset / "val.txt"), *SMALL]
     assert train_main(base_args(dataset, run, *common)) == 0
@@ -138,7 +141,8 @@ def test_overwrite_starts_afresh(dataset, tmp_path, capsys):
     capsys.readouterr()
     assert train_main(args) == 0
     captured = capsys.readouterr()
-    assert "--overwrite: deleted the earlier run's" in captured.out
+    assert "--overwrite: the earlier run is set aside in" in captured.out
+    assert not list(run.glob(".previous-run-*"))
     assert "epoch 1/1" in captured.err and "epoch 1/1" not in captured.out
     assert list(losses(run)) == [1]
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
@@ -163,6 +167,130 @@ def test_a_failed_start_leaves_the_earlier_run(dataset, tmp_path, capsys):
     assert train_main(base_args(dataset, run, "--resume", str(model_only), *common)) == 2
     err = capsys.readouterr().err
     assert f"{model_only} is not a checkpoint of m2clip_fast.train (it lacks optimizer, scaler" in err
+
+
+def run_files(run):
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def test_overwrite_keeps_the_earlier_run_until_the_first_checkpoint(dataset, tmp_path, capsys):
+    """A config error fails before OUTPUT is touched; a run that fails in its first epoch (every training video
+    unreadable) gets the earlier run back, byte for byte, and leaves no set-aside folder."""
+    run = tmp_path / "run"
+    common = ["--epochs", "1", "--max-steps", "1", "--val-list", str(dataset / "val.txt"), *SMALL]
+    assert train_main(base_args(dataset, run, *common)) == 0
+    before = run_files(run)
+    assert {"checkpoints/last.pt", "checkpoints/best.pt", "metrics.jsonl"} <= set(before)
+    for bad in ("train.epochs=abc", "train.epochs=2.5", "train.eval_every=0"):
+        assert train_main(base_args(dataset, run, "--overwrite", "--max-steps", "1", *SMALL, bad)) == 2
+        err = capsys.readouterr().err
+        assert f"error: invalid config value: {bad.split('=')[0]}" in err and "Traceback" not in err
+        assert run_files(run) == before
+    broken = tmp_path / "broken.txt"
+    names = [tmp_path / f"broken_{i}.mp4" for i in range(8)]
+    for i, name in enumerate(names):
+        write_broken_video(name, "garbage", seed=i)
+    broken.write_text("".join(f"{name} {i}\n" for i, name in enumerate(names)))
+    args = base_args(dataset, run, "--overwrite", *common)
+    args[args.index("--train-list") + 1] = str(broken)
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    assert "the earlier run in" in err and "is restored" in err
+    assert run_files(run) == before and not list(run.glob(".previous-run-*"))
+
+
+def test_a_killed_overwrite_is_undone_at_the_next_start(dataset, tmp_path, capsys):
+    """What a SIGKILL between setting the earlier run aside and the first checkpoint leaves (the run's files in
+    .previous-run-*, a new config.json) is put back by the next start, which then refuses to mix runs."""
+    from m2clip_fast import run_dir
+    run = tmp_path / "run"
+    common = ["--epochs", "1", "--max-steps", "1", *SMALL]
+    assert train_main(base_args(dataset, run, *common)) == 0
+    before = run_files(run)
+    aside = run_dir.set_aside(run)
+    (run / "config.json").write_text("{}")  # the killed run's own start
+    assert train_main(base_args(dataset, run, *common)) == 2
+    captured = capsys.readouterr()
+    assert f"restored the earlier run from {aside}" in captured.out and "already holds a run" in captured.err
+    assert run_files(run) == before and not aside.exists()
+
+
+def test_a_second_run_into_the_same_folder_is_refused(dataset, tmp_path, capsys):
+    """Two real processes: while one trains into OUTPUT, another start there is a one-line error naming it; a
+    .lock whose process is gone is taken over."""
+    run = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "m2clip_fast.train",
+                              *base_args(dataset, run, "--epochs", "200", *SMALL)], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lock = run / ".lock"
+        for _ in range(600):
+            if lock.is_file() and f"pid {first.pid} on" in lock.read_text():
+                break
+            assert first.poll() is None
+            time.sleep(0.1)
+        assert train_main(base_args(dataset, run, "--epochs", "1", *SMALL)) == 2
+        err = capsys.readouterr().err
+        assert f"{run} is in use by another run (pid {first.pid} on {socket.gethostname()})" in err
+        assert "Traceback" not in err
+    finally:
+        first.kill()
+        first.wait()
+    assert f"pid {first.pid}" in lock.read_text()  # left by the killed process: stale, taken over
+    assert train_main(base_args(dataset, run, "--overwrite", "--epochs", "1", "--max-steps", "1", *SMALL)) == 0
+    assert (run / "checkpoints" / "last.pt").is_file()
+
+
+def test_temp_files_of_torn_checkpoint_writes_are_removed(dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["--epochs", "2", "--max-steps", "1", *SMALL]
+    assert train_main(base_args(dataset, run, *common)) == 0
+    whole = (run / "checkpoints" / "last.pt").read_bytes()
+    torn = [run / "checkpoints" / f".last.pt.{tag}.tmp" for tag in ("a1b2", "x9y8")]
+    for p in torn:
+        p.write_bytes(whole[: len(whole) // 2])  # what a write killed halfway leaves
+    kept = run / "checkpoints" / "notes.tmp"
+    kept.write_text("mine")
+    capsys.readouterr()
+    assert train_main(base_args(dataset, run, "--resume", "--epochs", "2", "--max-steps", "2", *SMALL)) == 0
+    assert "removed 2 temporary file(s) of interrupted checkpoint writes" in capsys.readouterr().out
+    assert not any(p.exists() for p in torn) and kept.read_text() == "mine"
+
+
+@contextmanager
+def tmpfs(path, *options):
+    """A real tmpfs mounted at ``path`` (root only; skips elsewhere)."""
+    path.mkdir(exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(path)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+@contextmanager
+def read_only_folder(path):
+    if os.geteuid() == 0:  # root writes into a 0555 folder: use a read-only filesystem
+        with tmpfs(path, "ro", "size=1m"):
+            yield path
+        return
+    path.mkdir()
+    path.chmod(0o555)
+    try:
+        yield path
+    finally:
+        path.chmod(0o755)
+
+
+def test_unwritable_output_is_one_line(dataset, tmp_path, capsys):
+    with read_only_folder(tmp_path / "ro") as parent:
+        assert train_main(base_args(dataset, parent / "run", "--epochs", "1", *SMALL)) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write to --output-dir {parent / 'run'}: " in err and "Traceback" not in err
+    assert "Read-only file system" in err or "Permission denied" in err
 
 
 def test_old_checkpoints_and_moved_backbone_files_resume(dataset, tmp_path, monkeypatch, capsys):
