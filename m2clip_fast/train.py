@@ -25,6 +25,7 @@ from .checkpoint import (CheckpointError, TrainingState, atomic_save, build_chec
 from .cli import add_data_args, int_at_least, run_main
 from .data.datasets import DatasetError, load_samples
 from .data.loader import batches_from, build_clip_loader, parse_views, resolve_decoder
+from .data.robust import check_bad_fraction
 from .evaluation import evaluate_loader, excluded_note, gather_skipped
 from .model import M2CLIP, create_model
 from .presets import PRESETS, parse_overrides, resolve_config
@@ -317,6 +318,8 @@ class Trainer:
             if i >= self.batches_per_epoch:
                 break
             skipped.extend(batch["skipped"])
+            if batch["skipped"] and self.info.world_size == 1:  # (under DDP at the epoch's end, all ranks at once)
+                self._stop_if_too_many_bad(epoch, skipped)
             final_micro = (i + 1) % self.accum == 0
             for k, v in self._forward_backward(batch, final_micro).items():
                 running[k] = running.get(k, 0.0) + v / self.accum
@@ -374,6 +377,15 @@ class Trainer:
         bad = gather_skipped(skipped)
         if self.info.is_main:
             run_dir.record_skipped(self.out, epoch, self.step, bad, phase)
+        if phase == "train":
+            check_bad_fraction(bad, self.num_train, self.tcfg["max_bad_fraction"],
+                               f"training videos met in epoch {epoch + 1}")
+
+    def _stop_if_too_many_bad(self, epoch: int, skipped: List[Dict[str, Any]]) -> None:
+        """Mid-epoch, one process: report the unreadable videos and stop once they pass train.max_bad_fraction."""
+        bad = {s["path"]: s["reason"] for s in skipped}
+        if len(bad) > self.tcfg["max_bad_fraction"] * self.num_train:
+            self._report_skipped(epoch, skipped, "train")
 
     def validate(self, epoch: int) -> None:
         """Score the validation list; the record goes to metrics.jsonl and becomes ``last_metrics``."""

@@ -372,6 +372,25 @@ def test_bad_videos_are_replaced_counted_and_listed(dataset, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
 
 
+def test_a_mostly_unreadable_dataset_stops_the_run(dataset, tmp_path, capsys):
+    """20 unreadable videos beside 16 readable ones: more than the default half of the samples, so the run
+    stops with one line saying so (the unreadable ones are listed in skipped.jsonl), and writes no checkpoint."""
+    lines = (dataset / "train.txt").read_text().splitlines()
+    for i in range(20):
+        write_broken_video(tmp_path / f"bad_{i}.mp4", "garbage", seed=i)
+        lines.append(f"{tmp_path / f'bad_{i}.mp4'} {i % 8}")
+    train_list = tmp_path / "train.txt"
+    train_list.write_text("\n".join(lines) + "\n")
+    args = base_args(dataset, tmp_path / "run", "--epochs", "1", "--data-root", str(dataset), *SMALL)
+    args[args.index("--train-list") + 1] = str(train_list)
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    assert "of 36 training videos met in epoch 1" in err and "more than train.max_bad_fraction=0.5 allows" in err
+    assert "Traceback" not in err and not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+    listed = {json.loads(s)["path"] for s in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()}
+    assert len(listed) > 18 and all("bad_" in p for p in listed)
+
+
 def test_missing_files_and_bad_labels_reported_together(dataset, tmp_path, capsys):
     lines = (dataset / "train.txt").read_text().splitlines()
     lines += ["videos/nope_1.mp4 0", "videos/nope_2.mp4 1", f"{lines[0].split()[0]} 99"]
