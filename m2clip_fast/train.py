@@ -7,12 +7,14 @@ reason), ``checkpoints/{last,best}.pt`` (written atomically), ``config.json``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -23,7 +25,7 @@ from . import run_dir, runtime
 from .checkpoint import (CheckpointError, TrainingState, atomic_save, build_checkpoint, check_same_run, load_weights,
                          read_checkpoint, resume_position, run_settings, stores_whole_model, whole_model_follows)
 from .cli import add_data_args, int_at_least, run_main
-from .data.datasets import DatasetError, load_samples
+from .data.datasets import DatasetError, annotation_root, load_samples
 from .data.loader import batches_from, build_clip_loader, parse_views, resolve_decoder
 from .data.robust import check_bad_fraction
 from .evaluation import evaluate_loader, excluded_note, gather_skipped
@@ -147,6 +149,9 @@ class Start:
     epoch: int = 0
     skip_batches: int = 0
     lock: Any = None  # run_dir.lock_output_dir's file, on the main process
+    train_samples: List[Tuple[str, int]] = field(default_factory=list)
+    val_samples: Optional[List[Tuple[str, int]]] = None
+    dropped: List[Dict[str, str]] = field(default_factory=list)  # --skip-missing's missing files
 
 
 def start(args: argparse.Namespace) -> Start:
@@ -178,12 +183,43 @@ def _start_checks(args, cfg, info: runtime.DistInfo, device: torch.device, out: 
     cfg.class_names = tuple(class_names)  # as the model (and so the checkpoint) records them
     st = Start(args, cfg, info, device, out, class_names, run_settings(cfg, args.pretrained, args.seed,
                                                                        info.world_size))
+    st.train_samples, st.val_samples, st.dropped = read_lists(args, class_names)
+    # a resume at an epoch boundary would otherwise take another list silently (check_same_run compares it)
+    st.settings["--train-list"] = list_fingerprint(st.train_samples, annotation_root(args.train_list, args.data_root))
     if args.resume:
         st.ckpt_path = run_dir.checkpoint_path(out) if args.resume == "auto" else Path(args.resume)
         st.ckpt = read_checkpoint(st.ckpt_path, "--resume checkpoint", training=True)
         check_same_run(st.ckpt, st.ckpt_path, st.settings, args.preset)
         st.epoch, st.skip_batches = resume_position(st.ckpt)
     return st
+
+
+def read_lists(args: argparse.Namespace, class_names: List[str]):
+    """The training and validation lists, each read and checked before either is reported (a wrong
+    validation list is not found only once the training list is fixed): ``(train, val or None, dropped)``."""
+    read, errors, dropped = {}, [], []
+    for key, what in (("train", "training list"), ("val", "validation list")):
+        path = getattr(args, f"{key}_list")
+        if not path:
+            continue
+        try:
+            read[key], missing = load_samples(path, args.data_root, class_names, train=key == "train",
+                                              skip_missing=args.skip_missing, what=what)
+            dropped += missing
+        except DatasetError as exc:
+            errors.append(exc)
+    if errors:
+        raise DatasetError("\n".join(str(e) for e in errors), [p for e in errors for p in e.problems])
+    return read["train"], read.get("val"), dropped
+
+
+def list_fingerprint(samples: List[Tuple[str, int]], root: str) -> str:
+    """'N samples, sha256 …' of a list's (path relative to its root, label) pairs, in order: the same list
+    read from a moved data root fingerprints the same."""
+    digest = hashlib.sha256()
+    for path, label in samples:
+        digest.update(f"{os.path.relpath(path, root)}\t{label}\n".encode("utf-8", errors="surrogatepass"))
+    return f"{len(samples)} samples, sha256 {digest.hexdigest()[:16]}"
 
 
 def nothing_to_do(st: Start) -> bool:
@@ -207,13 +243,7 @@ class Trainer:
     def __init__(self, st: Start):
         args, tcfg, self.st = st.args, st.cfg.train, st
         self.tcfg, self.device, self.info, self.out = tcfg, st.device, st.info, st.out
-        train_samples, self.dropped = load_samples(args.train_list, args.data_root, st.class_names, train=True,
-                                                   skip_missing=args.skip_missing, what="training list")
-        val_samples = None
-        if args.val_list:
-            val_samples, dropped_val = load_samples(args.val_list, args.data_root, st.class_names, train=False,
-                                                    skip_missing=args.skip_missing, what="validation list")
-            self.dropped += dropped_val
+        train_samples, val_samples, self.dropped = st.train_samples, st.val_samples, st.dropped
         self.whole = st.ckpt is not None and stores_whole_model(st.ckpt)
         with whole_model_follows(self.whole):  # a random backbone comes whole from the checkpoint
             self.model = create_model(st.cfg, pretrained=args.pretrained, class_names=st.class_names)

@@ -396,18 +396,41 @@ def test_missing_files_and_bad_labels_reported_together(dataset, tmp_path, capsy
     lines += ["videos/nope_1.mp4 0", "videos/nope_2.mp4 1", f"{lines[0].split()[0]} 99"]
     bad = tmp_path / "train.txt"
     bad.write_text("\n".join(lines) + "\n")
+    val = tmp_path / "val.txt"
+    val.write_text((dataset / "val.txt").read_text() + "videos/nope_val.mp4 2\n")
     args = base_args(dataset, tmp_path / "run", "--epochs", "1", "--data-root", str(dataset), *SMALL)
     args[args.index("--train-list") + 1] = str(bad)
-    assert train_main(args) == 2
+    assert train_main(args + ["--val-list", str(val)]) == 2
     message = capsys.readouterr().err
     assert "nope_1.mp4" in message and "nope_2.mp4" in message and "label 99" in message
     assert f"training list {bad}" in message and "--skip-missing" in message
+    assert f"validation list {val}" in message and "nope_val.mp4" in message  # both lists at once
     lines.pop()  # the bad label stays an error; missing files can be skipped
     bad.write_text("\n".join(lines) + "\n")
     assert train_main(args + ["--skip-missing"]) == 0
     dropped = [json.loads(s) for s in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
     assert sorted(Path(d["path"]).name for d in dropped) == ["nope_1.mp4", "nope_2.mp4"]
     assert {d["phase"] for d in dropped} == {"start"}
+
+
+def test_resume_refuses_another_training_list(dataset, tmp_path, capsys):
+    """At an epoch boundary nothing else tells a changed list: its fingerprint is among the run settings."""
+    run = tmp_path / "run"
+    assert train_main(base_args(dataset, run, "--epochs", "2", "--max-steps", "4", *SMALL)) == 0
+    lines = (dataset / "train.txt").read_text().splitlines()
+    path, label = lines[0].rsplit(None, 1)
+    other = tmp_path / "train.txt"
+    other.write_text("\n".join([f"{path} {(int(label) + 1) % 8}", *lines[1:]]) + "\n")  # one label changed
+    args = base_args(dataset, run, "--resume", "--epochs", "2", "--data-root", str(dataset), *SMALL)
+    args[args.index("--train-list") + 1] = str(other)
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    assert "1 difference(s):\n  --train-list: '16 samples, sha256 " in err and "' now" in err
+    moved = tmp_path / "moved"
+    shutil.copytree(dataset, moved)  # the same list under another data root: the same run
+    args = base_args(dataset, run, "--resume", "--epochs", "2", "--data-root", str(moved), *SMALL)
+    args[args.index("--train-list") + 1] = str(moved / "train.txt")
+    assert train_main(args) == 0
 
 
 def test_wrong_data_root_is_named(dataset, tmp_path, capsys):
@@ -508,3 +531,18 @@ def test_ddp_two_processes_equal_one_process(dataset, tmp_path, capsys):
     capsys.readouterr()
     assert train_main(two[:two.index("--max-steps")] + ["--resume", *same]) == 2
     assert "processes: 2 in the checkpoint, 1 now" in capsys.readouterr().err
+
+
+def test_an_error_in_a_loader_worker_is_one_line(dataset, tmp_path, capsys):
+    broken = tmp_path / "broken.txt"
+    names = [tmp_path / f"broken_{i}.mp4" for i in range(4)]
+    for i, name in enumerate(names):
+        write_broken_video(name, "garbage", seed=i)
+    broken.write_text("".join(f"{name} {i}\n" for i, name in enumerate(names)))
+    args = base_args(dataset, tmp_path / "run", "--epochs", "1", *SMALL)
+    args[args.index("--train-list") + 1] = str(broken)
+    args[args.index("--workers") + 1] = "1"
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    assert "error: every item of a batch of 4 failed, replacements included: " in err and "broken_" in err
+    assert "Traceback" not in err and "worker process" not in err
