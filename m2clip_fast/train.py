@@ -30,10 +30,15 @@ from .data.loader import batches_from, build_clip_loader, parse_views, resolve_d
 from .data.robust import check_bad_fraction
 from .evaluation import evaluate_loader, excluded_note, gather_skipped
 from .model import M2CLIP, create_model
+from .errors import UserError
 from .presets import PRESETS, parse_overrides, resolve_config
 from .text import load_class_names
 
 PRIMARY_HEAD = "fused"
+
+
+class DivergedError(UserError, FloatingPointError):
+    """The loss (or a weight) became NaN or infinite: the run stops before writing such a checkpoint."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -271,6 +276,7 @@ class Trainer:
                          "batches_per_epoch": self.batches_per_epoch}
         self.logger: Optional[run_dir.Logger] = None
         self.aside: Optional[Path] = None  # the earlier run --overwrite replaces, until the first checkpoint
+        self.nonfinite: Optional[str] = None  # this process's first non-finite loss, as "nan at step 12"
 
     def _loaders(self, train_samples, val_samples):
         tcfg, per_process = self.tcfg, self.tcfg["batch_size"]
@@ -357,6 +363,7 @@ class Trainer:
             if not final_micro:
                 continue
             self._optimizer_step()
+            self._note_nonfinite(running["loss"], epoch)
             batches_done = i + 1
             rate = clips_seen / (time.perf_counter() - t0)
             self.logger.step({"step": self.step, "epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
@@ -403,6 +410,29 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
 
+    def _note_nonfinite(self, loss: float, epoch: int) -> None:
+        """Remember a NaN/inf loss (the float is on the host already: no extra sync); one process stops at
+        once, DDP processes at the agreed check before the next save (:meth:`_check_finite`)."""
+        if self.nonfinite is None and not math.isfinite(loss):
+            self.nonfinite = f"{loss} at step {self.step} (epoch {epoch + 1})"
+        if self.nonfinite is not None and self.info.world_size == 1:
+            self._check_finite()
+
+    def _check_finite(self) -> None:
+        """Before a checkpoint: every process's losses and the tuned weights finite, or a DivergedError on every
+        process alike, so that no NaN checkpoint is written and the last good one stays."""
+        seen = [s for s in runtime.all_gather_objects(self.nonfinite) if s is not None]
+        if not seen:
+            bad = [n for n, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+            seen = [f"non-finite weights ({', '.join(bad[:3])}) at step {self.step}"] if bad else []
+        if not seen:
+            return
+        last = run_dir.checkpoint_path(self.out)
+        kept = (f"the last good checkpoint {last} is kept" if last.is_file() and self.aside is None
+                else "no checkpoint was written")
+        raise DivergedError(f"training diverged: loss {seen[0]}; {kept}. A learning rate too high (train.blr="
+                            f"{self.tcfg['blr']:g}, lr {self.lr:.3g})? Try a lower train.blr or train.grad_clip")
+
     def _report_skipped(self, epoch: int, skipped: List[Dict[str, Any]], phase: str) -> None:
         bad = gather_skipped(skipped)
         if self.info.is_main:
@@ -435,12 +465,16 @@ class Trainer:
     def save(self, epoch: int, batches_done: int) -> None:
         """checkpoints/last.pt (and best.pt when the validation score improved), written by the main process
         with every process's RNG state."""
+        self._check_finite()
         rngs = runtime.all_gather_objects(runtime.rng_state())
-        score = self.last_metrics.get("top1", -1.0) if self.val_loader is not None else -1.0
+        epoch_done = batches_done >= self.batches_per_epoch
+        # an evaluation after a --max-steps stop in the middle of an epoch is recorded, but is no candidate for
+        # best.pt: it scored a model the epoch's schedule had not finished with
+        score = self.last_metrics.get("top1", -1.0) if self.val_loader is not None and epoch_done else -1.0
         if self.info.is_main:
             state = TrainingState(
                 optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), epoch=epoch,
-                batches_done=batches_done, epoch_done=batches_done >= self.batches_per_epoch, step=self.step,
+                batches_done=batches_done, epoch_done=epoch_done, step=self.step,
                 rng=rngs, best=max(self.best, score), metrics=self.last_metrics, run=self.run_info)
             ckpt = build_checkpoint(self.model, self.st.args.pretrained, state)
             atomic_save(ckpt, run_dir.checkpoint_path(self.out, "last"))

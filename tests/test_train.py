@@ -546,3 +546,65 @@ def test_an_error_in_a_loader_worker_is_one_line(dataset, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "error: every item of a batch of 4 failed, replacements included: " in err and "broken_" in err
     assert "Traceback" not in err and "worker process" not in err
+
+
+def test_a_diverging_run_stops_without_a_nan_checkpoint(dataset, tmp_path, capsys):
+    """train.blr=1e30 (finite, so accepted) drives the loss to NaN/inf: one line, exit 2, no checkpoint of it;
+    under --overwrite the earlier good run comes back."""
+    run = tmp_path / "run"
+    assert train_main(base_args(dataset, run, "--epochs", "1", "--max-steps", "1", *SMALL)) == 0
+    before = run_files(run)
+    assert train_main(base_args(dataset, run, "--overwrite", "--epochs", "2", *SMALL, "train.blr=1e30",
+                                "train.grad_clip=None")) == 2
+    err = capsys.readouterr().err
+    assert "error: training diverged: loss " in err and "no checkpoint was written" in err
+    assert "train.blr=1e+30" in err and "Traceback" not in err
+    assert run_files(run) == before
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_nan_or_misshapen_checkpoints_are_refused(dataset, tmp_path, capsys):
+    from m2clip_fast.evaluate import main as evaluate_main
+    run = tmp_path / "run"
+    assert train_main(base_args(dataset, run, "--epochs", "2", "--max-steps", "1", *SMALL)) == 0
+    last = run / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=False)
+    name = next(k for k in state["model"] if "ted" in k and state["model"][k].is_floating_point())
+    evaluate = ["--val-list", str(dataset / "val.txt"), "--workers", "0", "--device", "cpu"]
+    for kind, damage in (("NaN", lambda t: t.clone().fill_(float("nan"))), ("shape", lambda t: t[..., :1].clone())):
+        broken = {**state, "model": {**state["model"], name: damage(state["model"][name])}}
+        torch.save(broken, last)
+        assert train_main(base_args(dataset, run, "--resume", "--epochs", "2", "--max-steps", "2", *SMALL)) == 2
+        assert evaluate_main(["--checkpoint", str(last), *evaluate]) == 2
+        err = capsys.readouterr().err
+        want = "hold NaN or inf" if kind == "NaN" else "of another shape than the model's"
+        assert err.count(want) == 2 and err.count(name) == 2 and "Traceback" not in err
+
+
+def test_a_max_steps_stop_mid_epoch_does_not_compete_for_best(dataset, tmp_path):
+    run = tmp_path / "run"
+    assert train_main(base_args(dataset, run, "--epochs", "1", "--max-steps", "2", "--val-list",
+                                str(dataset / "val.txt"), *SMALL)) == 0
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1  # evaluated and recorded
+    assert (run / "checkpoints" / "last.pt").is_file() and not (run / "checkpoints" / "best.pt").exists()
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=False)["best"] == -1.0
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(dataset, tmp_path, capsys):
+    """A real full filesystem (a tmpfs a little larger than one checkpoint): the second checkpoint write fails
+    with one line naming the cause and the file; the first checkpoint is untouched, no temp file is left."""
+    probe = tmp_path / "probe"
+    common = ["--epochs", "2", "--max-steps", "1", *SMALL]
+    assert train_main(base_args(dataset, probe, *common)) == 0
+    size = (probe / "checkpoints" / "last.pt").stat().st_size
+    with tmpfs(tmp_path / "small", f"size={size * 3 // 2 + (1 << 18)}") as mount:
+        run = mount / "run"
+        assert train_main(base_args(dataset, run, *common)) == 0
+        last = run / "checkpoints" / "last.pt"
+        first = last.read_bytes()
+        capsys.readouterr()
+        assert train_main(base_args(dataset, run, "--resume", "--epochs", "2", "--max-steps", "2", *SMALL)) == 2
+        err = capsys.readouterr().err
+        assert f"error: no space left on device while writing {last}; the previous checkpoint is intact" in err
+        assert last.read_bytes() == first and not list(last.parent.glob(".*.tmp"))
