@@ -137,6 +137,9 @@ def parse_overrides(items: Iterable[str]) -> Dict[str, Any]:
         *parents, leaf = key.strip().split(".")
         for part in parents:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} was set to {node!r} by another override, not to "
+                                  f"a mapping of keys")
         node[leaf] = value
     return result
 

@@ -2,7 +2,7 @@
 
 Outputs in ``--output-dir``: ``metrics.jsonl`` (one JSON object per evaluation), ``train_log.csv`` (one row per
 optimizer step), TensorBoard events when tensorboard is installed, ``skipped.jsonl`` (bad videos: file and
-reason), ``checkpoints/{last,best}.pt`` (written atomically), ``config.json``.
+reason), ``checkpoints/{last,best}.pt`` (written atomically), ``config.json``, ``.lock`` (one run at a time).
 """
 from __future__ import annotations
 
@@ -78,10 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_config(args):
     overrides = parse_overrides(args.set)
-    train = overrides.setdefault("train", {})
-    for key in ("epochs", "batch_size", "workers"):
-        if getattr(args, key) is not None:
-            train[key] = getattr(args, key)
+    given = {key: getattr(args, key) for key in ("epochs", "batch_size", "workers") if getattr(args, key) is not None}
+    if given and isinstance(overrides.get("train", {}), dict):  # (a train= that is no mapping: resolve_config says so)
+        overrides["train"] = {**overrides.get("train", {}), **given}
     if args.class_names:
         overrides["class_names"] = args.class_names
     return resolve_config(args.preset, args.config, overrides)

@@ -78,3 +78,8 @@ def test_unknown_backbone_is_a_user_error():
     from m2clip_fast.errors import UsageError
     with pytest.raises(UsageError, match="unknown backbone 'nope'"):
         create_model("tiny", backbone="nope", class_names=["a", "b"])
+
+
+def test_a_key_set_both_as_value_and_section_is_named():
+    with pytest.raises(ConfigError, match=r"override 'train.epochs=3': 'train' was set to 5"):
+        parse_overrides(["train=5", "train.epochs=3"])

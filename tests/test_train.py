@@ -608,3 +608,24 @@ def test_a_full_disk_keeps_the_previous_checkpoint(dataset, tmp_path, capsys):
         err = capsys.readouterr().err
         assert f"error: no space left on device while writing {last}; the previous checkpoint is intact" in err
         assert last.read_bytes() == first and not list(last.parent.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--set", "train=5"], "'train' must be a mapping of training keys, got 5"),
+    (["--set", "backbone=nope"], "unknown backbone 'nope'"),
+    (["--set", "train.blr=nan"], "invalid config value: train.blr=nan (expected a finite number > 0)"),
+    (["--config", "BAD_YAML"], "is not a readable YAML file"),
+    (["--device", "cuda"], "--device cuda was asked for, but CUDA is not available")])
+def test_start_up_errors_are_one_line_and_touch_nothing(dataset, tmp_path, capsys, extra, message):
+    if "--device" in extra and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("preset: demo\ntrain: [unclosed\n")
+    args = base_args(dataset, tmp_path / "run", "--epochs", "1")
+    if "--device" in extra:
+        args = args[:-2]  # base_args ends with --device cpu
+    args += [str(bad_yaml) if e == "BAD_YAML" else e for e in extra]
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists() or {p.name for p in (tmp_path / "run").iterdir()} <= {".lock"}

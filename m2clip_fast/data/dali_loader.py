@@ -16,7 +16,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..errors import UsageError
 from .dali import PIPELINES, batch_to_torch, check_codec, dali_api, read_bytes, resolve_device
 from .datasets import DatasetError, Sample
 from .decode import get_index
