@@ -28,9 +28,9 @@ from .cli import add_data_args, int_at_least, run_main
 from .data.datasets import DatasetError, annotation_root, load_samples
 from .data.loader import batches_from, build_clip_loader, parse_views, resolve_decoder
 from .data.robust import check_bad_fraction
+from .errors import UserError
 from .evaluation import evaluate_loader, excluded_note, gather_skipped
 from .model import M2CLIP, create_model
-from .errors import UserError
 from .presets import PRESETS, parse_overrides, resolve_config
 from .text import load_class_names
 
@@ -275,7 +275,7 @@ class Trainer:
                          "batches_per_epoch": self.batches_per_epoch}
         self.logger: Optional[run_dir.Logger] = None
         self.aside: Optional[Path] = None  # the earlier run --overwrite replaces, until the first checkpoint
-        self.nonfinite: Optional[str] = None  # this process's first non-finite loss, as "nan at step 12"
+        self.nonfinite: Optional[str] = None  # this process's first non-finite loss: "loss nan at step 12 ..."
 
     def _loaders(self, train_samples, val_samples):
         tcfg, per_process = self.tcfg, self.tcfg["batch_size"]
@@ -413,7 +413,7 @@ class Trainer:
         """Remember a NaN/inf loss (the float is on the host already: no extra sync); one process stops at
         once, DDP processes at the agreed check before the next save (:meth:`_check_finite`)."""
         if self.nonfinite is None and not math.isfinite(loss):
-            self.nonfinite = f"{loss} at step {self.step} (epoch {epoch + 1})"
+            self.nonfinite = f"loss {loss} at step {self.step} (epoch {epoch + 1})"
         if self.nonfinite is not None and self.info.world_size == 1:
             self._check_finite()
 
@@ -429,7 +429,7 @@ class Trainer:
         last = run_dir.checkpoint_path(self.out)
         kept = (f"the last good checkpoint {last} is kept" if last.is_file() and self.aside is None
                 else "no checkpoint was written")
-        raise DivergedError(f"training diverged: loss {seen[0]}; {kept}. A learning rate too high (train.blr="
+        raise DivergedError(f"training diverged: {seen[0]}; {kept}. A learning rate too high (train.blr="
                             f"{self.tcfg['blr']:g}, lr {self.lr:.3g})? Try a lower train.blr or train.grad_clip")
 
     def _report_skipped(self, epoch: int, skipped: List[Dict[str, Any]], phase: str) -> None:

@@ -178,7 +178,7 @@ def test_overwrite_keeps_the_earlier_run_until_the_first_checkpoint(dataset, tmp
     """A config error fails before OUTPUT is touched; a run that fails in its first epoch (every training video
     unreadable) gets the earlier run back, byte for byte, and leaves no set-aside folder."""
     run = tmp_path / "run"
-    common = ["--epochs", "1", "--max-steps", "1", "--val-list", str(dataset / "val.txt"), *SMALL]
+    common = ["--epochs", "1", "--val-list", str(dataset / "val.txt"), *SMALL]
     assert train_main(base_args(dataset, run, *common)) == 0
     before = run_files(run)
     assert {"checkpoints/last.pt", "checkpoints/best.pt", "metrics.jsonl"} <= set(before)
