@@ -25,7 +25,7 @@ from .attention import set_attention_backend
 from .errors import UsageError
 from .fused import FusedTEDAdapter
 from .heads import (HEADS, MLMHead, VisualClassifier, cmc_loss, cmlm_loss, kl_contrastive_loss, vc_loss)
-from .presets import SHIPPED_BACKBONES, ConfigError, M2CLIPConfig, resolve_config
+from .presets import SHIPPED_BACKBONES, ConfigError, M2CLIPConfig, resolve_config, validate_config
 from .runtime import gather_batch
 from .text import PromptTokenizer, humanize, label_word_table, label_words, load_class_names, mask_words
 
@@ -149,6 +149,9 @@ def load_clip(backbone: str, pretrained: Optional[str], quick_gelu: bool) -> nn.
     import open_clip
 
     _register_shipped_backbones()
+    if backbone not in open_clip.list_models() and not backbone.startswith(("hf-hub:", "local-dir:")):
+        raise UsageError(f"unknown backbone {backbone!r}: not an open_clip model name (python -c 'import open_clip; "
+                         f"print(open_clip.list_models())' lists them)")
     if pretrained is not None and not Path(pretrained).exists():
         known = open_clip.list_pretrained_tags_by_model(backbone)
         if pretrained not in known:
@@ -614,6 +617,7 @@ def create_model(preset_or_config: Union[str, M2CLIPConfig] = "k400_b16_8f", pre
             if not hasattr(config, key):
                 raise ConfigError(f"unknown config key {key!r}")
             setattr(config, key, value)
+        validate_config(config)
     else:
         config = resolve_config(preset_or_config, overrides=overrides)
     if class_names is not None:

@@ -114,8 +114,20 @@ def test_dali_loader_epochs_shards_and_skips(vp9):
 def test_dali_loader_raises_when_every_video_fails(tmp_path):
     bad = [(str(write_broken_video(tmp_path / f"b{i}.webm", "garbage", seed=i)), 0) for i in range(2)]
     loader = DALIClipLoader(bad, batch_size=1, num_frames=2, size=16, train=False, device="cpu")
-    with pytest.raises((DatasetError, RuntimeError), match="all attempted videos failed"):
+    with pytest.raises(DatasetError, match=r"every item of a batch of 1 failed.*b0\.webm"):
         list(loader)
+
+
+def test_dali_loader_fills_a_failed_item_from_its_batch(vp9, tmp_path):
+    """As VideoClipDataset: an item whose every attempt fails takes a readable item's place in its batch."""
+    _, paths = vp9
+    bad = [(str(write_broken_video(tmp_path / f"b{i}.webm", "garbage", seed=i)), 0) for i in range(3)]
+    samples = bad + [(str(paths[0]), 1)]
+    loader = DALIClipLoader(samples, batch_size=4, num_frames=2, size=16, train=False, device="cpu",
+                            max_attempts=2)
+    (batch,) = list(loader)
+    assert batch["index"].tolist() == [3, 3, 3, 3] and batch["label"].tolist() == [1] * 4
+    assert {s["path"] for s in batch["skipped"]} == {p for p, _ in bad}
 
 
 @pytest.mark.parametrize("clips,crops", [(2, 3), (1, 4), (3, 1)])
@@ -239,7 +251,7 @@ def test_dali_loader_replaces_a_file_that_fails_inside_the_batch(vp9, tmp_path):
         loader.set_epoch(epoch)
         batches = list(loader)
         assert [b["video"].shape for b in batches] == [(2, 1, 4, 3, 32, 32)] * 2
-        assert [b["index"].tolist() for b in batches] == [[0, 1], [loader.replacement(2, 1), 3]] == [[0, 1], [1, 3]]
+        assert [b["index"].tolist() for b in batches] == [[0, 1], [loader.replacement(2, 1), 3]] == [[0, 1], [3, 3]]
         assert batches[0]["skipped"] == []
         (skip,) = batches[1]["skipped"]
         assert skip["path"] == bad and skip["index"] == 2
