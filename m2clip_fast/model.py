@@ -284,16 +284,28 @@ class M2CLIP(nn.Module):
         self._class_token_queries.enabled = bool(value)
 
     def unused_parameters(self) -> List[str]:
-        """Tunable parameters no forward uses: the last block's pre-MLP D branch when that block computes the
-        class token only (the branch writes patch rows nobody reads; the official model trains it on zero
-        gradients). Kept so official checkpoints load; DDP must be told (find_unused_parameters)."""
+        """Tunable parameters that no training forward of this configuration gives a gradient: DDP must be told
+        (find_unused_parameters), or it waits for their gradients and fails at the next step.
+
+        * a head of loss weight 0 is not run: the VC head with ``vc`` 0; the text adapters with ``contrastive``,
+          ``cmc`` and ``cmlm`` all 0 (only those heads run the text encoder), and the temporal adapter too
+          (only they read the per-frame embeddings; VC reads the class tokens before it);
+        * the last block's pre-MLP D branch when that block computes the class token only (the branch writes
+          patch rows nobody reads; the official model trains it on zero gradients). Kept so official
+          checkpoints load."""
+        w = self.loss_weights
+        unused_modules = []
+        if not w["vc"]:
+            unused_modules.append("vc_head")
+        if not (w["contrastive"] or w["cmc"] or w["cmlm"]):
+            unused_modules += ["text_adapters", "temporal_adapter"]
         last = f"{len(self.clip.visual.transformer.resblocks) - 1}_pre_mlp"
-        if not self.last_block_class_token_only or last not in self.ted_adapters:
-            return []
-        adapter = self.ted_adapters[last]
-        if not getattr(adapter, "difference", False):
-            return []
-        return [f"ted_adapters.{last}.{n}" for n, _ in adapter.named_parameters() if n.split(".")[0].endswith("_d")]
+        if self.last_block_class_token_only and getattr(self.ted_adapters[last] if last in self.ted_adapters
+                                                        else None, "difference", False):
+            d_branch = {n for n, _ in self.ted_adapters[last].named_parameters() if n.split(".")[0].endswith("_d")}
+            unused_modules += [f"ted_adapters.{last}.{n}" for n in sorted(d_branch)]
+        return [n for n, p in self.named_parameters() if p.requires_grad
+                and any(n == m or n.startswith(m + ".") for m in unused_modules)]
 
     def swap_ted_adapter(self, name: str, adapter: nn.Module) -> None:
         """Replace the TED adapter ``name`` (a key of ``ted_adapters``, e.g. "11_pre_mlp") by another module

@@ -40,12 +40,12 @@ def init_distributed(device_arg: str) -> Tuple[DistInfo, torch.device]:
         raise UsageError("--device cuda was asked for, but CUDA is not available")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     info = DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    device = torch.device("cuda", info.local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:  # before the process group, so that NCCL's communicator is created on this rank's GPU
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        torch.cuda.set_device(info.local_rank)
-        return info, torch.device("cuda", info.local_rank)
-    return info, torch.device("cpu")
+        dist.init_process_group("nccl" if use_cuda else "gloo", **({"device_id": device} if use_cuda else {}))
+    return info, device
 
 
 def shutdown_distributed() -> None:

@@ -105,6 +105,25 @@ def test_gradients_reach_only_tunable_parameters():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("weights", [
+    {"contrastive": 0.5, "cmc": 0.5, "vc": 0.0, "cmlm": 0.1},   # VC off
+    {"contrastive": 0.0, "cmc": 0.0, "vc": 1.0, "cmlm": 0.0},   # the text side off
+    {"contrastive": 0.0, "cmc": 0.0, "vc": 1.0, "cmlm": 0.1},   # only CMLM runs the text encoder
+    {"contrastive": 0.5, "cmc": 0.0, "vc": 0.0, "cmlm": 0.0}])
+@pytest.mark.parametrize("class_token_only", [True, False])
+def test_unused_parameters_are_exactly_those_without_a_gradient(weights, class_token_only):
+    """DDP is told find_unused_parameters from unused_parameters(): it must name exactly the tunable parameters
+    a training step leaves without a gradient, for zero-weight heads and either last block (a missing one makes
+    DDP fail at the next step; an extra one costs a graph walk every step)."""
+    m = tiny(loss_weights=weights).train()
+    m.last_block_class_token_only = class_token_only
+    randomise_tunable(m)
+    m(video(), torch.tensor([0, 3]))["loss"].backward()
+    # a full last block runs its D branch, whose gradient is then exactly zero, not None (see above)
+    without = {n for n, p in m.named_parameters() if p.requires_grad and p.grad is None}
+    assert set(m.unused_parameters()) == without
+
+
 def test_total_loss_is_weighted_sum():
     m = tiny(loss_weights={"contrastive": 0.5, "cmc": 0.5, "vc": 1.0, "cmlm": 0.1}).eval()
     torch.manual_seed(3)
