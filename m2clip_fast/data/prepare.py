@@ -6,9 +6,11 @@ re-encodes every video of an annotation file to H.264 (libx264, yuv420p) in mp4,
 upscaled), a keyframe every ``--keyint`` frames (no scene-cut keyframes), audio dropped. Frame ``i`` of the copy
 is frame ``i`` of a plain decode of the source (:func:`~.decode.iter_frames`), resized: the copy is written with
 ``pts = i`` in a time base of one frame at the source's average rate, so no frame is dropped or duplicated, even
-for a variable-rate source. B-frames are kept (libx264's default, closed GOPs): the copy is an H.264 mp4 whose
-every packet carries its own pts, which :func:`~.decode.decode_frames` seeks in exactly; each copy's packet
-index is checked (exact, with the source's frame count) before it is renamed into place.
+for a variable-rate source. No B-frames: libx264 declares frame reordering in the stream whenever B-frames are
+allowed, yet its adaptive placement may use none in a clip, and an mp4 whose pts then follow decode order
+although the codec says it reorders is one :func:`~.decode.decode_frames` cannot show exact (it decodes it
+through); without B-frames every copy is served by the sparse fast path (and decodes with no reorder delay).
+Each copy's packet index is checked (exact, with the source's frame count) before it is renamed into place.
 
 Why: sparse decoding costs about one keyframe interval per clip, and Kinetics' YouTube videos have keyframes
 every ~250 frames; at 16 a clip of 8 uniformly sampled frames decodes a small part of the video.
@@ -148,7 +150,7 @@ def _encode(src: str, tmp: str, settings: Settings, threads: int) -> int:
         stream.codec_context.thread_count = threads
         k = settings.keyint
         stream.options = {"crf": str(settings.crf), "preset": settings.preset,
-                          "x264-params": f"keyint={k}:min-keyint={k}:scenecut=0:open-gop=0"}
+                          "x264-params": f"keyint={k}:min-keyint={k}:scenecut=0:bframes=0"}
         for frame in _chain(first, frames):
             image = frame.reformat(width, height, format="yuv420p", interpolation="AREA")
             image.pts, image.time_base = count, stream.codec_context.time_base
@@ -226,7 +228,7 @@ def load_manifest(path: Path, out_dir: Path) -> Dict[str, Dict[str, Any]]:
         if not isinstance(entry, dict) or "source" not in entry:
             continue
         kept.append(line)
-        if entry["status"] == "unreadable" or _whole(out_dir / entry["copy"], entry["bytes"]):
+        if entry["status"] != "done" or _whole(out_dir / entry["copy"], entry["bytes"]):
             entries[entry["source"]] = entry
     if len(kept) != len(lines) or (lines and not text.endswith("\n")):
         path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
