@@ -105,7 +105,7 @@ def test_list_rewritten_and_unreadable_listed(sources, prepared):
     samples = read_list_file(prepared / "train.txt", prepared)
     assert samples == [(str(prepared / "a/long_gop.mp4"), 0), (str(prepared / "b/packed.mp4"), 1),
                        (str(prepared / "b/vfr.mp4"), 2)]
-    bad = [json.loads(line) for line in (prepared / "unreadable.jsonl").read_text().splitlines()]
+    bad = [json.loads(line) for line in (prepared / "train.txt.unreadable.jsonl").read_text().splitlines()]
     assert [(b["source"], b["status"]) for b in bad] == [("a/broken.mp4", "unreadable")]
     assert "cannot open container" in bad[0]["reason"]
     assert not list(prepared.rglob("*.tmp.mp4"))
@@ -133,9 +133,18 @@ def test_kinetics_csv_round_trips(sources, tmp_path):
     assert all(os.path.isfile(p) for p, _ in copied)
 
 
-def test_other_settings_into_the_same_folder_refused(sources, prepared, capsys):
-    assert prepare("--list", sources / "train.txt", "--out", prepared, "--short-side", 32) == 2
+def test_lists_share_a_folder_with_the_same_encoding_only(sources, tmp_path, capsys):
+    out = tmp_path / "out"
+    (sources / "val.txt").write_text("b/vfr.mp4 2\n")
+    for listing in ("train.txt", "val.txt"):
+        assert prepare("--list", sources / listing, "--out", out, "--short-side", SHORT, "--workers", 0) == 0
+    assert read_list_file(out / "val.txt", out) == [(str(out / "b/vfr.mp4"), 2)]
+    assert len(read_list_file(out / "train.txt", out)) == 3
+    assert prepare("--list", sources / "val.txt", "--out", out, "--short-side", 32, "--workers", 0) == 2
     assert "short_side: 48 there, 32 now" in capsys.readouterr().err
+    assert prepare("merge", "--out", out) == 0  # both lists again
+    merged = capsys.readouterr().out
+    assert "3 of 4 videos prepared" in merged and "1 of 1 videos prepared" in merged
 
 
 def test_shards_cover_the_list_and_merge_writes_one(sources, tmp_path, capsys):
@@ -143,11 +152,11 @@ def test_shards_cover_the_list_and_merge_writes_one(sources, tmp_path, capsys):
     common = ["--list", sources / "train.txt", "--out", out, "--short-side", SHORT]
     assert prepare(*common, "--shard", "0/2", "--workers", 2) == 0
     assert prepare("merge", "--out", out) == 2
-    assert "shard 1/2 has not run" in capsys.readouterr().err
+    assert "train.txt: shard 1/2 has not run" in capsys.readouterr().err
     assert prepare(*common, "--shard", "1/2", "--workers", 0) == 0
     assert not (out / "train.txt").exists()  # a sharded run leaves the list to merge
     assert prepare("merge", "--out", out) == 0
-    mine = [[json.loads(line)["source"] for line in (out / f"manifest-{i}-of-2.jsonl").read_text().splitlines()]
+    mine = [[json.loads(line)["source"] for line in (out / "_prepare" / f"train.txt.manifest-{i}-of-2.jsonl").read_text().splitlines()]
             for i in range(2)]
     assert sorted(mine[0] + mine[1]) == sorted(["a/long_gop.mp4", "b/packed.avi", "b/vfr.mp4", "a/broken.mp4"])
     assert not set(mine[0]) & set(mine[1])
@@ -165,7 +174,7 @@ def test_resumes_after_sigkill(tmp_path):
                       gop=250, options={"preset": "ultrafast"})
     (root / "list.txt").write_text("".join(f"{n} {i}\n" for i, n in enumerate(names)))
     out = tmp_path / "out"
-    manifest = out / "manifest-0-of-1.jsonl"
+    manifest = out / "_prepare" / "list.txt.manifest-0-of-1.jsonl"
     cmd = [sys.executable, "-m", "m2clip_fast.data.prepare", "--list", str(root / "list.txt"), "--out", str(out),
            "--short-side", "480", "--workers", "0", "--preset", "slow"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -192,3 +201,21 @@ def test_resumes_after_sigkill(tmp_path):
         assert len(decode_all_frames(out / name)) == len(decode_all_frames(root / name))
     assert [label for _, label in read_list_file(out / "list.txt", out)] == [0, 1, 2, 3]
     assert not list(out.rglob("*.tmp.mp4"))
+
+
+def test_hmdb51_split_becomes_train_and_test_lists(tmp_path):
+    root, splits = tmp_path / "videos", tmp_path / "splits"
+    splits.mkdir()
+    marks = {"brush_hair": [("v1.avi", 1), ("v2.avi", 2)], "cartwheel": [("v3.avi", 1), ("v4.avi", 0)]}
+    for seed, (cls, videos) in enumerate(marks.items()):
+        (root / cls).mkdir(parents=True)
+        for name, _ in videos:
+            write_encoded(root / cls / name, moving_pattern(12, seed=seed), "mpeg4", bframes=2)
+        (splits / f"{cls}_test_split1.txt").write_text("".join(f"{n} {m}\n" for n, m in videos))
+    out = tmp_path / "out"
+    assert prepare("--list", splits / "cartwheel_test_split1.txt", "--data-root", root, "--out", out,
+                   "--short-side", SHORT, "--workers", 0) == 0
+    assert read_list_file(out / "hmdb51_split1_train_list.txt", out) == [
+        (str(out / "brush_hair/v1.mp4"), 0), (str(out / "cartwheel/v3.mp4"), 1)]
+    assert read_list_file(out / "hmdb51_split1_test_list.txt", out) == [(str(out / "brush_hair/v2.mp4"), 0)]
+    assert not (out / "cartwheel" / "v4.mp4").exists()  # marked 0: in neither part

@@ -53,8 +53,9 @@ from .decode import VideoDecodeError, get_index, iter_frames
 __all__ = ["Settings", "list_groups", "copy_path", "output_size", "prepare_video", "merge", "main"]
 
 PROG = "python -m m2clip_fast.data.prepare"
-SETTINGS_FILE = "prepare.json"
-UNREADABLE_FILE = "unreadable.jsonl"
+STATE_DIR = "_prepare"
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+ENCODING = ("short_side", "keyint", "crf", "preset")  # what every copy in one DIR shares
 DEFAULT_RATE = Fraction(25)  # a stream that states no rate at all
 
 
@@ -183,7 +184,9 @@ def prepare_video(rel: str, settings: Settings, out_dir: str, threads: int = 0) 
     src = os.path.join(settings.data_root, rel)
     dst = os.path.join(out_dir, copy_path(rel))
     os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-    tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.tmp.mp4")
+    for stale in Path(dst).parent.glob(f".{Path(dst).name}.*.tmp.mp4"):  # left by a killed run
+        _remove(str(stale))
+    tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.{os.getpid()}.tmp.mp4")
     try:
         frames = _encode(src, tmp, settings, threads)
         _verify(tmp, frames)
@@ -208,8 +211,13 @@ def _remove(path: str) -> None:
 # ------------------------------------------------------------------------------------------------ manifests
 
 
-def manifest_path(out_dir: Path, shard: Tuple[int, int]) -> Path:
-    return out_dir / f"manifest-{shard[0]}-of-{shard[1]}.jsonl"
+def state_dir(out_dir: Path) -> Path:
+    """Where DIR keeps each list's settings and shard manifests (several lists may share one DIR)."""
+    return out_dir / STATE_DIR
+
+
+def manifest_path(out_dir: Path, list_name: str, shard: Tuple[int, int]) -> Path:
+    return state_dir(out_dir) / f"{list_name}.manifest-{shard[0]}-of-{shard[1]}.jsonl"
 
 
 def load_manifest(path: Path, out_dir: Path) -> Dict[str, Dict[str, Any]]:
@@ -242,27 +250,37 @@ def _whole(path: Path, size: int) -> bool:
         return False
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    # a per-process temporary name: the shards of a job array may write the same file at once
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def _settings_check(out_dir: Path, settings: Settings) -> None:
-    """Record the settings in DIR, or refuse a folder prepared with other ones."""
-    path = out_dir / SETTINGS_FILE
+    """Record the settings of this list in DIR, or refuse: this list prepared there with other settings, or
+    another list's copies there encoded otherwise."""
     mine = asdict(settings)
-    if path.exists():
+    name = Path(settings.list).name
+    for path in sorted(state_dir(out_dir).glob("*.json")):
         theirs = json.loads(path.read_text(encoding="utf-8"))
-        differ = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        keys = mine if path.stem == name else ENCODING
+        differ = {k: (theirs.get(k), mine[k]) for k in keys if theirs.get(k) != mine[k]}
         if differ:
-            raise UsageError(f"{out_dir} was prepared with other settings "
+            raise UsageError(f"{out_dir} holds {path.stem} prepared with other settings ("
                              + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
-                             + "; use another --out")
-        return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(mine, indent=1) + "\n", encoding="utf-8")
+                             + "); use another --out")
+    state_dir(out_dir).mkdir(parents=True, exist_ok=True)
+    _write_atomic(state_dir(out_dir) / f"{name}.json", json.dumps(mine, indent=1) + "\n")
 
 
-def _load_settings(out_dir: Path) -> Settings:
-    path = out_dir / SETTINGS_FILE
-    if not path.is_file():
-        raise UsageError(f"{path} not found: is {out_dir} a folder written by {PROG}?")
-    return Settings(**json.loads(path.read_text(encoding="utf-8")))
+def _load_settings(out_dir: Path) -> List[Settings]:
+    """The settings of every list prepared in DIR."""
+    paths = sorted(state_dir(out_dir).glob("*.json"))
+    if not paths:
+        raise UsageError(f"no list was prepared in {out_dir} (no {state_dir(out_dir)}/*.json): is it a folder "
+                         f"written by {PROG}?")
+    return [Settings(**json.loads(path.read_text(encoding="utf-8"))) for path in paths]
 
 
 # ------------------------------------------------------------------------------------------------ new lists
@@ -287,36 +305,41 @@ def _write_list(out_dir: Path, name: str, source_list: str, samples: List[Sample
         for (video, label), keep in zip(samples, kept):
             if keep:
                 buf.write(f"{copy_path(relative_source(video, root))} {label}\n")
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(buf.getvalue(), encoding="utf-8")
-    os.replace(tmp, target)
+    _write_atomic(target, buf.getvalue())
     return target
 
 
-def merge(out_dir: Path) -> Dict[str, Any]:
-    """Write the new lists and ``unreadable.jsonl`` from every shard's manifest. Raises UsageError naming a
-    shard whose manifest is missing or incomplete."""
-    settings = _load_settings(out_dir)
+def merge_list(out_dir: Path, settings: Settings) -> Dict[str, Any]:
+    """Write one list's new list(s) and ``<list>.unreadable.jsonl`` from its shards' manifests. Raises
+    UsageError naming a shard whose manifest is missing or incomplete."""
+    name = Path(settings.list).name
     groups = list_groups(settings.list, settings.data_root)
     videos = unique_videos(groups, settings.data_root)
     entries: Dict[str, Dict[str, Any]] = {}
     for i in range(settings.shards):
-        path = manifest_path(out_dir, (i, settings.shards))
+        path = manifest_path(out_dir, name, (i, settings.shards))
         if not path.exists():
-            raise UsageError(f"shard {i}/{settings.shards} has not run: {path} is missing")
+            raise UsageError(f"{name}: shard {i}/{settings.shards} has not run: {path} is missing")
         found = load_manifest(path, out_dir)
         missing = [v for v in videos[i::settings.shards] if v not in found]
         if missing:
-            raise UsageError(f"shard {i}/{settings.shards} is incomplete: {len(missing)} video(s) not done "
-                             f"(first: {missing[0]}); rerun it")
+            raise UsageError(f"{name}: shard {i}/{settings.shards} is incomplete: {len(missing)} video(s) not "
+                             f"done (first: {missing[0]}); rerun it")
         entries.update(found)
     bad = [entries[v] for v in videos if entries[v]["status"] != "done"]
-    (out_dir / UNREADABLE_FILE).write_text("".join(json.dumps(e) + "\n" for e in bad), encoding="utf-8")
+    unreadable = out_dir / f"{name}.unreadable.jsonl"
+    _write_atomic(unreadable, "".join(json.dumps(e) + "\n" for e in bad))
     lists = []
-    for name, samples in groups:
+    for list_name, samples in groups:
         kept = [entries[relative_source(v, settings.data_root)]["status"] == "done" for v, _ in samples]
-        lists.append(str(_write_list(out_dir, name, settings.list, samples, kept, settings.data_root)))
-    return {"videos": len(videos), "done": len(videos) - len(bad), "unreadable": len(bad), "lists": lists}
+        lists.append(str(_write_list(out_dir, list_name, settings.list, samples, kept, settings.data_root)))
+    return {"videos": len(videos), "done": len(videos) - len(bad), "unreadable": len(bad), "lists": lists,
+            "unreadable_file": str(unreadable)}
+
+
+def merge(out_dir: Path) -> List[Dict[str, Any]]:
+    """:func:`merge_list` for every list prepared in DIR."""
+    return [merge_list(out_dir, settings) for settings in _load_settings(out_dir)]
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -335,7 +358,7 @@ def _run_shard(todo: List[str], settings: Settings, out_dir: Path, shard: Tuple[
     try:
         results = (pool.imap_unordered(_prepare_one, jobs) if pool is not None
                    else (prepare_video(*job) for job in jobs))
-        with open(manifest_path(out_dir, shard), "a", encoding="utf-8") as manifest:
+        with open(manifest_path(out_dir, Path(settings.list).name, shard), "a", encoding="utf-8") as manifest:
             for entry in tqdm(results, total=len(jobs), desc="prepare", unit="video", file=sys.stderr,
                               dynamic_ncols=True):
                 unreadable += entry["status"] != "done"
@@ -358,21 +381,23 @@ def run(args: argparse.Namespace) -> int:
     videos = unique_videos(list_groups(settings.list, settings.data_root), settings.data_root)
     _settings_check(args.out, settings)
     mine = videos[args.shard[0]::args.shard[1]]
-    done = load_manifest(manifest_path(args.out, args.shard), args.out)
+    done = load_manifest(manifest_path(args.out, Path(settings.list).name, args.shard), args.out)
     todo = [v for v in mine if v not in done]
     unreadable = _run_shard(todo, settings, args.out, args.shard, args.workers)
     print(f"shard {args.shard[0]}/{args.shard[1]}: {len(mine)} of {len(videos)} videos, {len(mine) - len(todo)} "
           f"already done, {len(todo) - unreadable} prepared, {unreadable} unreadable")
     if args.shard[1] == 1:
-        _print_merged(merge(args.out))
+        _print_merged([merge_list(args.out, settings)])
     else:
         print(f"when every shard has run: {PROG} merge --out {args.out}")
     return 0
 
 
-def _print_merged(result: Dict[str, Any]) -> None:
-    print(f"{result['done']} of {result['videos']} videos prepared, {result['unreadable']} unreadable"
-          + (f" (listed in {UNREADABLE_FILE})" if result["unreadable"] else "") + "; lists: " + ", ".join(result["lists"]))
+def _print_merged(results: List[Dict[str, Any]]) -> int:
+    for r in results:
+        print(f"{r['done']} of {r['videos']} videos prepared, {r['unreadable']} unreadable"
+              + (f" (listed in {r['unreadable_file']})" if r["unreadable"] else "") + "; lists: " + ", ".join(r["lists"]))
+    return 0
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -380,7 +405,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["merge"]:
-        p = argparse.ArgumentParser(prog=f"{PROG} merge", description="write the new lists from every shard's manifest")
+        p = argparse.ArgumentParser(prog=f"{PROG} merge",
+                                    description="write the new lists of every list prepared in DIR from its shards' manifests")
         p.add_argument("--out", type=Path, required=True, help="the folder the shards prepared")
         args = p.parse_args(argv[1:])
         args.merge = True
@@ -397,7 +423,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--short-side", type=int_at_least(2), default=256, help="short side of the copies (never upscaled)")
     p.add_argument("--keyint", type=int_at_least(1), default=16, help="frames between keyframes")
     p.add_argument("--crf", type=int_at_least(0), default=23, help="libx264 constant rate factor (lower: better)")
-    p.add_argument("--preset", default="medium", help="libx264 preset (ultrafast ... veryslow)")
+    p.add_argument("--preset", default="medium", choices=X264_PRESETS, help="libx264 preset")
     p.add_argument("--workers", type=int_at_least(0), default=min(8, os.cpu_count() or 1),
                    help="processes encoding videos in parallel (0: this process)")
     p.add_argument("--shard", type=shard_arg, default=(0, 1), help="i/N: every N-th video from the i-th (i from 0)")
@@ -410,7 +436,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     args = parse_args(argv)
     if args.merge:
-        return run_main(lambda: _print_merged(merge(args.out)) or 0, PROG)
+        return run_main(lambda: _print_merged(merge(args.out)), PROG)
     return run_main(lambda: run(args), PROG)
 
 
