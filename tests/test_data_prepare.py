@@ -219,3 +219,18 @@ def test_hmdb51_split_becomes_train_and_test_lists(tmp_path):
         (str(out / "brush_hair/v1.mp4"), 0), (str(out / "cartwheel/v3.mp4"), 1)]
     assert read_list_file(out / "hmdb51_split1_test_list.txt", out) == [(str(out / "brush_hair/v2.mp4"), 0)]
     assert not (out / "cartwheel" / "v4.mp4").exists()  # marked 0: in neither part
+
+
+def test_ssv2_json_becomes_a_list_numbered_by_the_class_names(tmp_path):
+    root = tmp_path / "videos"
+    root.mkdir()
+    for seed, video in enumerate(("101", "102")):
+        write_encoded(root / f"{video}.webm", moving_pattern(12, seed=seed), "libvpx-vp9", gop=250)
+    (tmp_path / "validation.json").write_text(json.dumps([
+        {"id": "101", "template": "Pushing [something] from left to right"},
+        {"id": "102", "template": "Holding [something]"}]))
+    (tmp_path / "classes.txt").write_text("Holding something\nOpening something\nPushing something from left to right\n")
+    out = tmp_path / "out"
+    assert prepare("--list", tmp_path / "validation.json", "--data-root", root, "--out", out, "--class-names",
+                   tmp_path / "classes.txt", "--short-side", SHORT, "--workers", 0) == 0
+    assert read_list_file(out / "validation_list.txt", out) == [(str(out / "101.mp4"), 2), (str(out / "102.mp4"), 0)]

@@ -22,12 +22,15 @@ videos left out); an SSv2 JSON and UCF101 / HMDB51 split files, awkward to rewri
 (``relative/path label``, labels as the readers number them): ``DIR/<stem>_list.txt``, and for HMDB51
 ``DIR/hmdb51_split<N>_train_list.txt`` and ``..._test_list.txt``.
 
-Resumable: each shard appends one JSON line per finished video to ``DIR/manifest-<i>-of-<N>.jsonl`` (the copy,
-its frame count and size, or the reason a source is unreadable) after the copy is renamed into place from a
-temporary name; a rerun skips the videos recorded there whose copy is still whole, and redoes the rest.
+Resumable: each shard appends one JSON line per finished video to ``DIR/_prepare/<list>.manifest-<i>-of-<N>.jsonl``
+(the copy, its frame count and size, or the reason a source is unreadable) after the copy is renamed into place
+from a temporary name; a rerun skips the videos recorded there whose copy is still whole, and redoes the rest.
 ``--shard i/N`` takes every N-th video from the i-th (for job arrays); ``python -m m2clip_fast.data.prepare merge
---out DIR`` then writes the lists from all shards' manifests (a run without ``--shard`` does it itself).
-Unreadable sources are listed in ``DIR/unreadable.jsonl`` and left out of the lists.
+--out DIR`` then writes the lists of every list prepared in DIR from its shards' manifests (a run without
+``--shard`` does it itself). Unreadable sources are listed in ``DIR/<list>.unreadable.jsonl`` and left out of
+the lists. Several lists may share one DIR (train and val under one ``--data-root``) when they are encoded
+alike; ``DIR/_prepare/<list>.json`` records each one's settings. Two runs must not prepare the same video at
+once (the shards of one list never do).
 """
 from __future__ import annotations
 
@@ -46,14 +49,15 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import av
 
 from ..errors import UsageError
-from .datasets import (DatasetError, Sample, annotation_root, official_split, read_kinetics_csv, read_list_file,
-                       read_split_file, read_ssv2_json)
+from .datasets import (DatasetError, Sample, annotation_root, official_split, read_class_names, read_kinetics_csv,
+                       read_list_file, read_split_file, read_ssv2_json)
 from .decode import VideoDecodeError, get_index, iter_frames
 
 __all__ = ["Settings", "list_groups", "copy_path", "output_size", "prepare_video", "merge", "main"]
 
 PROG = "python -m m2clip_fast.data.prepare"
 STATE_DIR = "_prepare"
+MAX_CRF = 51
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 ENCODING = ("short_side", "keyint", "crf", "preset")  # what every copy in one DIR shares
 DEFAULT_RATE = Fraction(25)  # a stream that states no rate at all
@@ -70,25 +74,31 @@ class Settings:
     crf: int
     preset: str
     shards: int
+    class_names: Optional[str] = None
 
 
 # ------------------------------------------------------------------------------------------------ lists
 
 
-def list_groups(path: str, root: str) -> List[Tuple[str, List[Sample]]]:
-    """``[(output list name, samples)]`` of an annotation file: one group, or HMDB51's train and test videos."""
+def list_groups(path: str, root: str, class_names: Optional[str] = None) -> List[Tuple[str, List[Sample]]]:
+    """``[(output list name, samples)]`` of an annotation file: one group, or HMDB51's train and test videos.
+    The labels of the lists rewritten as mmaction2 lists come from ``class_names`` (a class-name file) where
+    given, else as each reader numbers them alone (SSv2: the file's own sorted templates; UCF101: classInd.txt;
+    HMDB51: the sorted class names)."""
+    names = read_class_names(class_names) if class_names is not None else None
     name = Path(path).name
     split = official_split(path)
     if split is not None and split[0] == "hmdb51":
-        return [(f"hmdb51_split{split[1]}_{part}_list.txt", read_split_file(path, root, train=part == "train"))
-                for part in ("train", "test")]
+        return [(f"hmdb51_split{split[1]}_{part}_list.txt",
+                 read_split_file(path, root, train=part == "train", class_names=names)) for part in ("train", "test")]
     if split is not None:
-        return [(f"{Path(path).stem}_list.txt", read_split_file(path, root, train=True))]
+        return [(f"{Path(path).stem}_list.txt", read_split_file(path, root, train=True, class_names=names))]
     suffix = Path(path).suffix.lower()
     if suffix == ".csv":
-        return [(name, read_kinetics_csv(path, root))]
+        return [(name, read_kinetics_csv(path, root))]  # rewritten as a CSV: its labels stay names
     if suffix == ".json":
-        return [(f"{Path(path).stem}_list.txt", read_ssv2_json(path, root))]
+        labels = None if names is None else {n: i for i, n in enumerate(names)}
+        return [(f"{Path(path).stem}_list.txt", read_ssv2_json(path, root, labels))]
     return [(name, read_list_file(path, root))]
 
 
@@ -313,7 +323,7 @@ def merge_list(out_dir: Path, settings: Settings) -> Dict[str, Any]:
     """Write one list's new list(s) and ``<list>.unreadable.jsonl`` from its shards' manifests. Raises
     UsageError naming a shard whose manifest is missing or incomplete."""
     name = Path(settings.list).name
-    groups = list_groups(settings.list, settings.data_root)
+    groups = list_groups(settings.list, settings.data_root, settings.class_names)
     videos = unique_videos(groups, settings.data_root)
     entries: Dict[str, Dict[str, Any]] = {}
     for i in range(settings.shards):
@@ -373,12 +383,15 @@ def _run_shard(todo: List[str], settings: Settings, out_dir: Path, shard: Tuple[
 def run(args: argparse.Namespace) -> int:
     if args.list is None:
         raise UsageError("--list is required (or: merge --out DIR)")
+    if args.crf > MAX_CRF:
+        raise UsageError(f"--crf is 0 to {MAX_CRF} for 8-bit libx264, got {args.crf}")
     root = annotation_root(args.list, args.data_root)
     if not os.path.isdir(root):
         raise UsageError(f"data root {root} is not a folder")
     settings = Settings(list=os.path.abspath(args.list), data_root=os.path.abspath(root), short_side=args.short_side,
-                        keyint=args.keyint, crf=args.crf, preset=args.preset, shards=args.shard[1])
-    videos = unique_videos(list_groups(settings.list, settings.data_root), settings.data_root)
+                        keyint=args.keyint, crf=args.crf, preset=args.preset, shards=args.shard[1],
+                        class_names=None if args.class_names is None else os.path.abspath(args.class_names))
+    videos = unique_videos(list_groups(settings.list, settings.data_root, settings.class_names), settings.data_root)
     _settings_check(args.out, settings)
     mine = videos[args.shard[0]::args.shard[1]]
     done = load_manifest(manifest_path(args.out, Path(settings.list).name, args.shard), args.out)
@@ -414,11 +427,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0].split(": ", 1)[1],
                                 epilog="lists: an mmaction2 list and a Kinetics CSV are rewritten in their format; an "
                                        "SSv2 JSON and UCF101/HMDB51 split files become mmaction2 lists "
-                                       "('relative/path label') named <stem>_list.txt. After a job array: "
+                                       "('relative/path label') named <stem>_list.txt (HMDB51: hmdb51_split<N>_train_list.txt and "
+                                       "_test_list.txt). After a job array: "
                                        f"{PROG} merge --out DIR")
     p.add_argument("--list", default=None, help="annotation file (mmaction2 list, Kinetics .csv, SSv2 .json, "
                                                 "UCF101/HMDB51 split file)")
     p.add_argument("--data-root", default=None, help="where the list's paths are joined (default: its folder)")
+    p.add_argument("--class-names", default=None,
+                   help="class-name file numbering the labels of an SSv2 JSON or UCF101/HMDB51 split rewritten as an "
+                        "mmaction2 list, as training with it would (e.g. m2clip_fast/assets/ssv2.txt); default: the "
+                        "file's own numbering (SSv2: its sorted templates)")
     p.add_argument("--out", type=Path, required=True, help="folder for the copies, the manifests and the new lists")
     p.add_argument("--short-side", type=int_at_least(2), default=256, help="short side of the copies (never upscaled)")
     p.add_argument("--keyint", type=int_at_least(1), default=16, help="frames between keyframes")
