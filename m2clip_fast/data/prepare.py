@@ -143,15 +143,22 @@ def output_size(width: int, height: int, short_side: int) -> Tuple[int, int]:
 
 
 def _frame_rate(path: str) -> Fraction:
-    rate = get_index(path).average_rate
-    return Fraction(rate) if rate else DEFAULT_RATE
+    """The video stream's average rate as the container states it. Read from the header alone: whether the
+    file is readable is for the decode to say (a demux error late in a file that decodes is no reason here)."""
+    try:
+        with av.open(path, metadata_errors="ignore") as container:
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+    except (av.FFmpegError, OSError, IndexError):
+        return DEFAULT_RATE
+    return Fraction(rate) if rate and rate > 0 else DEFAULT_RATE
 
 
 def _encode(src: str, tmp: str, settings: Settings, threads: int) -> int:
     """Write the copy of ``src`` to ``tmp``; returns its frame count. Raises VideoDecodeError for the source."""
-    rate = _frame_rate(src)
     frames = iter_frames(src, threads=threads)
-    first = next(frames)
+    first = next(frames)  # raises for an unreadable source before anything is written
+    rate = _frame_rate(src)
     width, height = output_size(first.width, first.height, settings.short_side)
     count = 0
     with av.open(tmp, "w", format="mp4") as out:
@@ -455,7 +462,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.merge:
         return run_main(lambda: _print_merged(merge(args.out)), PROG)
-    return run_main(lambda: run(args), PROG)
+    return run_main(lambda: run(args), PROG, on_interrupt=lambda: "rerun the same command to resume")
 
 
 if __name__ == "__main__":
