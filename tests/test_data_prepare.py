@@ -156,8 +156,8 @@ def test_shards_cover_the_list_and_merge_writes_one(sources, tmp_path, capsys):
     assert prepare(*common, "--shard", "1/2", "--workers", 0) == 0
     assert not (out / "train.txt").exists()  # a sharded run leaves the list to merge
     assert prepare("merge", "--out", out) == 0
-    mine = [[json.loads(line)["source"] for line in (out / "_prepare" / f"train.txt.manifest-{i}-of-2.jsonl").read_text().splitlines()]
-            for i in range(2)]
+    manifests = [(out / "_prepare" / f"train.txt.manifest-{i}-of-2.jsonl").read_text() for i in range(2)]
+    mine = [[json.loads(line)["source"] for line in text.splitlines()] for text in manifests]
     assert sorted(mine[0] + mine[1]) == sorted(["a/long_gop.mp4", "b/packed.avi", "b/vfr.mp4", "a/broken.mp4"])
     assert not set(mine[0]) & set(mine[1])
     assert [p for p, _ in read_list_file(out / "train.txt", out)] == [
@@ -229,7 +229,8 @@ def test_ssv2_json_becomes_a_list_numbered_by_the_class_names(tmp_path):
     (tmp_path / "validation.json").write_text(json.dumps([
         {"id": "101", "template": "Pushing [something] from left to right"},
         {"id": "102", "template": "Holding [something]"}]))
-    (tmp_path / "classes.txt").write_text("Holding something\nOpening something\nPushing something from left to right\n")
+    (tmp_path / "classes.txt").write_text("Holding something\nOpening something\n"
+                                          "Pushing something from left to right\n")
     out = tmp_path / "out"
     assert prepare("--list", tmp_path / "validation.json", "--data-root", root, "--out", out, "--class-names",
                    tmp_path / "classes.txt", "--short-side", SHORT, "--workers", 0) == 0

@@ -415,8 +415,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_merged(results: List[Dict[str, Any]]) -> int:
     for r in results:
-        print(f"{r['done']} of {r['videos']} videos prepared, {r['unreadable']} unreadable"
-              + (f" (listed in {r['unreadable_file']})" if r["unreadable"] else "") + "; lists: " + ", ".join(r["lists"]))
+        listed = f" (listed in {r['unreadable_file']})" if r["unreadable"] else ""
+        print(f"{r['done']} of {r['videos']} videos prepared, {r['unreadable']} unreadable{listed}; "
+              f"lists: {', '.join(r['lists'])}")
     return 0
 
 
@@ -425,8 +426,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["merge"]:
-        p = argparse.ArgumentParser(prog=f"{PROG} merge",
-                                    description="write the new lists of every list prepared in DIR from its shards' manifests")
+        p = argparse.ArgumentParser(prog=f"{PROG} merge", description="write the new lists of every list "
+                                    "prepared in DIR from its shards' manifests")
         p.add_argument("--out", type=Path, required=True, help="the folder the shards prepared")
         args = p.parse_args(argv[1:])
         args.merge = True
@@ -434,8 +435,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0].split(": ", 1)[1],
                                 epilog="lists: an mmaction2 list and a Kinetics CSV are rewritten in their format; an "
                                        "SSv2 JSON and UCF101/HMDB51 split files become mmaction2 lists "
-                                       "('relative/path label') named <stem>_list.txt (HMDB51: hmdb51_split<N>_train_list.txt and "
-                                       "_test_list.txt). After a job array: "
+                                       "('relative/path label') named <stem>_list.txt (HMDB51: "
+                                       "hmdb51_split<N>_train_list.txt and _test_list.txt). After a job array: "
                                        f"{PROG} merge --out DIR")
     p.add_argument("--list", default=None, help="annotation file (mmaction2 list, Kinetics .csv, SSv2 .json, "
                                                 "UCF101/HMDB51 split file)")
