@@ -106,7 +106,7 @@ class OfficialStyleM2CLIP(M2CLIP):
     """
 
     @staticmethod
-    def _trim(tokens: torch.Tensor) -> torch.Tensor:
+    def _trim(tokens: torch.Tensor, used: int) -> torch.Tensor:
         return tokens  # all context_length columns, padding included (CMLM prompts too)
 
     def _frozen_text(self, tokens: torch.Tensor) -> torch.Tensor:

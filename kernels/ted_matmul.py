@@ -32,22 +32,54 @@ import triton.language as tl
 from .ted_stencil import INTERPRETED, launch_device
 
 
+def _operand_class(dtype: torch.dtype, input_precision: str) -> str:
+    """Which tile list a launch draws from: 16-bit operands, fp32 on TF32 tensor cores, or fp32 FMA."""
+    if dtype.itemsize == 2:
+        return "16bit"
+    return "tf32" if input_precision == "tf32" else "ieee"
+
+
+def _tiles():
+    """Autotune configs per operand class, for K = 2r ∈ [256, 1024] and N = C ∈ {512, 768, 1024};
+    64-row tiles cover small batches (M = B·T·197 is a few thousand).
+
+    Each list was compiled for sm_90a and sm_80 with Triton's ptxas (tests/test_kernels_aot.py,
+    k400 shapes): none spills and all fit both targets' shared memory (227 / 163 KB per block).
+    * 16bit: wgmma on sm_90, mma.sync on sm_80; 96–255 registers, ≤ 128 KB shared. 128×256
+      (8 warps) and 128×128 (4 warps) were dropped: 255 registers and ~0.8 KB/thread of spills
+      (bf16, s3, both targets).
+    * tf32: the 16-bit tiles at BLOCK_K = 32, i.e. the same shared-memory bytes per stage; at
+      BLOCK_K = 64, 128×128 s4 (256 KB) and 64×256 s3 (240 KB) exceed an H100 block, and
+      128×128 s4 (192 KB) an A100 one.
+      96–254 registers, ≤ 128 KB.
+    * ieee: plain-fp32 dots run on FMA units, with the operand fragments in registers; at
+      BLOCK_K = 64 every tile spilled on sm_80 (0.6–5.9 KB/thread) and 128×128 on sm_90 (8 B).
+      BLOCK_K = 16: 104–254 registers, ≤ 32 KB.
+    """
+    cfg = lambda bm, bn, bk, w, s: triton.Config(  # noqa: E731
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    tensor_core = ((128, 128, 8, 3), (128, 128, 8, 4), (64, 256, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4),
+                   (64, 64, 4, 4))
+    return {
+        "16bit": [cfg(bm, bn, 64, w, s) for bm, bn, w, s in tensor_core],
+        "tf32": [cfg(bm, bn, 32, w, s) for bm, bn, w, s in tensor_core],
+        "ieee": [cfg(bm, bn, 16, w, 3) for bm, bn, w in ((128, 128, 8), (128, 64, 4), (64, 128, 4), (64, 64, 4))],
+    }
+
+
 def _configs(interpreted: bool):
     if interpreted:  # the interpreter's autotuner accepts a single config only
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
-    # Hopper-sized tiles for K = 2r ∈ [256, 1024] and N = C ∈ {512, 768, 1024}; 64-row tiles cover
-    # small batches (M = B·T·197 is a few thousand). All compile to wgmma on sm_90 without spills;
-    # 128×256 (8 warps) and 128×128 (4 warps) were dropped: ptxas spilled 1.2 KB/thread there.
-    cfg = lambda bm, bn, w, s: triton.Config(  # noqa: E731
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=w, num_stages=s)
-    return [
-        cfg(128, 128, 8, 3),
-        cfg(128, 128, 8, 4),
-        cfg(64, 256, 8, 3),
-        cfg(128, 64, 4, 4),
-        cfg(64, 128, 4, 4),
-        cfg(64, 64, 4, 4),
-    ]
+    return [c for tiles in _TILES.values() for c in tiles]
+
+
+_TILES = _tiles()
+
+
+def _prune_to_operands(configs, named_args, **kwargs):
+    """The autotuner's early prune: keep the configs of this launch's operand class (see _tiles)."""
+    tiles = _TILES[_operand_class(named_args["a_ptr"].dtype, kwargs["INPUT_PRECISION"])]
+    return [c for c in configs if any(c is t for t in tiles)]
 
 
 @triton.jit
@@ -101,7 +133,9 @@ def _ted_up_kernel(
 
 # Tuned per (N, K) and a power-of-two bucket of M: M = B·T·L changes with every partial batch and
 # evaluation view, and a full sweep per new M would stall each of them.
-_ted_up_kernel_tuned = triton.autotune(configs=_configs(INTERPRETED), key=["M_BUCKET", "N", "K"])(_ted_up_kernel)
+# INPUT_PRECISION is in the key because it selects the tile list (the dtypes are keyed anyway).
+_ted_up_kernel_tuned = triton.autotune(configs=_configs(INTERPRETED), key=["M_BUCKET", "N", "K", "INPUT_PRECISION"],
+                                       prune_configs_by={"early_config_prune": _prune_to_operands})(_ted_up_kernel)
 
 
 def fp32_matmul_uses_tf32() -> bool:

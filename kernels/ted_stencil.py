@@ -59,8 +59,8 @@ def _forward_configs(interpreted: bool):
     if interpreted:
         return [triton.Config({"BLOCK_M": 64, "BLOCK_R": 16}, num_warps=4)]
     # Memory-bound stencil: 64–128 channels × 2 B per row segment = one or two full 128-B lines
-    # per warp load. Per-thread footprint checked by compiling for sm_90 (ptxas, no spills in
-    # either direction): forward 64–105 registers, backward 141–247, all at 8 warps.
+    # per warp load. Per-thread footprint from compiling for sm_90a and sm_80 with ptxas
+    # (tests/test_kernels_aot.py): 60–105 registers for fp16/bf16, 73–121 for fp32, no spills.
     return [
         triton.Config({"BLOCK_M": 32, "BLOCK_R": 64}, num_warps=8),
         triton.Config({"BLOCK_M": 16, "BLOCK_R": 128}, num_warps=8),
@@ -161,8 +161,9 @@ def _d_half(z_ptr, ds_ptr, s_ptr, dz_ptr, acc, slots, rows, row_ok, t, tok, chan
     if BACKWARD:
         ds_d = _tap(ds_ptr, rows, 0, R, chans, patch_ok, chan_ok, stride)
     # A runtime loop, not static_range: unrolled, the compiler hoists all 18 tap loads and their
-    # 64-bit addresses (sm_90, 32×64 tile, 8 warps: 247 registers/thread, spilling at 64×64);
-    # rolled, the other resident warps keep enough loads in flight.
+    # 64-bit addresses (backward, bf16, sm_90a, 32×64 tile, 8 warps: 255 registers and 32 B/thread
+    # of spills, 72 B at 64×64; 141 registers rolled); rolled, the other resident warps keep
+    # enough loads in flight.
     for tap in range(9):
         wk = tl.load(wd_ptr + chans * 9 + tap, mask=chan_ok, other=0.0).to(tl.float32)
         y = _diff_tap(z_ptr, rows, t, gi, gj, patch_ok, chans, chan_ok, bias_dd, L, H, W, R, stride,
@@ -188,8 +189,11 @@ def _d_half(z_ptr, ds_ptr, s_ptr, dz_ptr, acc, slots, rows, row_ok, t, tok, chan
 
 # The backward's one tile, not autotuned: its gradient sums are grouped by the tile and the warp
 # layout, so a per-process tuning choice would make two runs (or a run and its resume) differ in
-# the last bits. 32×64 at 8 warps: 141 registers per thread on sm_90, no spills.
-_BACKWARD_TILE = {"BLOCK_M": 32, "BLOCK_R": 64, "num_warps": 8}
+# the last bits. Compiled for sm_90a and sm_80 (tests/test_kernels_aot.py), 32×64 at 8 warps
+# spilled (fp32 24–40 B/thread, fp16 without S 48 B, on sm_90a) or took up to 160 registers
+# (fp16 with S), at which only one 8-warp block fits an SM's 64 K registers; at 16 warps: 100–128
+# registers, no spills, and one 16-warp block per SM: twice the warps in flight for the tap loads.
+_BACKWARD_TILE = {"BLOCK_M": 32, "BLOCK_R": 64, "num_warps": 16}
 
 
 @triton.jit
@@ -201,8 +205,8 @@ def _ted_stencil_kernel(
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # Axis 1 holds the E channel blocks, then the D channel blocks: a program runs one half only,
-    # so registers are sized by the larger half rather than by both (sm_90, 32×64 tile, 8 warps:
-    # forward 127 → 64, backward 248 → 141 per thread), more resident warps hide the tap loads.
+    # so registers are sized by the larger half rather than by both, and more resident warps hide
+    # the tap loads.
     pid_m = tl.program_id(0)
     blocks_r = tl.cdiv(R, BLOCK_R)
     is_d = tl.program_id(1) >= blocks_r

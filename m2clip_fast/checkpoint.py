@@ -18,6 +18,7 @@ m2clip_fast.checkpoint upgrade OLD NEW --trust-checkpoint`` rewrites one as vers
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -116,10 +117,31 @@ def atomic_save(obj: Any, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        full = _full_disk(exc)
+        if full is not None:
+            kept = "the previous checkpoint is intact" if path.is_file() else "no earlier checkpoint was there"
+            raise CheckpointError(f"{full} while writing {path}; {kept}") from exc
         raise
+
+
+_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+         errno.EFBIG: "file too large for the file-size limit"}
+
+
+def _full_disk(exc: BaseException) -> Optional[str]:
+    """What a failed write says, when it failed for want of space: torch.save's zip writer reports only
+    "[enforce fail at inline_container.cc] unexpected pos", with the OSError (ENOSPC, EDQUOT, EFBIG) that
+    caused it as its context."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            return _FULL[exc.errno]
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -279,9 +301,26 @@ def whole_model_follows(whole: bool = True):
         root.removeFilter(quiet)
 
 
+def check_weights(model, weights: Dict[str, torch.Tensor], where: str) -> None:
+    """Refuse weights whose shapes differ from the model's (load_state_dict's "size mismatch" RuntimeError
+    otherwise) or that hold NaN/inf (a diverged run: training from it, or evaluating it, gives nothing)."""
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (model {tuple(own[k].shape)})" for k, v in weights.items()
+             if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]
+    if wrong:
+        raise CheckpointError(f"{where}: {len(wrong)} weight(s) of another shape than the model's: "
+                              f"{', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''} (another config?)")
+    nonfinite = [k for k, v in weights.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+                 and not torch.isfinite(v).all()]
+    if nonfinite:
+        raise CheckpointError(f"{where}: {len(nonfinite)} weight(s) hold NaN or inf ({', '.join(nonfinite[:3])}): "
+                              f"written by a run that diverged")
+
+
 def load_weights(model, weights: Dict[str, torch.Tensor], whole: bool, where: str) -> None:
     """Load a checkpoint's weights into ``model``. ``whole`` (a checkpoint of a random backbone): every key of
     the model is required; else every tuned parameter is. Keys the model doesn't have are always an error."""
+    check_weights(model, weights, where)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     required = set(missing) if whole else {n for n, p in model.named_parameters() if p.requires_grad} & set(missing)
     if unexpected or required:
@@ -313,7 +352,7 @@ def load_model_checkpoint(path: Union[str, Path], map_location="cpu", pretrained
 # Keys a resumed run may change: they leave the meaning of the checkpoint's state intact (fused and attention
 # pick kernels for the same weights; more epochs extend the schedule; the rest is loading and evaluation).
 RESUMABLE_KEYS = frozenset({"fused", "attention", "train.epochs", "train.workers", "train.eval_every",
-                            "train.views"})
+                            "train.views", "train.max_bad_fraction"})
 
 
 def run_settings(cfg, pretrained: Optional[str], seed: int, processes: int) -> Dict[str, Any]:

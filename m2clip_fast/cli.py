@@ -30,8 +30,20 @@ def run_main(main: Callable[[], int], prog: str, on_interrupt: Optional[Callable
     except UserError as exc:
         if os.environ.get("M2CLIP_DEBUG") == "1":
             raise
-        print(f"{prog}: error: {exc}\n(set M2CLIP_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(f"{prog}: error: {user_message(exc)}\n(set M2CLIP_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
+
+
+def user_message(exc: BaseException) -> str:
+    """A user error's message. One a DataLoader worker raised arrives re-raised with the worker's whole
+    traceback as its text ("Caught DatasetError in DataLoader worker process 0. Original Traceback ..."): only
+    the original message, after the traceback's last 'module.Type: ', is kept."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        marker = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+        at = text.rfind(marker)
+        text = text[at + len(marker):] if at >= 0 else text.rstrip().splitlines()[-1]
+    return text.rstrip()
 
 
 # ------------------------------------------------------------------------------------------ argparse types

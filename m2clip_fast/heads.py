@@ -49,13 +49,14 @@ def vc_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def cmlm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Masked label-word prediction: logits (B, L, V), targets (B, L) with IGNORE_INDEX off the masks.
 
-    A batch with no masked word (every class name in it has no word to mask) has nothing to predict: the loss
-    is then an exact 0 that is still part of the graph (cross entropy would give 0/0 = NaN), so backward and
-    DDP's gradient reduction run as for any other step."""
-    logits = logits.flatten(0, 1).float()
-    if not (targets != IGNORE_INDEX).any():
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX)
+    The mean over masked positions, as a sum divided by their count computed on the device: branching on
+    whether any position is masked would wait for the device every step. A batch with no masked word (every
+    class name in it has no word to mask) has nothing to predict: its loss is 0/1, an exact 0 that is still
+    part of the graph (a plain mean would give 0/0 = NaN), so backward and DDP's gradient reduction run as for
+    any other step."""
+    targets = targets.flatten()
+    total = F.cross_entropy(logits.flatten(0, 1).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
 class VisualClassifier(nn.Module):

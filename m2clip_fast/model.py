@@ -25,9 +25,9 @@ from .attention import set_attention_backend
 from .errors import UsageError
 from .fused import FusedTEDAdapter
 from .heads import (HEADS, MLMHead, VisualClassifier, cmc_loss, cmlm_loss, kl_contrastive_loss, vc_loss)
-from .presets import SHIPPED_BACKBONES, ConfigError, M2CLIPConfig, resolve_config
+from .presets import SHIPPED_BACKBONES, ConfigError, M2CLIPConfig, resolve_config, validate_config
 from .runtime import gather_batch
-from .text import (PromptTokenizer, humanize, label_words, load_class_names, mask_label_words)
+from .text import PromptTokenizer, humanize, label_word_table, label_words, load_class_names, mask_words
 
 
 # ----------------------------------------------------------------------------------------------- insertion
@@ -149,6 +149,9 @@ def load_clip(backbone: str, pretrained: Optional[str], quick_gelu: bool) -> nn.
     import open_clip
 
     _register_shipped_backbones()
+    if backbone not in open_clip.list_models() and not backbone.startswith(("hf-hub:", "local-dir:")):
+        raise UsageError(f"unknown backbone {backbone!r}: not an open_clip model name (python -c 'import open_clip; "
+                         f"print(open_clip.list_models())' lists them)")
     if pretrained is not None and not Path(pretrained).exists():
         known = open_clip.list_pretrained_tags_by_model(backbone)
         if pretrained not in known:
@@ -262,6 +265,7 @@ class M2CLIP(nn.Module):
             wordless = [n for n in self.class_names if not humanize(n).split()]
             if wordless:
                 warnings.warn(f"class names without any word get no CMLM target: {wordless[:5]}")
+        self._cmlm_on_device: Dict[torch.device, Tuple[torch.Tensor, ...]] = {}  # see _cmlm_table
         self._text_cache: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.use_text_cache = True
         self.use_eot_text_path = True
@@ -360,9 +364,8 @@ class M2CLIP(nn.Module):
         return x
 
     @staticmethod
-    def _trim(tokens: torch.Tensor) -> torch.Tensor:
-        """Drop trailing all-padding columns. Exact under the causal mask: no position attends forward."""
-        used = int((tokens != 0).any(dim=0).nonzero().max()) + 1
+    def _trim(tokens: torch.Tensor, used: int) -> torch.Tensor:
+        """Drop the all-padding columns from ``used`` on. Exact under the causal mask: no position attends forward."""
         return tokens[:, :used]
 
     def _frozen_text(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -425,8 +428,8 @@ class M2CLIP(nn.Module):
                self._frozen_text_state())
         if self.use_text_cache and key in self._text_cache:
             return self._text_cache[key]
-        tokens = torch.cat([self.prompts(class_names, t).tokens for t in templates]).to(device)
-        tokens = self._trim(tokens)
+        built = [self.prompts(class_names, t) for t in templates]
+        tokens = self._trim(torch.cat([p.tokens for p in built]), max(p.used for p in built)).to(device)
         hidden = self._frozen_text(tokens)
         if tap is not None:
             tap.record = True
@@ -476,19 +479,31 @@ class M2CLIP(nn.Module):
             v, t = F.normalize(v.float(), dim=-1), F.normalize(t.float(), dim=-1)
             return self.logit_scale * v @ t.t()
 
+    def _cmlm_class_table(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every class's CMLM prompt, on the host: tokens (C, n) trimmed to the longest prompt (exact: the text
+        tower is causal, the CMLM block attends to frames only and the MLM loss reads masked positions only),
+        label-word spans (C, W, 3) and mask counts (C,) (see :class:`m2clip_fast.text.LabelWordTable`)."""
+        prompts = self.prompts(self.class_names, self.config.templates[0])
+        words = [[self._word_index[w] for w in humanize(n).split()] for n in self.class_names]
+        table = label_word_table(prompts, words, self.config.mask_ratio)
+        return self._trim(prompts.tokens, prompts.used), table.spans, table.counts
+
+    def _cmlm_table(self, device: torch.device) -> Tuple[torch.Tensor, ...]:
+        """The class table on ``device``, built and copied there on first use: a step then only indexes it
+        by its labels."""
+        if device not in self._cmlm_on_device:
+            self._cmlm_on_device[device] = tuple(t.to(device) for t in self._cmlm_class_table())
+        return self._cmlm_on_device[device]
+
     def _cmlm_logits(self, labels: torch.Tensor, frames: torch.Tensor):
         """Mask label words of each sample's prompt and predict them from text cross-attending to frames.
-        Returns (logits (B, n, V), targets (B, n))."""
-        names = [self.class_names[i] for i in labels.tolist()]
-        prompts = self.prompts(names, self.config.templates[0])
-        words = [[self._word_index[w] for w in humanize(n).split()] for n in names]
-        tokens, targets = mask_label_words(prompts, words, self.prompts.mask_token, self.config.mask_ratio)
-        used = self._trim(prompts.tokens).shape[1]
-        tokens, targets = tokens[:, :used].to(frames.device), targets[:, :used].to(frames.device)
+        Returns (logits (B, n, V), targets (B, n)). Runs on the device: no host round trip for the labels."""
+        tokens, spans, counts = (t[labels] for t in self._cmlm_table(self.clip.token_embedding.weight.device))
+        tokens, targets = mask_words(tokens, spans, counts, self.prompts.mask_token)
         hidden = self._adapted_text(self._frozen_text(tokens))
         frames = frames.to(hidden.dtype)
         hidden = self.cmlm_block(hidden, k_x=frames, v_x=frames)
-        return self.mlm_head(self.clip.ln_final(hidden)), targets
+        return self.mlm_head(self.clip.ln_final(hidden)), targets.to(frames.device)
 
     def forward(self, video: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Training step: returns {'loss': weighted sum, and one loss per active head}."""
@@ -498,8 +513,10 @@ class M2CLIP(nn.Module):
     def _losses(self, video: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
         if labels.dim() != 1 or labels.shape[0] != video.shape[0]:
             raise ValueError(f"labels must be shape ({video.shape[0]},), got {tuple(labels.shape)}")
-        if labels.min() < 0 or labels.max() >= self.num_classes:
-            raise ValueError(f"labels must lie in [0, {self.num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
+        # Checked on the device, without waiting for it (the datasets check every label when they load):
+        # a CPU tensor raises here, a CUDA one fails the step with a device-side assert.
+        torch._assert_async(((labels >= 0) & (labels < self.num_classes)).all(),
+                            f"labels must lie in [0, {self.num_classes})")
         frames, pooled = self.encode_frames(video)
         out: Dict[str, torch.Tensor] = {}
         w = self.loss_weights
@@ -600,6 +617,7 @@ def create_model(preset_or_config: Union[str, M2CLIPConfig] = "k400_b16_8f", pre
             if not hasattr(config, key):
                 raise ConfigError(f"unknown config key {key!r}")
             setattr(config, key, value)
+        validate_config(config)
     else:
         config = resolve_config(preset_or_config, overrides=overrides)
     if class_names is not None:

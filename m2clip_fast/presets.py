@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Tuple, Union
@@ -76,7 +77,7 @@ class M2CLIPConfig:
 _TRAIN_DEFAULTS: Dict[str, Any] = {
     "epochs": 30, "batch_size": 32, "blr": 1e-3, "weight_decay": 0.01, "warmup_epochs": 2,
     "text_lr_scale": 0.5, "grad_clip": None, "accum_steps": 1, "sampling": "dense", "stride": 8,
-    "flip": True, "workers": 4, "amp": "auto", "eval_every": 1, "views": "1x1",
+    "flip": True, "workers": 4, "amp": "auto", "eval_every": 1, "views": "1x1", "max_bad_fraction": 0.5,
 }
 
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -131,16 +132,30 @@ def parse_overrides(items: Iterable[str]) -> Dict[str, Any]:
         if "=" not in item:
             raise UsageError(f"override {item!r} is not key=value")
         key, raw = item.split("=", 1)
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
+        value = _literal(raw)
         node = result
         *parents, leaf = key.strip().split(".")
         for part in parents:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} was set to {node!r} by another override, not to "
+                                  f"a mapping of keys")
         node[leaf] = value
     return result
+
+
+_NON_FINITE = {"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"}
+
+
+def _literal(raw: str) -> Any:
+    """An override's value: a Python literal when it is one (``nan``/``inf`` as the floats they name, so that
+    the range checks refuse them), else the string itself."""
+    if raw.strip().lower() in _NON_FINITE:
+        return float(raw)
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return raw
 
 
 def resolve_config(
@@ -185,4 +200,107 @@ def resolve_config(
     for key in ("templates",):
         if key in values and isinstance(values[key], list):
             values[key] = tuple(values[key])
-    return M2CLIPConfig(**values, train=train)
+    config = M2CLIPConfig(**values, train=train)
+    validate_config(config)
+    return config
+
+
+# ------------------------------------------------------------------------------------------ validation
+# Each key's type and range, checked once when the config is resolved: a wrong value is then a one-line error
+# naming the key before anything runs, not a TypeError after an epoch (train.eval_every=0) or a silent NaN run.
+
+def _count(minimum: int):
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, int):
+            return "an integer"
+        return None if value >= minimum else f"an integer >= {minimum}"
+    return check
+
+
+def _number(low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False,
+            optional: bool = False):
+    """A finite real in [low, high] (open ends where asked); None too when ``optional``."""
+    def check(value):
+        if value is None and optional:
+            return None
+        bounds = (f"{'>' if low_open else '>='} {low:g}" + ("" if high == math.inf else
+                  f" and {'<' if high_open else '<='} {high:g}"))
+        want = f"a finite number {bounds}" + (" (or None)" if optional else "")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return want
+        too_low = value <= low if low_open else value < low
+        too_high = value >= high if high_open else value > high
+        return want if too_low or too_high else None
+    return check
+
+
+def _boolean(value):
+    return None if isinstance(value, bool) else "true or false"
+
+
+def _one_of(*choices):
+    def check(value):
+        return None if value in choices else f"one of {', '.join(map(str, choices))}"
+    return check
+
+
+def _text(value):
+    return None if isinstance(value, str) and value else "a non-empty string"
+
+
+def _class_names(value):
+    if value is None or (isinstance(value, str) and value):
+        return None
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return None
+    return "a class-list name, a file, or a list of names"
+
+
+def _templates(value):
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and "{}" in v for v in value):
+        return None
+    return "a list of prompt templates, each holding {} for the class name"
+
+
+def _loss_weights(value):
+    if not isinstance(value, dict) or set(value) - set(DEFAULT_LOSS_WEIGHTS):
+        return f"a mapping of {', '.join(DEFAULT_LOSS_WEIGHTS)} to weights"
+    bad = [k for k, w in value.items() if _number(0)(w)]
+    return f"weights that are finite numbers >= 0 ({', '.join(bad)} not)" if bad else None
+
+
+def _views(value):
+    from .data.loader import parse_views  # the one parser of CLIPSxCROPS (lazy: data imports torch)
+
+    try:
+        parse_views(value) if isinstance(value, str) else parse_views("")
+    except UsageError:
+        return "CLIPSxCROPS with >= 1 clip and 1, 3 or 4 crops, e.g. 4x3"
+    return None
+
+
+MODEL_CHECKS = {
+    "backbone": _text, "quick_gelu": _boolean, "num_frames": _count(1), "class_names": _class_names,
+    "templates": _templates, "ted_adapters": _boolean, "ted_bottleneck": _count(1), "ted_layers": _count(0),
+    "ted_pre_attn": _boolean, "ted_pre_mlp": _boolean, "ted_enhance": _boolean, "ted_difference": _boolean,
+    "fused": _boolean, "attention": _one_of("sdpa", "xformers", "math", "torch"), "temporal_adapter": _boolean,
+    "text_adapter_layers": _count(0), "text_bottleneck": _count(1), "loss_weights": _loss_weights,
+    "vc_dropout": _number(0, 1, high_open=True), "mask_ratio": _number(0, 1),
+}
+TRAIN_CHECKS = {
+    "epochs": _count(1), "batch_size": _count(1), "blr": _number(0, low_open=True), "weight_decay": _number(0),
+    "warmup_epochs": _number(0), "text_lr_scale": _number(0), "grad_clip": _number(0, low_open=True, optional=True),
+    "accum_steps": _count(1), "sampling": _one_of("dense", "uniform"), "stride": _count(1), "flip": _boolean,
+    "workers": _count(0), "amp": _one_of("auto", "none", "fp32", "bf16", "fp16"), "eval_every": _count(1),
+    "views": _views, "max_bad_fraction": _number(0, 1, low_open=True),
+}
+
+
+def validate_config(config: M2CLIPConfig) -> None:
+    """Raise a ConfigError naming every key whose value has the wrong type or is out of range."""
+    problems = [(key, getattr(config, key), check(getattr(config, key))) for key, check in MODEL_CHECKS.items()]
+    problems += [(f"train.{key}", config.train[key], check(config.train[key])) for key, check in TRAIN_CHECKS.items()
+                 if key in config.train]  # a model built outside training has no train section
+    bad = [f"{key}={value!r} (expected {want})" for key, value, want in problems if want]
+    if bad:
+        raise ConfigError(f"invalid config value{'s' if len(bad) > 1 else ''}: {'; '.join(bad)}")

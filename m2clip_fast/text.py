@@ -91,9 +91,11 @@ class PromptTokens:
 
     tokens: (N, context_length) int64 BPE ids, SOT … EOT then zero padding.
     word_spans: per prompt, the [start, end) token positions of each label word, in order.
+    used: the longest prompt's token count (SOT to EOT): columns from there on are all padding.
     """
     tokens: torch.Tensor
     word_spans: List[List[Tuple[int, int]]]
+    used: int
 
 
 class PromptTokenizer:
@@ -133,33 +135,50 @@ class PromptTokenizer:
         tokens = torch.zeros(len(rows), self.context_length, dtype=torch.long)
         for i, ids in enumerate(rows):
             tokens[i, : len(ids)] = torch.tensor(ids)
-        return PromptTokens(tokens, spans)
+        return PromptTokens(tokens, spans, max((len(ids) for ids in rows), default=0))
 
 
-def mask_label_words(
-    prompts: PromptTokens,
-    words_per_prompt: Sequence[Sequence[int]],
-    mask_token: int,
-    ratio: float = MASK_RATIO,
-    generator: Optional[torch.Generator] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Mask ``ratio`` of the label words of every prompt (at least one).
+@dataclass
+class LabelWordTable:
+    """The label words of N prompts as tensors, so that masking runs where the tokens are.
 
-    words_per_prompt[i][j] is the vocabulary index of word j of prompt i.
-    Returns (masked tokens (N, L), labels (N, L)) where labels hold the word's vocabulary index at every
-    BPE position of a masked word and IGNORE_INDEX elsewhere. Unlike the official release (whose masking
-    never runs, so its CMLM loss is NaN), every prompt with a label word gets at least one target; a class
-    name without any word (only punctuation, say) leaves its prompt unmasked, with no target.
+    spans: (N, W, 3) int64 [start, end, vocabulary index] of word j of prompt i, W the most words of any
+    prompt; rows past a prompt's words are [0, 0, 0] (an empty span). counts: (N,) how many words of each
+    prompt to mask: ``max(1, round(ratio · words))``, 0 for a prompt without words.
     """
-    tokens = prompts.tokens.clone()
-    labels = torch.full_like(tokens, IGNORE_INDEX)
-    for i, spans in enumerate(prompts.word_spans):
-        if not spans:
-            continue
-        count = max(1, round(ratio * len(spans)))
-        chosen = torch.randperm(len(spans), generator=generator)[:count].tolist()
-        for j in chosen:
-            start, end = spans[j]
-            tokens[i, start:end] = mask_token
-            labels[i, start:end] = words_per_prompt[i][j]
-    return tokens, labels
+    spans: torch.Tensor
+    counts: torch.Tensor
+
+
+def label_word_table(prompts: PromptTokens, words_per_prompt: Sequence[Sequence[int]],
+                     ratio: float = MASK_RATIO) -> LabelWordTable:
+    """words_per_prompt[i][j] is the vocabulary index of word j of prompt i (spans from ``prompts``)."""
+    n, width = len(prompts.word_spans), max((len(s) for s in prompts.word_spans), default=0)
+    spans = torch.zeros(n, max(width, 1), 3, dtype=torch.long)
+    counts = torch.zeros(n, dtype=torch.long)
+    for i, word_spans in enumerate(prompts.word_spans):
+        for j, (start, end) in enumerate(word_spans):
+            spans[i, j] = torch.tensor([start, end, words_per_prompt[i][j]])
+        counts[i] = max(1, round(ratio * len(word_spans))) if word_spans else 0
+    return LabelWordTable(spans, counts)
+
+
+def mask_words(tokens: torch.Tensor, spans: torch.Tensor, counts: torch.Tensor, mask_token: int,
+               generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mask ``counts[i]`` label words of row i, chosen uniformly at random; tensor ops only, on tokens'
+    device, so a training step never waits on the host for it.
+
+    tokens: (B, L); spans (B, W, 3) and counts (B,) rows of a :class:`LabelWordTable` (``generator``, when
+    given, must be on tokens' device). Returns (masked tokens (B, L), labels (B, L)): labels hold the word's
+    vocabulary index at every BPE position of a masked word and IGNORE_INDEX elsewhere.
+    """
+    start, end, vocab = spans.unbind(-1)
+    is_word = end > start
+    # A uniformly random subset of `count` words: the count smallest of uniform keys, non-words ranked last.
+    keys = torch.rand(start.shape, device=tokens.device, generator=generator).masked_fill(~is_word, 2.0)
+    chosen = keys.argsort(dim=1).argsort(dim=1) < counts[:, None]
+    pos = torch.arange(tokens.shape[1], device=tokens.device)
+    covers = (pos >= start[..., None]) & (pos < end[..., None]) & chosen[..., None]  # (B, W, L)
+    masked = covers.any(dim=1)
+    labels = torch.where(masked, (covers * vocab[..., None]).sum(dim=1), IGNORE_INDEX)
+    return tokens.masked_fill(masked, mask_token), labels

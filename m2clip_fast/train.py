@@ -3,17 +3,19 @@
 Outputs in ``--output-dir``: ``metrics.jsonl`` (one JSON object per epoch: its evaluation, if any, and
 ``decode_stats``, how its training clips were decoded), ``train_log.csv`` (one row per
 optimizer step), TensorBoard events when tensorboard is installed, ``skipped.jsonl`` (bad videos: file and
-reason), ``checkpoints/{last,best}.pt`` (written atomically), ``config.json``.
+reason), ``checkpoints/{last,best}.pt`` (written atomically), ``config.json``, ``.lock`` (one run at a time).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -25,15 +27,21 @@ from .checkpoint import (TRUST_HELP, CheckpointError, TrainingState, atomic_save
                          load_weights, read_checkpoint, resume_position, run_settings, stores_whole_model,
                          whole_model_follows)
 from .cli import add_data_args, int_at_least, run_main
-from .data.datasets import DatasetError, load_samples
+from .data.datasets import DatasetError, annotation_root, load_samples
 from .data.loader import DecodeTally, decode_stats_line
 from .data.loader import batches_from, build_clip_loader, parse_views, resolve_decoder
+from .data.robust import check_bad_fraction
+from .errors import UserError
 from .evaluation import evaluate_loader, excluded_note, gather_skipped
 from .model import M2CLIP, create_model
 from .presets import PRESETS, parse_overrides, resolve_config
 from .text import load_class_names
 
 PRIMARY_HEAD = "fused"
+
+
+class DivergedError(UserError, FloatingPointError):
+    """The loss (or a weight) became NaN or infinite: the run stops before writing such a checkpoint."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,10 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_config(args):
     overrides = parse_overrides(args.set)
-    train = overrides.setdefault("train", {})
-    for key in ("epochs", "batch_size", "workers"):
-        if getattr(args, key) is not None:
-            train[key] = getattr(args, key)
+    given = {key: getattr(args, key) for key in ("epochs", "batch_size", "workers") if getattr(args, key) is not None}
+    if given and isinstance(overrides.get("train", {}), dict):  # (a train= that is no mapping: resolve_config says so)
+        overrides["train"] = {**overrides.get("train", {}), **given}
     if args.class_names:
         overrides["class_names"] = args.class_names
     return resolve_config(args.preset, args.config, overrides)
@@ -149,14 +156,33 @@ class Start:
     ckpt_path: Optional[Path] = None
     epoch: int = 0
     skip_batches: int = 0
+    lock: Any = None  # run_dir.lock_output_dir's file, on the main process
+    train_samples: List[Tuple[str, int]] = field(default_factory=list)
+    val_samples: Optional[List[Tuple[str, int]]] = None
+    dropped: List[Dict[str, str]] = field(default_factory=list)  # --skip-missing's missing files
 
 
 def start(args: argparse.Namespace) -> Start:
-    """Resolve the config, join the process group, check OUTPUT and seed; with --resume, read the checkpoint
-    and check that it continues this run."""
+    """Resolve and check the config, join the process group, lock and check OUTPUT, seed; with --resume, read
+    the checkpoint and check that it continues this run. The lock is released when this raises."""
     cfg = build_config(args)
     info, device = runtime.init_distributed(args.device)
     out = Path(args.output_dir)
+    lock = run_dir.lock_output_dir(out) if info.is_main else None
+    try:
+        if info.is_main:  # left by a killed run: its --overwrite half done, its checkpoint write torn
+            run_dir.recover_asides(out)
+            run_dir.clean_temp_files(out)
+        st = _start_checks(args, cfg, info, device, out)
+    except BaseException:
+        run_dir.unlock_output_dir(lock)
+        raise
+    st.lock = lock
+    return st
+
+
+def _start_checks(args, cfg, info: runtime.DistInfo, device: torch.device, out: Path) -> Start:
+    """The checks of :func:`start` made with OUTPUT locked; the resolved Start."""
     run_dir.check_output_dir(out, bool(args.resume), args.overwrite)
     runtime.seed_everything(args.seed + info.rank)
     if cfg.class_names is None:
@@ -165,6 +191,9 @@ def start(args: argparse.Namespace) -> Start:
     cfg.class_names = tuple(class_names)  # as the model (and so the checkpoint) records them
     st = Start(args, cfg, info, device, out, class_names, run_settings(cfg, args.pretrained, args.seed,
                                                                        info.world_size))
+    st.train_samples, st.val_samples, st.dropped = read_lists(args, class_names)
+    # a resume at an epoch boundary would otherwise take another list silently (check_same_run compares it)
+    st.settings["--train-list"] = list_fingerprint(st.train_samples, annotation_root(args.train_list, args.data_root))
     if args.resume:
         st.ckpt_path = run_dir.checkpoint_path(out) if args.resume == "auto" else Path(args.resume)
         st.ckpt = read_checkpoint(st.ckpt_path, "--resume checkpoint", training=True,
@@ -172,6 +201,34 @@ def start(args: argparse.Namespace) -> Start:
         check_same_run(st.ckpt, st.ckpt_path, st.settings, args.preset)
         st.epoch, st.skip_batches = resume_position(st.ckpt)
     return st
+
+
+def read_lists(args: argparse.Namespace, class_names: List[str]):
+    """The training and validation lists, each read and checked before either is reported (a wrong
+    validation list is not found only once the training list is fixed): ``(train, val or None, dropped)``."""
+    read, errors, dropped = {}, [], []
+    for key, what in (("train", "training list"), ("val", "validation list")):
+        path = getattr(args, f"{key}_list")
+        if not path:
+            continue
+        try:
+            read[key], missing = load_samples(path, args.data_root, class_names, train=key == "train",
+                                              skip_missing=args.skip_missing, what=what)
+            dropped += missing
+        except DatasetError as exc:
+            errors.append(exc)
+    if errors:
+        raise DatasetError("\n".join(str(e) for e in errors), [p for e in errors for p in e.problems])
+    return read["train"], read.get("val"), dropped
+
+
+def list_fingerprint(samples: List[Tuple[str, int]], root: str) -> str:
+    """'N samples, sha256 …' of a list's (path relative to its root, label) pairs, in order: the same list
+    read from a moved data root fingerprints the same."""
+    digest = hashlib.sha256()
+    for path, label in samples:
+        digest.update(f"{os.path.relpath(path, root)}\t{label}\n".encode("utf-8", errors="surrogatepass"))
+    return f"{len(samples)} samples, sha256 {digest.hexdigest()[:16]}"
 
 
 def nothing_to_do(st: Start) -> bool:
@@ -196,13 +253,7 @@ class Trainer:
         args, tcfg, self.st = st.args, st.cfg.train, st
         self.tcfg, self.device, self.info, self.out = tcfg, st.device, st.info, st.out
         self.decode_stats: Dict[str, Any] = {}  # how the last epoch's training clips were decoded (DecodeTally)
-        train_samples, self.dropped = load_samples(args.train_list, args.data_root, st.class_names, train=True,
-                                                   skip_missing=args.skip_missing, what="training list")
-        val_samples = None
-        if args.val_list:
-            val_samples, dropped_val = load_samples(args.val_list, args.data_root, st.class_names, train=False,
-                                                    skip_missing=args.skip_missing, what="validation list")
-            self.dropped += dropped_val
+        train_samples, val_samples, self.dropped = st.train_samples, st.val_samples, st.dropped
         self.whole = st.ckpt is not None and stores_whole_model(st.ckpt)
         with whole_model_follows(self.whole):  # a random backbone comes whole from the checkpoint
             self.model = create_model(st.cfg, pretrained=args.pretrained, class_names=st.class_names)
@@ -229,6 +280,8 @@ class Trainer:
         self.run_info = {"preset": args.preset, "config_file": args.config, "settings": st.settings,
                          "batches_per_epoch": self.batches_per_epoch}
         self.logger: Optional[run_dir.Logger] = None
+        self.aside: Optional[Path] = None  # the earlier run --overwrite replaces, until the first checkpoint
+        self.nonfinite: Optional[str] = None  # this process's first non-finite loss: "loss nan at step 12 ..."
 
     def _loaders(self, train_samples, val_samples):
         tcfg, per_process = self.tcfg, self.tcfg["batch_size"]
@@ -274,10 +327,13 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
             if st.ckpt is not None:
                 run_dir.truncate_logs(out, self.step)
+            elif st.args.overwrite:  # kept until this run's first checkpoint exists (see save, undo_overwrite)
+                self.aside = run_dir.set_aside(out)
+                if self.aside is not None:
+                    print(f"--overwrite: the earlier run is set aside in {self.aside}; it is deleted once this "
+                          f"run's first checkpoint is written")
             else:
-                removed = run_dir.clear_run(out)  # a fresh run: nothing of an earlier one is kept
-                if removed and st.args.overwrite:
-                    print(f"--overwrite: deleted the earlier run's {len(removed)} file(s) in {out}")
+                run_dir.clear_run(out)  # logs of an earlier start that wrote no checkpoint
             if self.dropped:
                 print(f"--skip-missing: dropped {len(self.dropped)} missing file(s)")
                 for d in self.dropped:
@@ -305,6 +361,8 @@ class Trainer:
                 break
             skipped.extend(batch["skipped"])
             decoding.add(batch)
+            if batch["skipped"] and self.info.world_size == 1:  # (under DDP at the epoch's end, all ranks at once)
+                self._stop_if_too_many_bad(epoch, skipped)
             final_micro = (i + 1) % self.accum == 0
             for k, v in self._forward_backward(batch, final_micro).items():
                 running[k] = running.get(k, 0.0) + v / self.accum
@@ -312,6 +370,7 @@ class Trainer:
             if not final_micro:
                 continue
             self._optimizer_step()
+            self._note_nonfinite(running["loss"], epoch)
             batches_done = i + 1
             rate = clips_seen / (time.perf_counter() - t0)
             self.logger.step({"step": self.step, "epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
@@ -361,10 +420,42 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
 
+    def _note_nonfinite(self, loss: float, epoch: int) -> None:
+        """Remember a NaN/inf loss (the float is on the host already: no extra sync); one process stops at
+        once, DDP processes at the agreed check before the next save (:meth:`_check_finite`)."""
+        if self.nonfinite is None and not math.isfinite(loss):
+            self.nonfinite = f"loss {loss} at step {self.step} (epoch {epoch + 1})"
+        if self.nonfinite is not None and self.info.world_size == 1:
+            self._check_finite()
+
+    def _check_finite(self) -> None:
+        """Before a checkpoint: every process's losses and the tuned weights finite, or a DivergedError on every
+        process alike, so that no NaN checkpoint is written and the last good one stays."""
+        seen = [s for s in runtime.all_gather_objects(self.nonfinite) if s is not None]
+        if not seen:
+            bad = [n for n, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+            seen = [f"non-finite weights ({', '.join(bad[:3])}) at step {self.step}"] if bad else []
+        if not seen:
+            return
+        last = run_dir.checkpoint_path(self.out)
+        kept = (f"the last good checkpoint {last} is kept" if last.is_file() and self.aside is None
+                else "no checkpoint was written")
+        raise DivergedError(f"training diverged: {seen[0]}; {kept}. A learning rate too high (train.blr="
+                            f"{self.tcfg['blr']:g}, lr {self.lr:.3g})? Try a lower train.blr or train.grad_clip")
+
     def _report_skipped(self, epoch: int, skipped: List[Dict[str, Any]], phase: str) -> None:
         bad = gather_skipped(skipped)
         if self.info.is_main:
             run_dir.record_skipped(self.out, epoch, self.step, bad, phase)
+        if phase == "train":
+            check_bad_fraction(bad, self.num_train, self.tcfg["max_bad_fraction"],
+                               f"training videos met in epoch {epoch + 1}")
+
+    def _stop_if_too_many_bad(self, epoch: int, skipped: List[Dict[str, Any]]) -> None:
+        """Mid-epoch, one process: report the unreadable videos and stop once they pass train.max_bad_fraction."""
+        bad = {s["path"]: s["reason"] for s in skipped}
+        if len(bad) > self.tcfg["max_bad_fraction"] * self.num_train:
+            self._report_skipped(epoch, skipped, "train")
 
     def validate(self, epoch: int) -> None:
         """Score the validation list; the record goes to metrics.jsonl and becomes ``last_metrics``."""
@@ -390,18 +481,36 @@ class Trainer:
     def save(self, epoch: int, batches_done: int) -> None:
         """checkpoints/last.pt (and best.pt when the validation score improved), written by the main process
         with every process's RNG state."""
+        self._check_finite()
         rngs = runtime.all_gather_objects(runtime.rng_state())
-        score = self.last_metrics.get("top1", -1.0) if self.val_loader is not None else -1.0
+        epoch_done = batches_done >= self.batches_per_epoch
+        # an evaluation after a --max-steps stop in the middle of an epoch is recorded, but is no candidate for
+        # best.pt: it scored a model the epoch's schedule had not finished with
+        score = self.last_metrics.get("top1", -1.0) if self.val_loader is not None and epoch_done else -1.0
         if self.info.is_main:
             state = TrainingState(
                 optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), epoch=epoch,
-                batches_done=batches_done, epoch_done=batches_done >= self.batches_per_epoch, step=self.step,
+                batches_done=batches_done, epoch_done=epoch_done, step=self.step,
                 rng=rngs, best=max(self.best, score), metrics=self.last_metrics, run=self.run_info)
             ckpt = build_checkpoint(self.model, self.st.args.pretrained, state)
             atomic_save(ckpt, run_dir.checkpoint_path(self.out, "last"))
             if self.val_loader is not None and score > self.best:
                 atomic_save(ckpt, run_dir.checkpoint_path(self.out, "best"))
+            run_dir.drop_aside(self.aside)
+            self.aside = None
         self.best = max(self.best, score)
+
+    def undo_overwrite(self) -> None:
+        """The run failed before its first checkpoint: the earlier run --overwrite set aside comes back."""
+        if self.aside is None:
+            return
+        if self.logger is not None:
+            self.logger.close()
+            self.logger = None
+        run_dir.restore_aside(self.out, self.aside)
+        print(f"--overwrite: this run stopped before its first checkpoint; the earlier run in {self.out} is "
+              f"restored", file=sys.stderr)
+        self.aside = None
 
     def close(self) -> None:
         if self.logger is not None:
@@ -418,6 +527,13 @@ def train(args: argparse.Namespace, progress: Optional[Dict[str, Any]] = None) -
     progress = {} if progress is None else progress
     progress.update(resume=args.resume, overwrite=args.overwrite)
     st = start(args)
+    try:
+        return _train(st, progress)
+    finally:
+        run_dir.unlock_output_dir(st.lock)
+
+
+def _train(st: Start, progress: Dict[str, Any]) -> Dict[str, Any]:
     epochs = st.cfg.train["epochs"]
     if st.ckpt is not None:
         where = position_text(st.epoch, st.skip_batches, st.ckpt["run"]["batches_per_epoch"], epochs)
@@ -427,7 +543,19 @@ def train(args: argparse.Namespace, progress: Optional[Dict[str, Any]] = None) -
     trainer = Trainer(st)
     if st.ckpt is not None:
         trainer.restore(st.ckpt)
-    trainer.prepare_output()
+    try:
+        trainer.prepare_output()
+        _epochs(trainer, st, progress)
+    except BaseException:
+        if st.info.is_main:
+            trainer.undo_overwrite()
+        raise
+    trainer.close()
+    return trainer.last_metrics
+
+
+def _epochs(trainer: Trainer, st: Start, progress: Dict[str, Any]) -> None:
+    epochs = st.cfg.train["epochs"]
     for epoch in range(st.epoch, epochs):
         batches_done, stop = trainer.train_epoch(epoch, st.skip_batches if epoch == st.epoch else 0)
         last = epoch == epochs - 1 or stop
@@ -441,8 +569,6 @@ def train(args: argparse.Namespace, progress: Optional[Dict[str, Any]] = None) -
                         where=trainer.position(epoch + epoch_done, 0 if epoch_done else batches_done))
         if stop:
             break
-    trainer.close()
-    return trainer.last_metrics
 
 
 def main(argv=None) -> int:

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from m2clip_fast.adapters import TEDAdapter, TemporalAdapter, TextAdapter
-from tolerance import assert_within_reference_error
+from m2clip_fast.tolerance import assert_within_reference_error
 
 
 def randomise(module, seed=0):
@@ -52,7 +52,7 @@ def test_ted_matches_naive_loops(frames, grid):
     h, w = grid
     adapter = randomise(TEDAdapter(12, 5, num_frames=frames, grid=grid if h != w else None))
     x = torch.randn(2 * frames, 1 + h * w, 12)
-    # the adapter (fp32) within 2 × the fp32 loops' own error vs the loops in float64 (tests/tolerance.py)
+    # the adapter (fp32) within 2 × the fp32 loops' own error vs the loops in float64 (m2clip_fast/tolerance.py)
     assert_within_reference_error(adapter(x), naive_ted(adapter, x, frames, h, w, torch.float32),
                                   naive_ted(adapter, x, frames, h, w))
 

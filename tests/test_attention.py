@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import m2clip_fast.attention as A
 import m2clip_fast.model as M
 from m2clip_fast.attention import MultiheadAttention, get_attention_backend, set_attention_backend
-from tolerance import assert_within_reference_error
+from m2clip_fast.tolerance import assert_within_reference_error
 
 FAST = ("sdpa", "math")  # the backends that run on CPU
 
@@ -97,7 +97,7 @@ def _double(t):
 
 
 def assert_like_mha(got, ref, q, k, v, what="", **kwargs):
-    """got, an output of ours for (q, k, v, kwargs), within the error model of tests/tolerance.py: 2 × the fp32
+    """got, an output of ours for (q, k, v, kwargs), within the error model of m2clip_fast/tolerance.py: 2 × the fp32
     error of nn.MultiheadAttention ``ref`` itself against a float64 copy of it (+ 1 ulp)."""
     expected = ref(q, k, v, need_weights=False, **kwargs)[0]
     exact = copy.deepcopy(ref).double()(*map(_double, (q, k, v)), need_weights=False,
@@ -209,7 +209,7 @@ def test_a_new_mask_is_judged_afresh_even_at_a_recycled_address(sdpa_calls):
 @pytest.mark.parametrize("backend", FAST)
 def test_low_precision_error_within_twice_pytorchs_own(dtype, case, backend):
     """As flash-attention's tests: error vs an fp64 reference ≤ 2 × the error of PyTorch's own implementation
-    in the same dtype (+ 1 ulp), for the output and for the input and parameter gradients (tests/tolerance.py)."""
+    in the same dtype (+ 1 ulp), for the output and for the input and parameter gradients (m2clip_fast/tolerance.py)."""
     ref, ours, (q, k, v), kwargs = build(case)
     set_attention_backend(ours, backend)
     grad_out = randn(*q.shape, seed=9)
@@ -291,7 +291,7 @@ def encode(clip, images, tokens):
 
 
 def encode_float64(clip, images, tokens):
-    """encode() of a float64 copy of ``clip`` on PyTorch's own attention: the exact side of tests/tolerance.py."""
+    """encode() of a float64 copy of ``clip`` on PyTorch's own attention: the exact side of m2clip_fast/tolerance.py."""
     twin = copy.deepcopy(clip).double()
     set_attention_backend(twin, "torch")
     return encode(twin, images.double(), tokens)
@@ -383,7 +383,7 @@ def test_m2clip_with_cmlm_cross_attention_same_losses_and_predictions():
     towers = len(clip.visual.transformer.resblocks) + len(clip.transformer.resblocks)
     assert set_attention_backend(model, "sdpa") == towers + 1  # + the CMLM cross-attention block
     assert isinstance(model.cmlm_block.attn, MultiheadAttention)
-    # within 2 × the torch backend's own fp32 error vs float64 (tests/tolerance.py)
+    # within 2 × the torch backend's own fp32 error vs float64 (m2clip_fast/tolerance.py)
     assert_within_reference_error(run(model, video), expected, exact, "sdpa")
 
 

@@ -54,7 +54,8 @@ def test_our_checkpoints_load_weights_only_and_restore_the_rng_exactly(tmp_path)
     assert got[:3] == expected[:3] and torch.equal(got[3], expected[3])
 
 
-def test_a_pickle_payload_is_refused_by_every_command_and_never_runs(tmp_path, capsys, monkeypatch):
+def test_a_pickle_payload_is_refused_by_every_command_and_never_runs(tmp_path, capsys, monkeypatch,
+                                                                     synthetic_dataset):
     monkeypatch.delenv("M2CLIP_DEBUG", raising=False)
     marker = tmp_path / "payload-ran"
     bad = tmp_path / "bad.pt"
@@ -67,7 +68,8 @@ def test_a_pickle_payload_is_refused_by_every_command_and_never_runs(tmp_path, c
         assert not marker.exists()
 
     refused(evaluate_main(["--checkpoint", str(bad), "--val-list", str(tmp_path / "val.txt"), "--device", "cpu"]))
-    refused(train_main(["--preset", "tiny", "--train-list", str(tmp_path / "train.txt"), "--device", "cpu",
+    # (train reads its lists before the checkpoint: a real one, so that the checkpoint is what it refuses)
+    refused(train_main(["--preset", "tiny", "--train-list", str(synthetic_dataset / "train.txt"), "--device", "cpu",
                         "--output-dir", str(tmp_path / "run"), "--resume", str(bad)]))
     refused(convert_main([str(bad), "--preset", "tiny", "--pretrained", "none", "--out", str(tmp_path / "o.pt")]))
     assert not (tmp_path / "o.pt").exists()

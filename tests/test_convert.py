@@ -13,11 +13,11 @@ from m2clip_fast.convert import convert_official_adapter, to_official_adapter
 # lives with the benchmark baselines; it is written independently of TEDAdapter's forward.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from baselines import OfficialStyleTEDAdapter  # noqa: E402
-from tolerance import assert_within_reference_error  # noqa: E402
+from m2clip_fast.tolerance import assert_within_reference_error  # noqa: E402
 
 
 def assert_computes_official(got, theirs, x, what="output"):
-    """got = ours(x) within the error model of tests/tolerance.py: 2 × the official module's own fp32 error
+    """got = ours(x) within the error model of m2clip_fast/tolerance.py: 2 × the official module's own fp32 error
     against a float64 copy of it (+ 1 ulp)."""
     with torch.no_grad():
         assert_within_reference_error(got, theirs(x), copy.deepcopy(theirs).double()(x.double()), what)
@@ -182,7 +182,8 @@ def test_whole_checkpoint_computes_the_official_functions(tiny_official, tmp_pat
             x = torch.randn(2 * 4, 1 + 8 * 8, 128, generator=gen)
             theirs.num_frames = 4
             assert_computes_official(model.ted_adapters[name](x), theirs, x, name)
-        # each check below: ours in fp32 within 2 × the official formula's fp32 error vs float64 (tolerance.py)
+        # each check below: ours in fp32 within 2 × the official formula's fp32 error vs float64
+        # (m2clip_fast/tolerance.py)
         double = {k: v.double() for k, v in state.items()}
         x = torch.randn(3 * 4, 64, generator=gen)
         assert_within_reference_error(model.temporal_adapter(x), official_t_adapter(x, state),

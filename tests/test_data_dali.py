@@ -19,6 +19,7 @@ dali = pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed (pip
 from m2clip_fast.data import DatasetError, VideoDecodeError, decode_all_frames, decode_frames  # noqa: E402
 from m2clip_fast.data.dali import dali_available  # noqa: E402
 from m2clip_fast.data.dali_loader import DALIClipLoader  # noqa: E402
+from m2clip_fast.data.decode import bilinear_bt601_rgb as yuv_reference_rgb  # noqa: E402
 from m2clip_fast.data.synthetic import textured_frames, write_broken_video, write_video  # noqa: E402
 
 
@@ -40,24 +41,6 @@ def vp9(tmp_path_factory):
     paths = [write_video(root / f"v{i}.webm", textured_frames(30, 48, 64, seed=i), codec="vp9", gop=7)
              for i in range(4)]
     return root, paths
-
-
-def yuv_reference_rgb(path):
-    """float64 (N, H, W, 3): PyAV's YUV frames in pts order, converted BT.601 + bilinear chroma."""
-    with av.open(str(path)) as container:
-        frames = sorted(container.decode(video=0), key=lambda f: f.pts)
-    out = []
-    for f in frames:
-        h, w = f.height, f.width
-        planes = f.to_ndarray(format="yuv420p").astype(np.float64)
-        y = planes[:h]
-        uv = torch.from_numpy(np.stack([planes[h:h + h // 4].reshape(h // 2, w // 2),
-                                        planes[h + h // 4:].reshape(h // 2, w // 2)]))
-        u, v = torch.nn.functional.interpolate(uv[None], size=(h, w), mode="bilinear", align_corners=False)[0].numpy()
-        y, u, v = (y - 16) * 255 / 219, (u - 128) * 255 / 224, (v - 128) * 255 / 224
-        rgb = np.stack([y + 1.402 * v, y - 0.344136 * u - 0.714136 * v, y + 1.772 * u], -1)
-        out.append(np.clip(np.round(rgb), 0, 255))
-    return np.stack(out)
 
 
 def test_dali_frames_match_pyav(vp9):
@@ -131,8 +114,20 @@ def test_dali_loader_epochs_shards_and_skips(vp9):
 def test_dali_loader_raises_when_every_video_fails(tmp_path):
     bad = [(str(write_broken_video(tmp_path / f"b{i}.webm", "garbage", seed=i)), 0) for i in range(2)]
     loader = DALIClipLoader(bad, batch_size=1, num_frames=2, size=16, train=False, device="cpu")
-    with pytest.raises((DatasetError, RuntimeError), match="all attempted videos failed"):
+    with pytest.raises(DatasetError, match=r"every item of a batch of 1 failed.*b0\.webm"):
         list(loader)
+
+
+def test_dali_loader_fills_a_failed_item_from_its_batch(vp9, tmp_path):
+    """As VideoClipDataset: an item whose every attempt fails takes a readable item's place in its batch."""
+    _, paths = vp9
+    bad = [(str(write_broken_video(tmp_path / f"b{i}.webm", "garbage", seed=i)), 0) for i in range(3)]
+    samples = bad + [(str(paths[0]), 1)]
+    loader = DALIClipLoader(samples, batch_size=4, num_frames=2, size=16, train=False, device="cpu",
+                            max_attempts=2)
+    (batch,) = list(loader)
+    assert batch["index"].tolist() == [3, 3, 3, 3] and batch["label"].tolist() == [1] * 4
+    assert {s["path"] for s in batch["skipped"]} == {p for p, _ in bad}
 
 
 @pytest.mark.parametrize("clips,crops", [(2, 3), (1, 4), (3, 1)])
@@ -256,7 +251,7 @@ def test_dali_loader_replaces_a_file_that_fails_inside_the_batch(vp9, tmp_path):
         loader.set_epoch(epoch)
         batches = list(loader)
         assert [b["video"].shape for b in batches] == [(2, 1, 4, 3, 32, 32)] * 2
-        assert [b["index"].tolist() for b in batches] == [[0, 1], [loader.replacement(2, 1), 3]] == [[0, 1], [1, 3]]
+        assert [b["index"].tolist() for b in batches] == [[0, 1], [loader.replacement(2, 1), 3]] == [[0, 1], [3, 3]]
         assert batches[0]["skipped"] == []
         (skip,) = batches[1]["skipped"]
         assert skip["path"] == bad and skip["index"] == 2

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import pytest
 
@@ -49,7 +50,7 @@ def test_read_list_file_splits_on_last_whitespace(tmp_path):
     with pytest.raises(DatasetError) as info:
         read_list_file(bad, "/d")
     assert info.value.problems == ["line 2: expected 'path label', got 'nolabel.mp4'",
-                                   "line 3: label 'cat' is not an integer"]
+                                   "line 3: label 'cat' is not an integer (digits 0-9 only)"]
 
 
 KINETICS_CSV = """label,youtube_id,time_start,time_end,split
@@ -232,3 +233,68 @@ def test_a_list_of_another_format_under_an_official_name_is_explained(tmp_path):
         read_split_file(tmp_path / "mine" / "my_test_split1.txt", "/m", train=True, class_names=["a", "b"])
     assert info.value.problems == ["split file for unknown class 'my'"]
     assert "was read as an official HMDB51 split file" in str(info.value)
+
+
+BOM = "\ufeff"
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_entry(tmp_path):
+    lst = write(tmp_path / "train.txt", BOM + "a/x.mp4 3\nb/y.mp4 1\n")
+    assert read_list_file(lst, "/d") == [("/d/a/x.mp4", 3), ("/d/b/y.mp4", 1)]
+    names = write(tmp_path / "classes.txt", BOM + "jump\nrun\n")
+    assert read_class_names(names) == ["jump", "run"]
+    touch(tmp_path / "k" / "jump" / "abc_000001_000011.mp4")
+    csv_file = write(tmp_path / "k.csv", BOM + "label,youtube_id,time_start,time_end,split\njump,abc,1,11,train\n")
+    assert read_kinetics_csv(csv_file, tmp_path / "k", ["jump", "run"]) == [
+        (str(tmp_path / "k" / "jump" / "abc_000001_000011.mp4"), 0)]
+    ssv2 = write(tmp_path / "s.json", BOM + json.dumps([{"id": "7", "template": "Pushing [something]"}]))
+    assert read_ssv2_json(ssv2, "/v", {"Pushing something": 4}) == [("/v/7.webm", 4)]
+
+
+@pytest.mark.parametrize("label", ["0_1", "\u0663", "\u00b2", "+1", "-1", "1.0", "0x1"])
+def test_labels_are_plain_ascii_digits(tmp_path, label):
+    lst = write(tmp_path / "train.txt", f"a.mp4 0\nb.mp4 {label}\n")
+    with pytest.raises(DatasetError, match="(?s)train.txt: 1 problem.*" + re.escape(f"line 2: label {label!r} is not an integer")):
+        read_list_file(lst)
+
+
+def test_a_path_listed_with_two_labels_is_an_error(tmp_path):
+    files = [str(touch(tmp_path / f"{c}.mp4")) for c in "ab"]
+    kept, _ = check_samples([(files[0], 1), (files[1], 0), (files[0], 1)], 3)  # the same label twice: kept
+    assert len(kept) == 3
+    with pytest.raises(DatasetError, match=f"{files[0]}: listed with label 1 and again with label 2"):
+        check_samples([(files[0], 1), (files[1], 0), (files[0], 2)], 3, what="list t.txt")
+
+
+def test_csv_errors_name_the_file_and_line(tmp_path):
+    header = "label,youtube_id,time_start,time_end,split\n"
+    runaway = write(tmp_path / "big.csv", header + "jump,abc,1,11,train\n" + 'jump,"' + "x" * 140_000 + "\n")
+    with pytest.raises(DatasetError, match=r"big\.csv line \d+: not readable as CSV \(field larger than field limit"):
+        read_kinetics_csv(runaway, tmp_path, ["jump"])
+    inf = write(tmp_path / "inf.csv", header + "jump,abc,inf,11,train\njump,abd,1,nan,train\n")
+    with pytest.raises(DatasetError, match=r"(?s)inf\.csv: 2 problem.*line 2: bad time_start.*'inf'.*line 3"):
+        read_kinetics_csv(inf, tmp_path, ["jump"])
+
+
+def test_json_errors_are_dataset_errors(tmp_path):
+    deep = write(tmp_path / "deep.json", "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DatasetError, match=r"deep\.json: nested too deeply"):
+        read_ssv2_json(deep, tmp_path)
+    latin = tmp_path / "latin.json"
+    latin.write_bytes('[{"id": "1", "template": "Caf\xe9 [something]"}]'.encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"latin\.json is not UTF-8 text \(byte 0xe9 at offset 29\)"):
+        read_ssv2_json(latin, tmp_path)
+    labels = write(tmp_path / "labels.json", json.dumps({"Pushing something": "x1"}))
+    with pytest.raises(DatasetError, match=r"(?s)labels\.json: 1 problem.*'Pushing something': index 'x1'"):
+        read_ssv2_json(write(tmp_path / "a.json", "[]"), tmp_path, labels)
+
+
+def test_class_ind_numbers_are_plain_and_unique(tmp_path):
+    split = tmp_path / "splits"
+    write(split / "classInd.txt", "1 Jump\n\u00b2 Run\n")
+    write(split / "trainlist01.txt", "Jump/v_a.avi 1\n")
+    with pytest.raises(DatasetError, match=r"classInd\.txt line 2: expected 'number ClassName'.*'\u00b2 Run'"):
+        read_ucf101(split, tmp_path)
+    write(split / "classInd.txt", "1 Jump\n2 Run\n2 Swim\n")
+    with pytest.raises(DatasetError, match=r"classInd\.txt line 3: number 2 already used on line 2"):
+        read_ucf101(split, tmp_path)

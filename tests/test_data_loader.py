@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from m2clip_fast.data import DatasetError, VideoClipDataset, build_loader, collate, decode_all_frames
-from m2clip_fast.data.loader import REPLACEMENT_STEP
+from m2clip_fast.data.robust import replacement_index, replacement_stride
 from m2clip_fast.data.sampling import sample_indices
 from m2clip_fast.data.synthetic import textured_frames, write_broken_video, write_video
 from m2clip_fast.data.transforms import test_transform as make_test_views
@@ -71,7 +71,7 @@ def test_bad_videos_are_replaced_deterministically_and_reported(samples):
     for i, reason in reasons.items():
         item = ds[i]
         # walk the documented replacement chain independently
-        chain = [(i + k * REPLACEMENT_STEP) % n for k in range(n)]
+        chain = [(i + k * replacement_stride(n)) % n for k in range(n)]
         first_good = next(k for k, j in enumerate(chain) if j < 7)
         assert item["index"] == chain[first_good]
         assert [s["index"] for s in item["skipped"]] == chain[:first_good]
@@ -82,9 +82,47 @@ def test_bad_videos_are_replaced_deterministically_and_reported(samples):
 
 
 def test_all_attempts_failing_raises_a_clear_error(samples):
-    ds = make(samples[7:], max_attempts=3)
-    with pytest.raises(DatasetError, match=r"all 3 attempted videos failed .*trunc\.mp4: [a-z ]*truncated"):
-        ds[0]
+    """An item whose attempts all fail takes a readable item's place in its batch; a batch without any
+    readable item is an error naming the files tried."""
+    ds = make(samples[6:], max_attempts=3)  # sample 0 (v6.mp4) is the only readable one
+    assert ds[1]["video"] is None and len(ds[1]["skipped"]) == 3
+    batch = collate([ds[1], ds[0], ds[2]])
+    assert batch["index"].tolist() == [0, 0, 0] and torch.equal(batch["video"][0], ds[0]["video"])
+    assert len(batch["skipped"]) == 6
+    with pytest.raises(DatasetError, match=r"every item of a batch of 2 failed.*trunc\.mp4: [a-z ]*truncated"):
+        collate([ds[1], ds[2]])
+
+
+@pytest.mark.parametrize("n", [37, 40, 80, 7920])
+def test_runs_of_bad_files_are_replaced_at_every_size(samples, n, tmp_path):
+    """n where the old fixed step 7919 is ±1 mod n (its chain walked along neighbours): 10 consecutive
+    unreadable files, every one of them gets a readable replacement within its attempts."""
+    good = [s for s in samples[:7]]
+    bad_path = write_broken_video(tmp_path / "bad.mp4", "garbage")
+    first_bad = n // 2
+    listing = [good[j % 7] for j in range(n)]
+    for j in range(first_bad, first_bad + 10):
+        listing[j] = (str(bad_path), 0)
+    ds = make(listing)
+    for i in range(first_bad, first_bad + 10):
+        item = ds[i]
+        assert item["video"] is not None and not first_bad <= item["index"] < first_bad + 10
+        assert len(item["skipped"]) <= 2 and item["skipped"][0]["index"] == i
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 37, 40, 48, 60, 80, 120, 240, 7919, 7920, 7921])
+def test_replacement_chain_visits_distinct_samples(n):
+    chain = [replacement_index(3 % n, k, n) for k in range(n)]
+    assert sorted(chain) == list(range(n))
+    if n > 5:  # never a neighbour of the item, nor of the previous attempt
+        assert all(abs(a - b) % n not in (1, n - 1) for a, b in zip(chain, chain[1:]))
+
+
+def test_zero_frames_or_stride_are_usage_errors(samples):
+    from m2clip_fast.errors import UsageError
+    for kw, named in ((dict(num_frames=0), "num_frames"), (dict(stride=0), "stride")):
+        with pytest.raises(UsageError, match=f"{named} must be an integer >= 1, got 0"):
+            make(samples, **kw)
 
 
 def test_test_mode_views(samples):

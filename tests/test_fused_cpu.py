@@ -21,7 +21,7 @@ from m2clip_fast.fused import FusedTEDAdapter, extension_available
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from baselines import saved_storages  # noqa: E402  (shared with the benchmarks' saved-bytes column)
-from tolerance import assert_within_reference_error  # noqa: E402
+from m2clip_fast.tolerance import assert_within_reference_error  # noqa: E402
 
 needs_ext = pytest.mark.skipif(
     not extension_available(),
@@ -88,7 +88,7 @@ def output_and_gradients(module, x, grad, residual=None, frames=None):
 
 def assert_like_reference(got, ref, exact, what, zero=(), dtype=None):
     """got (the fused path) and ref (the eager TEDAdapter), both fp32, against exact (TEDAdapter in float64),
-    name → tensor: the error model of tests/tolerance.py. Every exact tensor must be nonzero, or the
+    name → tensor: the error model of m2clip_fast/tolerance.py. Every exact tensor must be nonzero, or the
     comparison would prove nothing, except those named in ``zero`` (exactly zero by construction). ``dtype``:
     the precision the paths compute in, for the 1-ulp floor (default: the reference output's dtype)."""
     assert got.keys() == ref.keys() == exact.keys(), what
@@ -256,7 +256,7 @@ def test_partially_frozen_gradients():
 @needs_ext
 @pytest.mark.parametrize("mode", ["autocast", "bf16_weights_and_inputs"])
 def test_bf16_error_within_twice_pytorch_bf16_error(mode):
-    """flash-attention's criterion, as tests/tolerance.py words it: the fused path's error vs fp64 within
+    """flash-attention's criterion, as m2clip_fast/tolerance.py words it: the fused path's error vs fp64 within
     2 × that of PyTorch's own bf16 run of TEDAdapter (+ 1 bf16 ulp), output and every gradient."""
     grid, dim, r, frames = (7, 7), 96, 48, 4
     ref, fast = pair(dim, r, frames, grid, seed=9)

@@ -3,8 +3,13 @@ import open_clip
 import pytest
 import torch
 
-from m2clip_fast.text import (IGNORE_INDEX, PromptTokenizer, humanize, label_words, load_class_names,
-                              mask_label_words)
+from m2clip_fast.text import (IGNORE_INDEX, PromptTokenizer, humanize, label_word_table, label_words,
+                              load_class_names, mask_words)
+
+
+def mask_label_words(built, words, mask_token, ratio, generator=None):
+    table = label_word_table(built, words, ratio)
+    return mask_words(built.tokens, table.spans, table.counts, mask_token, generator)
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +30,7 @@ def test_word_by_word_tokens_equal_open_clip_whole_prompt(prompts):
     reference = open_clip.get_tokenizer("ViT-B-16")([f"a video of a person {humanize(n)}." for n in names])
     assert torch.equal(built.tokens, reference)
     assert [len(s) for s in built.word_spans] == [3, 3, 8]
+    assert built.used == max(len(row.nonzero()) for row in built.tokens)  # SOT … EOT, no zero inside
 
 
 def test_masking_masks_at_least_one_word_and_labels_its_tokens(prompts):
@@ -40,6 +46,19 @@ def test_masking_masks_at_least_one_word_and_labels_its_tokens(prompts):
         assert torch.equal(tokens[i][~masked], built.tokens[i][~masked])
         masked_words = {int(v) for v in labels[i][masked]}
         assert masked_words <= set(words[i]) and len(masked_words) == max(1, round(0.2 * len(spans)))
+
+
+def test_masking_draws_every_word(prompts):
+    """Two of eight words per draw, chosen uniformly: over 400 draws each word is masked 100 times on average
+    (binomial sd ~8.7), so a count under 50 means the choice is not uniform."""
+    name = "Putting something, something and something on the table"
+    built = prompts([name] * 400, "a video of a person {}.")
+    vocab = label_words([name])
+    words = [[vocab.index(w) for w in humanize(name).split()]] * 400
+    _, labels = mask_label_words(built, words, prompts.mask_token, 0.2, torch.Generator().manual_seed(1))
+    starts = [start for start, _ in built.word_spans[0]]
+    hits = (labels[:, starts] != IGNORE_INDEX).sum(dim=0)
+    assert hits.sum() == 2 * 400 and hits.min() > 50
 
 
 def test_shipped_class_lists():

@@ -9,6 +9,8 @@ import socket
 import stat
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -127,7 +129,8 @@ def test_resume_continues_exactly(dataset, tmp_path, capsys):
 
 
 def test_overwrite_starts_afresh(dataset, tmp_path, capsys):
-    """--overwrite deletes the earlier run's checkpoints and logs; the progress bar goes to stderr."""
+    """--overwrite replaces the earlier run's checkpoints and logs (set aside, deleted after the first checkpoint);
+    the progress bar goes to stderr."""
     run = tmp_path / "run"
     common = ["--epochs", "1", "--max-steps", "1", "--val-list", str(dataset / "val.txt"), *SMALL]
     assert train_main(base_args(dataset, run, *common)) == 0
@@ -138,7 +141,8 @@ def test_overwrite_starts_afresh(dataset, tmp_path, capsys):
     capsys.readouterr()
     assert train_main(args) == 0
     captured = capsys.readouterr()
-    assert "--overwrite: deleted the earlier run's" in captured.out
+    assert "--overwrite: the earlier run is set aside in" in captured.out
+    assert not list(run.glob(".previous-run-*"))
     assert "epoch 1/1" in captured.err and "epoch 1/1" not in captured.out
     assert list(losses(run)) == [1]
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
@@ -163,6 +167,130 @@ def test_a_failed_start_leaves_the_earlier_run(dataset, tmp_path, capsys):
     assert train_main(base_args(dataset, run, "--resume", str(model_only), *common)) == 2
     err = capsys.readouterr().err
     assert f"{model_only} is not a checkpoint of m2clip_fast.train (it lacks optimizer, scaler" in err
+
+
+def run_files(run):
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def test_overwrite_keeps_the_earlier_run_until_the_first_checkpoint(dataset, tmp_path, capsys):
+    """A config error fails before OUTPUT is touched; a run that fails in its first epoch (every training video
+    unreadable) gets the earlier run back, byte for byte, and leaves no set-aside folder."""
+    run = tmp_path / "run"
+    common = ["--epochs", "1", "--val-list", str(dataset / "val.txt"), *SMALL]
+    assert train_main(base_args(dataset, run, *common)) == 0
+    before = run_files(run)
+    assert {"checkpoints/last.pt", "checkpoints/best.pt", "metrics.jsonl"} <= set(before)
+    for bad in ("train.epochs=abc", "train.epochs=2.5", "train.eval_every=0"):
+        assert train_main(base_args(dataset, run, "--overwrite", "--max-steps", "1", *SMALL, bad)) == 2
+        err = capsys.readouterr().err
+        assert f"error: invalid config value: {bad.split('=')[0]}" in err and "Traceback" not in err
+        assert run_files(run) == before
+    broken = tmp_path / "broken.txt"
+    names = [tmp_path / f"broken_{i}.mp4" for i in range(8)]
+    for i, name in enumerate(names):
+        write_broken_video(name, "garbage", seed=i)
+    broken.write_text("".join(f"{name} {i}\n" for i, name in enumerate(names)))
+    args = base_args(dataset, run, "--overwrite", *common)
+    args[args.index("--train-list") + 1] = str(broken)
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    assert "the earlier run in" in err and "is restored" in err
+    assert run_files(run) == before and not list(run.glob(".previous-run-*"))
+
+
+def test_a_killed_overwrite_is_undone_at_the_next_start(dataset, tmp_path, capsys):
+    """What a SIGKILL between setting the earlier run aside and the first checkpoint leaves (the run's files in
+    .previous-run-*, a new config.json) is put back by the next start, which then refuses to mix runs."""
+    from m2clip_fast import run_dir
+    run = tmp_path / "run"
+    common = ["--epochs", "1", "--max-steps", "1", *SMALL]
+    assert train_main(base_args(dataset, run, *common)) == 0
+    before = run_files(run)
+    aside = run_dir.set_aside(run)
+    (run / "config.json").write_text("{}")  # the killed run's own start
+    assert train_main(base_args(dataset, run, *common)) == 2
+    captured = capsys.readouterr()
+    assert f"restored the earlier run from {aside}" in captured.out and "already holds a run" in captured.err
+    assert run_files(run) == before and not aside.exists()
+
+
+def test_a_second_run_into_the_same_folder_is_refused(dataset, tmp_path, capsys):
+    """Two real processes: while one trains into OUTPUT, another start there is a one-line error naming it; a
+    .lock whose process is gone is taken over."""
+    run = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "m2clip_fast.train",
+                              *base_args(dataset, run, "--epochs", "200", *SMALL)], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lock = run / ".lock"
+        for _ in range(600):
+            if lock.is_file() and f"pid {first.pid} on" in lock.read_text():
+                break
+            assert first.poll() is None
+            time.sleep(0.1)
+        assert train_main(base_args(dataset, run, "--epochs", "1", *SMALL)) == 2
+        err = capsys.readouterr().err
+        assert f"{run} is in use by another run (pid {first.pid} on {socket.gethostname()})" in err
+        assert "Traceback" not in err
+    finally:
+        first.kill()
+        first.wait()
+    assert f"pid {first.pid}" in lock.read_text()  # left by the killed process: stale, taken over
+    assert train_main(base_args(dataset, run, "--overwrite", "--epochs", "1", "--max-steps", "1", *SMALL)) == 0
+    assert (run / "checkpoints" / "last.pt").is_file()
+
+
+def test_temp_files_of_torn_checkpoint_writes_are_removed(dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["--epochs", "2", "--max-steps", "1", *SMALL]
+    assert train_main(base_args(dataset, run, *common)) == 0
+    whole = (run / "checkpoints" / "last.pt").read_bytes()
+    torn = [run / "checkpoints" / f".last.pt.{tag}.tmp" for tag in ("a1b2", "x9y8")]
+    for p in torn:
+        p.write_bytes(whole[: len(whole) // 2])  # what a write killed halfway leaves
+    kept = run / "checkpoints" / "notes.tmp"
+    kept.write_text("mine")
+    capsys.readouterr()
+    assert train_main(base_args(dataset, run, "--resume", "--epochs", "2", "--max-steps", "2", *SMALL)) == 0
+    assert "removed 2 temporary file(s) of interrupted checkpoint writes" in capsys.readouterr().out
+    assert not any(p.exists() for p in torn) and kept.read_text() == "mine"
+
+
+@contextmanager
+def tmpfs(path, *options):
+    """A real tmpfs mounted at ``path`` (root only; skips elsewhere)."""
+    path.mkdir(exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(path)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+@contextmanager
+def read_only_folder(path):
+    if os.geteuid() == 0:  # root writes into a 0555 folder: use a read-only filesystem
+        with tmpfs(path, "ro", "size=1m"):
+            yield path
+        return
+    path.mkdir()
+    path.chmod(0o555)
+    try:
+        yield path
+    finally:
+        path.chmod(0o755)
+
+
+def test_unwritable_output_is_one_line(dataset, tmp_path, capsys):
+    with read_only_folder(tmp_path / "ro") as parent:
+        assert train_main(base_args(dataset, parent / "run", "--epochs", "1", *SMALL)) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write to --output-dir {parent / 'run'}: " in err and "Traceback" not in err
+    assert "Read-only file system" in err or "Permission denied" in err
 
 
 def test_old_checkpoints_and_moved_backbone_files_resume(dataset, tmp_path, monkeypatch, capsys):
@@ -244,23 +372,65 @@ def test_bad_videos_are_replaced_counted_and_listed(dataset, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
 
 
+def test_a_mostly_unreadable_dataset_stops_the_run(dataset, tmp_path, capsys):
+    """20 unreadable videos beside 16 readable ones: more than the default half of the samples, so the run
+    stops with one line saying so (the unreadable ones are listed in skipped.jsonl), and writes no checkpoint."""
+    lines = (dataset / "train.txt").read_text().splitlines()
+    for i in range(20):
+        write_broken_video(tmp_path / f"bad_{i}.mp4", "garbage", seed=i)
+        lines.append(f"{tmp_path / f'bad_{i}.mp4'} {i % 8}")
+    train_list = tmp_path / "train.txt"
+    train_list.write_text("\n".join(lines) + "\n")
+    args = base_args(dataset, tmp_path / "run", "--epochs", "1", "--data-root", str(dataset), *SMALL)
+    args[args.index("--train-list") + 1] = str(train_list)
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    assert "of 36 training videos met in epoch 1" in err and "more than train.max_bad_fraction=0.5 allows" in err
+    assert "Traceback" not in err and not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+    listed = {json.loads(s)["path"] for s in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()}
+    assert len(listed) > 18 and all("bad_" in p for p in listed)
+
+
 def test_missing_files_and_bad_labels_reported_together(dataset, tmp_path, capsys):
     lines = (dataset / "train.txt").read_text().splitlines()
     lines += ["videos/nope_1.mp4 0", "videos/nope_2.mp4 1", f"{lines[0].split()[0]} 99"]
     bad = tmp_path / "train.txt"
     bad.write_text("\n".join(lines) + "\n")
+    val = tmp_path / "val.txt"
+    val.write_text((dataset / "val.txt").read_text() + "videos/nope_val.mp4 2\n")
     args = base_args(dataset, tmp_path / "run", "--epochs", "1", "--data-root", str(dataset), *SMALL)
     args[args.index("--train-list") + 1] = str(bad)
-    assert train_main(args) == 2
+    assert train_main(args + ["--val-list", str(val)]) == 2
     message = capsys.readouterr().err
     assert "nope_1.mp4" in message and "nope_2.mp4" in message and "label 99" in message
     assert f"training list {bad}" in message and "--skip-missing" in message
+    assert f"validation list {val}" in message and "nope_val.mp4" in message  # both lists at once
     lines.pop()  # the bad label stays an error; missing files can be skipped
     bad.write_text("\n".join(lines) + "\n")
     assert train_main(args + ["--skip-missing"]) == 0
     dropped = [json.loads(s) for s in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
     assert sorted(Path(d["path"]).name for d in dropped) == ["nope_1.mp4", "nope_2.mp4"]
     assert {d["phase"] for d in dropped} == {"start"}
+
+
+def test_resume_refuses_another_training_list(dataset, tmp_path, capsys):
+    """At an epoch boundary nothing else tells a changed list: its fingerprint is among the run settings."""
+    run = tmp_path / "run"
+    assert train_main(base_args(dataset, run, "--epochs", "2", "--max-steps", "4", *SMALL)) == 0
+    lines = (dataset / "train.txt").read_text().splitlines()
+    path, label = lines[0].rsplit(None, 1)
+    other = tmp_path / "train.txt"
+    other.write_text("\n".join([f"{path} {(int(label) + 1) % 8}", *lines[1:]]) + "\n")  # one label changed
+    args = base_args(dataset, run, "--resume", "--epochs", "2", "--data-root", str(dataset), *SMALL)
+    args[args.index("--train-list") + 1] = str(other)
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    assert "1 difference(s):\n  --train-list: '16 samples, sha256 " in err and "' now" in err
+    moved = tmp_path / "moved"
+    shutil.copytree(dataset, moved)  # the same list under another data root: the same run
+    args = base_args(dataset, run, "--resume", "--epochs", "2", "--data-root", str(moved), *SMALL)
+    args[args.index("--train-list") + 1] = str(moved / "train.txt")
+    assert train_main(args) == 0
 
 
 def test_wrong_data_root_is_named(dataset, tmp_path, capsys):
@@ -361,3 +531,101 @@ def test_ddp_two_processes_equal_one_process(dataset, tmp_path, capsys):
     capsys.readouterr()
     assert train_main(two[:two.index("--max-steps")] + ["--resume", *same]) == 2
     assert "processes: 2 in the checkpoint, 1 now" in capsys.readouterr().err
+
+
+def test_an_error_in_a_loader_worker_is_one_line(dataset, tmp_path, capsys):
+    broken = tmp_path / "broken.txt"
+    names = [tmp_path / f"broken_{i}.mp4" for i in range(4)]
+    for i, name in enumerate(names):
+        write_broken_video(name, "garbage", seed=i)
+    broken.write_text("".join(f"{name} {i}\n" for i, name in enumerate(names)))
+    args = base_args(dataset, tmp_path / "run", "--epochs", "1", *SMALL)
+    args[args.index("--train-list") + 1] = str(broken)
+    args[args.index("--workers") + 1] = "1"
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    assert "error: every item of a batch of 4 failed, replacements included: " in err and "broken_" in err
+    assert "Traceback" not in err and "worker process" not in err
+
+
+def test_a_diverging_run_stops_without_a_nan_checkpoint(dataset, tmp_path, capsys):
+    """train.blr=1e30 (finite, so accepted) drives the loss to NaN/inf: one line, exit 2, no checkpoint of it;
+    under --overwrite the earlier good run comes back."""
+    run = tmp_path / "run"
+    assert train_main(base_args(dataset, run, "--epochs", "1", "--max-steps", "1", *SMALL)) == 0
+    before = run_files(run)
+    assert train_main(base_args(dataset, run, "--overwrite", "--epochs", "2", *SMALL, "train.blr=1e30",
+                                "train.grad_clip=None")) == 2
+    err = capsys.readouterr().err
+    assert "error: training diverged: loss " in err and "no checkpoint was written" in err
+    assert "train.blr=1e+30" in err and "Traceback" not in err
+    assert run_files(run) == before
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_nan_or_misshapen_checkpoints_are_refused(dataset, tmp_path, capsys):
+    from m2clip_fast.evaluate import main as evaluate_main
+    run = tmp_path / "run"
+    assert train_main(base_args(dataset, run, "--epochs", "2", "--max-steps", "1", *SMALL)) == 0
+    last = run / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=False)
+    name = next(k for k in state["model"] if "ted" in k and state["model"][k].is_floating_point())
+    evaluate = ["--val-list", str(dataset / "val.txt"), "--workers", "0", "--device", "cpu"]
+    for kind, damage in (("NaN", lambda t: t.clone().fill_(float("nan"))), ("shape", lambda t: t[..., :1].clone())):
+        broken = {**state, "model": {**state["model"], name: damage(state["model"][name])}}
+        torch.save(broken, last)
+        assert train_main(base_args(dataset, run, "--resume", "--epochs", "2", "--max-steps", "2", *SMALL)) == 2
+        assert evaluate_main(["--checkpoint", str(last), *evaluate]) == 2
+        err = capsys.readouterr().err
+        want = "hold NaN or inf" if kind == "NaN" else "of another shape than the model's"
+        assert err.count(want) == 2 and err.count(name) == 2 and "Traceback" not in err
+
+
+def test_a_max_steps_stop_mid_epoch_does_not_compete_for_best(dataset, tmp_path):
+    run = tmp_path / "run"
+    assert train_main(base_args(dataset, run, "--epochs", "1", "--max-steps", "2", "--val-list",
+                                str(dataset / "val.txt"), *SMALL)) == 0
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1  # evaluated and recorded
+    assert (run / "checkpoints" / "last.pt").is_file() and not (run / "checkpoints" / "best.pt").exists()
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=False)["best"] == -1.0
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(dataset, tmp_path, capsys):
+    """A real full filesystem (a tmpfs a little larger than one checkpoint): the second checkpoint write fails
+    with one line naming the cause and the file; the first checkpoint is untouched, no temp file is left."""
+    probe = tmp_path / "probe"
+    common = ["--epochs", "2", "--max-steps", "1", *SMALL]
+    assert train_main(base_args(dataset, probe, *common)) == 0
+    size = (probe / "checkpoints" / "last.pt").stat().st_size
+    with tmpfs(tmp_path / "small", f"size={size * 3 // 2 + (1 << 18)}") as mount:
+        run = mount / "run"
+        assert train_main(base_args(dataset, run, *common)) == 0
+        last = run / "checkpoints" / "last.pt"
+        first = last.read_bytes()
+        capsys.readouterr()
+        assert train_main(base_args(dataset, run, "--resume", "--epochs", "2", "--max-steps", "2", *SMALL)) == 2
+        err = capsys.readouterr().err
+        assert f"error: no space left on device while writing {last}; the previous checkpoint is intact" in err
+        assert last.read_bytes() == first and not list(last.parent.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--set", "train=5"], "'train' must be a mapping of training keys, got 5"),
+    (["--set", "backbone=nope"], "unknown backbone 'nope'"),
+    (["--set", "train.blr=nan"], "invalid config value: train.blr=nan (expected a finite number > 0)"),
+    (["--config", "BAD_YAML"], "is not a readable YAML file"),
+    (["--device", "cuda"], "--device cuda was asked for, but CUDA is not available")])
+def test_start_up_errors_are_one_line_and_touch_nothing(dataset, tmp_path, capsys, extra, message):
+    if "--device" in extra and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("preset: demo\ntrain: [unclosed\n")
+    args = base_args(dataset, tmp_path / "run", "--epochs", "1")
+    if "--device" in extra:
+        args = args[:-2]  # base_args ends with --device cpu
+    args += [str(bad_yaml) if e == "BAD_YAML" else e for e in extra]
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists() or {p.name for p in (tmp_path / "run").iterdir()} <= {".lock"}

@@ -27,7 +27,7 @@ pytest.importorskip("triton")
 
 from m2clip_fast.adapters import TEDAdapter, frame_difference, temporal_conv  # noqa: E402
 from m2clip_fast.kernels import ted, ted_matmul, ted_stencil  # noqa: E402
-from tolerance import assert_within_reference_error  # noqa: E402
+from m2clip_fast.tolerance import assert_within_reference_error  # noqa: E402
 
 RUNNABLE_HERE = ON_GPU or ted.triton_available()
 if not RUNNABLE_HERE and os.environ.get("M2CLIP_TRITON_TEST_CHILD") == "1":
@@ -140,7 +140,7 @@ def test_fp32_matches_reference(batch, frames, h, w, c, r, same_residual):
 
 
 def assert_like_pytorch(ours, ref_low, ref64, names, dtype):
-    """flash-attention's rule, as tests/tolerance.py words it: the error vs fp64 of every tensor (output and
+    """flash-attention's rule, as m2clip_fast/tolerance.py words it: the error vs fp64 of every tensor (output and
     gradients, lists in the order of ``names``; None entries skipped) within 2 × the pooled relative error
     of TEDAdapter run in ``dtype`` + 1 ulp of ``dtype``."""
     keep = [i for i, a in enumerate(ours) if a is not None]

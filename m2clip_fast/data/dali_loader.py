@@ -16,13 +16,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..errors import UsageError
 from .dali import PIPELINES, batch_to_torch, check_codec, dali_api, read_bytes, resolve_device
 from .datasets import DatasetError, Sample
 from .decode import get_index, num_frames
 from .errors import VideoDecodeError
-from .robust import SAMPLE_ERRORS, replacement_index, skip_reason
-from .sampling import SAMPLINGS, sample_indices
+from .robust import SAMPLE_ERRORS, fill_failed, replacement_index, skip_reason
+from .sampling import check_clip_settings, sample_indices
 from .transforms import CLIP_MEAN, CLIP_STD, CROP_FRACTIONS
 
 __all__ = ["DALIClipLoader"]
@@ -84,9 +83,10 @@ class _ClipSource:
         self.undecodable[path] = reason
         self.skip(path, reason, j)
 
-    def attempt(self, i: int, first: int = 0) -> Tuple[int, Tuple]:
+    def attempt(self, i: int, first: int = 0) -> Tuple[int, Optional[Tuple]]:
         """``(k, item)`` for item ``i``: the first usable sample of its replacement chain from
-        attempt ``first`` on (files DALI failed to decode before count as unusable)."""
+        attempt ``first`` on (files DALI failed to decode before count as unusable); item None when every
+        attempt failed (the batch then fills its place, :func:`~.robust.fill_failed`)."""
         n = len(self.samples)
         for k in range(first, min(self.max_attempts, n)):
             j = self.replacement(i, k)
@@ -105,8 +105,7 @@ class _ClipSource:
                                     stride=self.stride, num_clips=self.num_clips, rng=rng).reshape(-1)
             return k, (encoded, frames.astype(np.int32), *self._geometry(index, rng), np.array(label, np.int64),
                        np.array(j, np.int64))
-        raise DatasetError(f"item {i}: all attempted videos failed "
-                           f"({'; '.join(s['path'] + ': ' + s['reason'] for s in self.pending_skipped[-5:])})")
+        return self.max_attempts, None
 
     def _geometry(self, index, rng: np.random.Generator) -> Tuple[np.ndarray, ...]:
         """Resize target (the short side), crop positions x and y (one per crop, as fractions of the slack)
@@ -189,8 +188,7 @@ class DALIClipLoader:
         if num_crops not in CROP_FRACTIONS or num_clips < 1:
             raise ValueError(f"num_crops must be one of {sorted(CROP_FRACTIONS)} and num_clips >= 1, "
                              f"got {num_crops} and {num_clips}")
-        if sampling not in SAMPLINGS:
-            raise UsageError(f"unknown sampling {sampling!r}; expected one of {SAMPLINGS}")
+        check_clip_settings(sampling, num_frames, stride)
         if not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id {shard_id} not in [0, {num_shards})")
         self.batch_size, self.num_frames, self.size, self.train = batch_size, num_frames, size, train
@@ -270,7 +268,8 @@ class DALIClipLoader:
         source = self._source
         attempts = [source.attempt(i) for i in ids]
         while True:
-            items = [item for _, item in attempts]
+            items = fill_failed([item for _, item in attempts],
+                                [f"{s['path']}: {s['reason']}" for s in source.pending_skipped])
             try:
                 return self._run(items)
             except Exception:  # noqa: BLE001 - DALI raises several types on a bad file
@@ -281,8 +280,9 @@ class DALIClipLoader:
                     raise
                 for pos, reason in bad:
                     source.mark_undecodable(int(items[pos][-1]), reason)
-                for pos, _ in bad:
-                    attempts[pos] = source.attempt(ids[pos], attempts[pos][0] + 1)
+                for pos, _ in bad:  # a filled-in position's own item had failed already: it stays failed
+                    if attempts[pos][1] is not None:
+                        attempts[pos] = source.attempt(ids[pos], attempts[pos][0] + 1)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch that seeds the next iteration's shuffle and augmentation."""

@@ -62,9 +62,19 @@ def _raise_if(problems: List[str], what: str, notes: Sequence[str] = ()) -> None
     raise DatasetError(f"{what}: {len(problems)} problem(s):\n  {shown}{more}{hints}", problems)
 
 
+_LABEL = re.compile(r"[0-9]+")  # plain ASCII digits: int() would also take "0_1", " 3", "٣" or "²"
+
+
+def _label(text: str) -> Optional[int]:
+    """A label field as an int, or None when it is not plain ASCII digits."""
+    return int(text) if _LABEL.fullmatch(text) else None
+
+
 def _read_text(path: PathLike, what: str) -> str:
+    """The file as text; a UTF-8 byte-order mark (Windows editors write one) is dropped, as it would glue
+    itself to the first path, header or class name."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise DatasetError(f"{what} not found: {os.fspath(path)}") from None
     except UnicodeDecodeError as exc:
@@ -121,10 +131,10 @@ def read_list_file(list_path: PathLike, data_root: Optional[PathLike] = None) ->
             problems.append(f"line {n}: expected 'path label', got {line!r}")
             continue
         rel, label = parts
-        try:
-            samples.append((_join(root, rel), int(label)))
-        except ValueError:
-            problems.append(f"line {n}: label {label!r} is not an integer")
+        if _label(label) is None:
+            problems.append(f"line {n}: label {label!r} is not an integer (digits 0-9 only)")
+            continue
+        samples.append((_join(root, rel), _label(label)))
     _raise_if(problems, f"list file {os.fspath(list_path)}")
     return samples
 
@@ -187,7 +197,7 @@ def read_kinetics_csv(
             continue
         try:
             start, end = int(float(row["time_start"])), int(float(row["time_end"]))
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: inf
             problems.append(f"line {n}: bad time_start/time_end {row['time_start']!r}, {row['time_end']!r}")
             continue
         name = f"{row['youtube_id']}_{start:06d}_{end:06d}{ext}"
@@ -202,16 +212,17 @@ def _csv_rows(csv_path: PathLike, kind: str, required: set) -> Tuple[List[Tuple[
     row with fewer fields than the header (a partly downloaded file, a stray line). Blank lines are skipped."""
     what = f"{kind} {os.fspath(csv_path)}"
     reader = csv.reader(io.StringIO(_read_text(csv_path, kind), newline=""))
-    header = next(reader, None)
+    records = _csv_records(reader, what)
+    header = next(records, None)
     while header == []:
-        header = next(reader, None)
+        header = next(records, None)
     if header is None:
         raise DatasetError(f"{what} has no rows")
     missing_cols = required - set(header)
     if missing_cols:
         raise DatasetError(f"{what} lacks columns {sorted(missing_cols)}")
     rows, problems = [], []
-    for fields in reader:
+    for fields in records:
         if not fields:
             continue
         if len(fields) < len(header):
@@ -222,6 +233,20 @@ def _csv_rows(csv_path: PathLike, kind: str, required: set) -> Tuple[List[Tuple[
     if not rows and not problems:
         raise DatasetError(f"{what} has no rows")
     return rows, problems
+
+
+def _csv_records(reader, what: str) -> Iterable[List[str]]:
+    """The reader's records, with csv's own errors (a field over its 128 KB limit, e.g. after an unterminated
+    quote; a NUL byte) as a DatasetError naming the line."""
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise DatasetError(f"{what} line {reader.line_num}: not readable as CSV ({exc}): an unterminated "
+                               f"quote?") from None
+        yield fields
 
 
 def _template_name(template: str) -> str:
@@ -243,12 +268,14 @@ def read_ssv2_json(
     ``data_root``.
     """
     def load(path, what):
+        text = _read_text(path, f"SSv2 {what}")
         try:
-            return json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DatasetError(f"SSv2 {what} not found: {os.fspath(path)}") from None
+            return json.loads(text)
         except json.JSONDecodeError as exc:
-            raise DatasetError(f"SSv2 {what} {os.fspath(path)} is not valid JSON: {exc}") from exc
+            raise DatasetError(f"SSv2 {what} {os.fspath(path)} is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise DatasetError(f"SSv2 {what} {os.fspath(path)}: nested too deeply to read (not an SSv2 "
+                               f"annotation file?)") from None
 
     entries = load(json_path, "annotation JSON")
     if not isinstance(entries, list):
@@ -263,7 +290,7 @@ def read_ssv2_json(
         loaded = load(labels, "labels JSON")
         if not isinstance(loaded, dict):
             raise DatasetError(f"SSv2 labels JSON {os.fspath(labels)} must map names to indices")
-        label_map = {str(k): int(v) for k, v in loaded.items()}
+        label_map = _ssv2_labels(loaded, labels)
 
     samples: List[Sample] = []
     problems = []
@@ -280,19 +307,38 @@ def read_ssv2_json(
     return samples
 
 
+def _ssv2_labels(loaded: Dict[str, object], path: PathLike) -> Dict[str, int]:
+    """An SSv2 labels JSON's ``{name: index}`` (indices as ints or digit strings, as the official file has)."""
+    label_map, problems = {}, []
+    for name, value in loaded.items():
+        index = value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else (
+            _label(value) if isinstance(value, str) else None)
+        if index is None:
+            problems.append(f"class {name!r}: index {value!r} is not a non-negative integer")
+        else:
+            label_map[str(name)] = index
+    _raise_if(problems, f"SSv2 labels JSON {os.fspath(path)}")
+    return label_map
+
+
 def _ucf_classes(split_dir: Path) -> Dict[str, int]:
     classes: Dict[str, int] = {}
+    numbers: Dict[int, int] = {}
     problems = []
     for n, line in enumerate(_read_lines(split_dir / "classInd.txt", "UCF101 classInd.txt"), 1):
         if not line.strip():
             continue
         parts = line.split()
-        if len(parts) != 2 or not parts[0].isdigit():
-            problems.append(f"classInd.txt line {n}: expected 'number ClassName', got {line!r}")
+        if len(parts) != 2 or not _label(parts[0]):
+            problems.append(f"classInd.txt line {n}: expected 'number ClassName' (number from 1), got {line!r}")
             continue
+        number = _label(parts[0])
         if parts[1] in classes:
             problems.append(f"classInd.txt line {n}: duplicate class {parts[1]!r}")
-        classes[parts[1]] = int(parts[0]) - 1  # classInd is 1-based
+        if number in numbers:  # two classes under one label would train as one
+            problems.append(f"classInd.txt line {n}: number {number} already used on line {numbers[number]}")
+        numbers.setdefault(number, n)
+        classes[parts[1]] = number - 1  # classInd is 1-based
     _raise_if(problems, f"UCF101 split directory {split_dir}")
     return classes
 
@@ -325,10 +371,10 @@ def read_ucf101(split_dir: PathLike, data_root: PathLike, *, split: int = 1, tra
             continue
         label = from_folder
         if len(parts) > 1:
-            if not parts[1].isdigit():
-                problems.append(f"{list_name} line {n}: label {parts[1]!r} is not an integer")
+            if not _label(parts[1]):
+                problems.append(f"{list_name} line {n}: label {parts[1]!r} is not an integer from 1")
                 continue
-            label = int(parts[1]) - 1
+            label = _label(parts[1]) - 1
             if label != from_folder:
                 problems.append(f"{list_name} line {n}: label {parts[1]} disagrees with folder "
                                 f"{folder!r} (class {from_folder + 1})")
@@ -482,9 +528,13 @@ def check_samples(
     if not samples:
         raise DatasetError(f"{what}: no samples")
     bad_labels, missing, kept = [], [], []
+    first_label: Dict[str, int] = {}
     for path, label in samples:
         if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_classes:
             bad_labels.append(f"{path}: label {label!r} not in [0, {num_classes})")
+            continue
+        if first_label.setdefault(path, label) != label:  # listed twice: fine; with two labels: which one?
+            bad_labels.append(f"{path}: listed with label {first_label[path]} and again with label {label}")
             continue
         if os.path.isfile(path):
             kept.append((path, label))

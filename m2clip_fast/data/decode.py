@@ -891,3 +891,27 @@ def _decode_through(path: str, index: VideoIndex, choose: Chooser, threads: Opti
                                      f"the {n} counted before")
     stats.frames_returned += int(idx.size)
     return idx, _stack(path, got, idx, index.height, index.width)
+
+
+def bilinear_bt601_rgb(path: PathLike) -> np.ndarray:
+    """Every frame of ``path`` (in the order of a plain decode) as float64 (N, H, W, 3) RGB, rounded to levels:
+    PyAV's YUV 4:2:0 planes converted with BT.601 limited-range coefficients and bilinear chroma.
+
+    The conversion DALI's decoder applies, computed independently of it (our own decode path uses
+    swscale, which repeats each chroma sample over its 2×2 block instead); VP9's YUV output is
+    bit-exact by the codec spec, so DALI's RGB must equal this within a level of rounding.
+    """
+    with av.open(os.fspath(path)) as container:
+        frames = list(container.decode(video=0))
+    out = []
+    for f in frames:
+        h, w = f.height, f.width
+        planes = f.to_ndarray(format="yuv420p").astype(np.float64)
+        y = planes[:h]
+        uv = torch.from_numpy(np.stack([planes[h:h + h // 4].reshape(h // 2, w // 2),
+                                        planes[h + h // 4:].reshape(h // 2, w // 2)]))
+        u, v = torch.nn.functional.interpolate(uv[None], size=(h, w), mode="bilinear", align_corners=False)[0].numpy()
+        y, u, v = (y - 16) * 255 / 219, (u - 128) * 255 / 224, (v - 128) * 255 / 224
+        rgb = np.stack([y + 1.402 * v, y - 0.344136 * u - 0.714136 * v, y + 1.772 * u], -1)
+        out.append(np.clip(np.round(rgb), 0, 255))
+    return np.stack(out)

@@ -3,7 +3,8 @@
 :class:`VideoClipDataset` samples frame indices, decodes only those frames and transforms them.
 A bad video (missing, unreadable, corrupt, truncated, zero frames, or too large to hold) never stops
 a run: it is replaced by another sample chosen deterministically (:mod:`.robust`), and reported in the
-item's ``skipped`` list so the training loop can count it and log it (e.g. to ``skipped.jsonl``).
+item's ``skipped`` list so the training loop can count it and log it (e.g. to ``skipped.jsonl``). An item
+whose replacements all fail too is filled in by :func:`collate` with a readable item of its batch.
 
 All randomness of item ``i`` comes from a generator seeded with ``(seed, epoch, i)``, so results
 do not depend on the number of workers or on the order in which workers fetch items.
@@ -24,12 +25,12 @@ from .dali_loader import DALIClipLoader
 from .datasets import DatasetError, Sample
 from .decode import DecodeStats, decode_sampled, num_frames as video_num_frames
 from .frames import BACKENDS, decode_frames
-from .robust import REPLACEMENT_STEP, SAMPLE_ERRORS, replacement_index, skip_reason
-from .sampling import SAMPLINGS, sample_indices
+from .robust import SAMPLE_ERRORS, fill_failed, replacement_index, skip_reason
+from .sampling import check_clip_settings, sample_indices
 from .transforms import train_transform, views_from_clips
 
 __all__ = ["VideoClipDataset", "collate", "build_loader", "ClipLoader", "DecodeTally", "decode_stats_line",
-           "REPLACEMENT_STEP", "build_clip_loader", "batches_from", "parse_views", "resolve_decoder"]
+           "build_clip_loader", "batches_from", "parse_views", "resolve_decoder"]
 
 class VideoClipDataset(Dataset):
     """Clips of ``num_frames`` frames from ``samples`` (a list of ``(path, label)``).
@@ -42,6 +43,9 @@ class VideoClipDataset(Dataset):
     * ``skipped``: list of ``{"path", "reason", "index"}`` for every bad video met on the way;
     * ``decoded``: ``{"path", "fallback"}``: the file decoded and whether it was decoded through from
       the start, sparse seeking not (yet) shown exact for it in this worker (see :class:`DecodeTally`).
+
+    An item whose ``max_attempts`` samples all fail has ``video`` None (and ``label``, ``index`` -1):
+    :func:`collate` puts a readable item of the batch in its place.
 
     ``sampling``: ``"dense"`` (``num_frames`` frames ``stride`` apart) or ``"uniform"`` (TSN
     segments). ``scale_range``: training short-side jitter relative to ``size``. ``flip``:
@@ -68,8 +72,7 @@ class VideoClipDataset(Dataset):
     ):
         if not samples:
             raise DatasetError("VideoClipDataset needs at least one sample")
-        if sampling not in SAMPLINGS:
-            raise UsageError(f"unknown sampling {sampling!r}; expected one of {SAMPLINGS}")
+        check_clip_settings(sampling, num_frames, stride)
         if train and (num_clips != 1 or num_crops != 1):
             raise ValueError("training uses one clip and one crop per video")
         if num_crops not in (1, 3, 4):
@@ -147,19 +150,23 @@ class VideoClipDataset(Dataset):
                 continue
             return {"video": video, "label": label, "index": j, "skipped": skipped,
                     "decoded": {"path": path, "fallback": fallback}}
-        reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped)
-        raise DatasetError(f"item {i}: all {len(skipped)} attempted videos failed to decode ({reasons})")
+        return {"video": None, "label": -1, "index": -1, "skipped": skipped, "decoded": None}
 
 
 def collate(batch: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """Stack items: ``video`` float32 (B, ...), ``label``/``index`` int64 (B,), ``skipped``: the
-    concatenation of the items' ``skipped`` lists, ``decoded``: the list of the items' ``decoded``."""
+    concatenation of the items' ``skipped`` lists, ``decoded``: the list of the items' ``decoded`` (of the
+    items that decoded). Failed items (``video`` None) become copies of readable ones
+    (:func:`~.robust.fill_failed`)."""
+    skipped = [s for item in batch for s in item["skipped"]]
+    items = fill_failed([item if item["video"] is not None else None for item in batch],
+                        [f"{s['path']}: {s['reason']}" for s in skipped])
     return {
-        "video": torch.stack([item["video"] for item in batch]),
-        "label": torch.tensor([item["label"] for item in batch], dtype=torch.int64),
-        "index": torch.tensor([item["index"] for item in batch], dtype=torch.int64),
-        "skipped": [s for item in batch for s in item["skipped"]],
-        "decoded": [item["decoded"] for item in batch],
+        "video": torch.stack([item["video"] for item in items]),
+        "label": torch.tensor([item["label"] for item in items], dtype=torch.int64),
+        "index": torch.tensor([item["index"] for item in items], dtype=torch.int64),
+        "skipped": skipped,
+        "decoded": [item["decoded"] for item in batch if item["decoded"] is not None],
     }
 
 

@@ -12,9 +12,18 @@ import numpy as np
 
 from ..errors import UsageError
 
-__all__ = ["dense_indices", "uniform_indices", "sample_indices", "SAMPLINGS"]
+__all__ = ["dense_indices", "uniform_indices", "sample_indices", "SAMPLINGS", "check_clip_settings"]
 
 SAMPLINGS = ("dense", "uniform")
+
+
+def check_clip_settings(sampling: str, num_frames: int, stride: int) -> None:
+    """A loader's sampling settings, checked when it is built (a zero would otherwise fail every sample alike)."""
+    if sampling not in SAMPLINGS:
+        raise UsageError(f"unknown sampling {sampling!r}; expected one of {SAMPLINGS}")
+    for name, value in (("num_frames", num_frames), ("stride", stride)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def _check(video_frames: int, num_frames: int, num_clips: int, train: bool, rng) -> None:
