@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 from .data.loader import parse_views
 from .errors import UserError
@@ -63,6 +63,17 @@ def int_at_least(minimum: int, even: bool = False) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be even (yuv420p video), got {value}")
         return value
     return parse
+
+
+def shard_arg(text: str) -> Tuple[int, int]:
+    """argparse type: 'i/N' with 0 <= i < N."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected i/N, e.g. 0/4, got {text!r}") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"need 0 <= i < N, got {text}")
+    return i, n
 
 
 def views_arg(text: str) -> str:

@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .cli import ANNOTATION_HELP, int_at_least, run_main, views_arg
+from .cli import ANNOTATION_HELP, int_at_least, run_main, shard_arg, views_arg
 from .data.datasets import DatasetError, read_annotations
 from .data.loader import parse_views
 from .errors import UsageError
@@ -43,17 +43,6 @@ INDEX_FIELDS = ("row", "path", "label", "views", "status")
 
 
 # ----------------------------------------------------------------------------------------------- parts
-
-
-def shard_arg(text: str) -> Tuple[int, int]:
-    """argparse type: 'i/N' with 0 <= i < N."""
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected i/N, e.g. 0/4, got {text!r}") from None
-    if not 0 <= i < n:
-        raise argparse.ArgumentTypeError(f"need 0 <= i < N, got {text}")
-    return i, n
 
 
 def part_ranges(rows: int, part_size: int) -> List[Tuple[int, int]]:
