@@ -21,7 +21,7 @@ from .cli import add_data_args, int_at_least, run_main, splits_arg, views_arg
 from .data.datasets import check_samples, load_samples, read_split
 from .data.loader import DecodeTally, build_clip_loader, decode_stats_line, resolve_decoder
 from .errors import UsageError
-from .evaluation import collect_predictions, evaluate_loader, excluded_note, scores
+from .evaluation import collect_predictions, excluded_note, scores
 from .report import report_dir, write_report
 from .text import ZERO_SHOT_TEMPLATES, load_class_names
 
