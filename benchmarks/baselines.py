@@ -11,10 +11,14 @@ release it is out of place (no ``x[:, 1:] += ...``), so autograd can differentia
 for the training-step benchmark: official-style TED adapters, open_clip's own nn.MultiheadAttention,
 and every step the full CLIP text encoder (all 77 token columns, every layer, autograd on) over all
 class prompts — no text cache, no end-of-text shortcut, no trimming of padding columns.
+
+``randomise_tunable`` gives the trained parameters seeded random values (the same in every process), and
+``saved_storages`` measures what autograd saves for backward.
 """
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
@@ -148,6 +152,24 @@ def make_official_style(model: M2CLIP) -> OfficialStyleM2CLIP:
     model.use_eot_text_path = False
     model._text_cache.clear()
     return model
+
+
+def randomise_tunable(model: torch.nn.Module) -> None:
+    """Give every trained parameter random values, the same in every process (seeded by its name):
+    a fresh model's convs and several biases are zero, which would hide the adapters' math from the loss
+    and gradient check. Matrices/kernels: N(0, 0.25/fan_in) (each adapter changes the residual stream by
+    a fraction of itself, so 12 of them neither vanish nor blow up); vectors: their init plus N(0, 0.02²)
+    (LayerNorm gains stay near 1)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            noise = torch.randn(p.shape, generator=gen)
+            if p.dim() >= 2:
+                p.copy_(noise * 0.5 / (p[0].numel() ** 0.5))
+            else:
+                p.add_(noise * 0.02)
 
 
 def saved_storages(run: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> Dict[int, int]:

@@ -25,6 +25,12 @@ baseline copies them into its official-style adapters. The first step's per-head
 parameter gradients of the baseline and of ours must agree to fp32 reassociation error (see
 FP32_LOSS_TOL / FP32_GRAD_TOL), and the bf16 loss must be close to the fp32 one (BF16_LOSS_TOL).
 
+Against the machine's own limit: after its timed rounds each worker counts one more step's FLOPs
+(torch.utils.flop_counter over forward and backward; matrix products, convolutions and attention) and times
+torch.mm on the step's dominant GEMM shape (the vision MLP's (B·T·197)×768→3072 for ViT-B/16) in the step's
+compute dtype (benchmarks/limits.py); the table's "of GEMM peak" is step FLOPs / step time / that GEMM's
+FLOP/s. Target for ours fp32 on the CPU: >= 0.7; benchmarks/profile_step.py shows where the rest goes.
+
 The summary table (medians of the rounds; peak memory = the largest over the steady rounds) is
 printed at the end. It also lists each step's process CPU time (all threads, user + system): on a
 shared machine other processes stretch wall time far more than the CPU time a step consumes, so
@@ -45,7 +51,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -120,24 +125,6 @@ class HostMemory:
         return _rss_kb("VmHWM") * 1024
 
 
-def randomise_tunable(model: torch.nn.Module) -> None:
-    """Give every trained parameter random values, the same in every process (seeded by its name):
-    a fresh model's convs and several biases are zero, which would hide the adapters' math from the loss
-    and gradient check. Matrices/kernels: N(0, 0.25/fan_in) (each adapter changes the residual stream by
-    a fraction of itself, so 12 of them neither vanish nor blow up); vectors: their init plus N(0, 0.02²)
-    (LayerNorm gains stay near 1)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-            noise = torch.randn(p.shape, generator=gen)
-            if p.dim() >= 2:
-                p.copy_(noise * 0.5 / (p[0].numel() ** 0.5))
-            else:
-                p.add_(noise * 0.02)
-
-
 def tunable_gradients(model) -> Dict[str, torch.Tensor]:
     """{parameter name in our naming: gradient}; official-style adapters' gradients are renamed back."""
     from baselines import OfficialStyleTEDAdapter
@@ -157,7 +144,7 @@ class Worker:
     """The worker process's state: model, optimizer, batch; ``step`` runs and measures one training step."""
 
     def __init__(self, spec: dict):
-        from baselines import make_official_style
+        from baselines import make_official_style, randomise_tunable
         from m2clip_fast import create_model
         from m2clip_fast.train import param_groups
 
@@ -217,10 +204,40 @@ class Worker:
                 "peak_bytes": peak, "before_bytes": before,
                 "losses": {k: float(v.detach()) for k, v in losses.items()}}
 
+    def dominant_gemm(self) -> tuple:
+        """(rows, in, out) of the step's largest GEMM class: the vision MLP's first linear over every token of
+        every frame, (B·T·(1 + h·w), width) × (width, 4·width); for ViT-B/16, 8 frames, batch 2: 3152×768→3072."""
+        visual = self.model.clip.visual
+        fc = visual.transformer.resblocks[0].mlp.c_fc
+        h, w = self.model.grid
+        return self.video.shape[0] * FRAMES * (1 + h * w), fc.in_features, fc.out_features
+
+    def limits(self) -> dict:
+        """The step's FLOPs (flop counter over the forward and backward of one more step, not timed, no optimizer
+        update: AdamW's elementwise work counts zero anyway) and torch.mm's FLOP/s on the dominant GEMM shape in
+        the step's compute dtype, timed here: same process, same threads."""
+        from limits import count_flops, gemm_flops_per_s
+
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.manual_seed(100 + self.steps)
+        context = torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
+
+        def run():
+            with context:
+                losses = self.model(self.video, self.labels)
+            losses["loss"].backward()
+
+        flops = count_flops(run)
+        self.optimizer.zero_grad(set_to_none=True)
+        shape = self.dominant_gemm()
+        gemm = gemm_flops_per_s(*shape, dtype=self.amp or torch.float32, device=self.device.type)
+        return {"flops": flops.total, "gemm_share": flops.gemm_share, "gemm_shape": shape, "gemm_flops_s": gemm}
+
 
 def worker_main(spec_json: str) -> None:
     """Protocol: one JSON object per line on the original stdout (everything else printed goes to stderr);
-    commands, one JSON object per line on stdin: {"op": "step", "grads": path or null} or {"op": "exit"}."""
+    commands, one JSON object per line on stdin: {"op": "step", "grads": path or null}, {"op": "limits"} (see
+    Worker.limits) or {"op": "exit"}."""
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     spec = json.loads(spec_json)
@@ -233,7 +250,8 @@ def worker_main(spec_json: str) -> None:
         command = json.loads(line)
         if command["op"] == "exit":
             break
-        proto.write(json.dumps(worker.step(command.get("grads"))) + "\n")
+        result = worker.limits() if command["op"] == "limits" else worker.step(command.get("grads"))
+        proto.write(json.dumps(result) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- parent
@@ -258,6 +276,11 @@ class WorkerProcess:
 
     def step(self, save_grads: bool = False) -> dict:
         self.proc.stdin.write(json.dumps({"op": "step", "grads": self.grads_path if save_grads else None}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def limits(self) -> dict:
+        self.proc.stdin.write(json.dumps({"op": "limits"}) + "\n")
         self.proc.stdin.flush()
         return self._read()
 
@@ -362,6 +385,7 @@ def test_train_step(benchmark, workers, variant):
         RESULTS.setdefault(variant, {})["loss_vs_fp32"] = err
     steady = []
     benchmark.pedantic(lambda: steady.append(worker.step()), rounds=rounds(variant), warmup_rounds=0, iterations=1)
+    limits = worker.limits()
     workers.close(variant)  # frees its memory before the next variant
     batch = worker.info["batch"]
     record = RESULTS.setdefault(variant, {})
@@ -371,6 +395,8 @@ def test_train_step(benchmark, workers, variant):
                   peak_total_mb=max(s["peak_bytes"] for s in steady) / 2**20,
                   worker_s=statistics.median(s["seconds"] for s in steady),
                   cpu_s=statistics.median(s["cpu_seconds"] for s in steady), loss=first["losses"]["loss"])
+    record.update(limits, achieved_flops_s=limits["flops"] / record["worker_s"])
+    record["of_gemm_peak"] = record["achieved_flops_s"] / limits["gemm_flops_s"]
     if benchmark.stats is not None:  # None under --benchmark-disable
         record["s"] = benchmark.stats.stats.median
     benchmark.extra_info.update({k: v for k, v in record.items()}, variant=variant,
@@ -390,6 +416,19 @@ def _ratios(r: dict, base: dict):
         (r["batch"] / r["cpu_s"]) / (base["batch"] / base["cpu_s"])
 
 
+def _limits_notes(rows) -> list:
+    """How the FLOP columns were made, with each variant's dominant GEMM shape and the GEMMs' share of FLOPs."""
+    lines = ["  GFLOP/step: flop counter over one step's forward + backward (matrix products, convolutions, attention; "
+             "elementwise work counts 0); GFLOP/s: that / the worker's median step time; GEMM GFLOP/s: best of 5 "
+             "torch.mm in the worker, same threads, the step's compute dtype, on the dominant shape below"]
+    for variant, r in rows:
+        m, k, n = r["gemm_shape"]
+        dtype = "bf16" if "bf16" in variant else "fp32"
+        lines.append(f"  {variant}: GEMM {m}x{k} @ {k}x{n} {dtype}; plain GEMMs are {100 * r['gemm_share']:.1f}% of "
+                     f"the step's counted FLOPs")
+    return lines
+
+
 def summary_table() -> str:
     lines = []
     for device, suffix in (("cpu", ""), ("cuda", " (cuda)")):
@@ -405,14 +444,23 @@ def summary_table() -> str:
                      f"worker's CPU time per steady step, all threads)")
         lines.append(f"{'variant':28s} {'rounds':>6s} {'s/step':>8s} {'clips/s':>8s} {'peak step MB':>13s} "
                      f"{'x clips/s':>10s} {'x memory':>9s} {'first s':>8s} {'first MB':>9s} {'CPU s':>7s} "
-                     f"{'x CPU':>6s}")
+                     f"{'x CPU':>6s} {'GFLOP/step':>10s} {'GFLOP/s':>8s} {'GEMM GFLOP/s':>12s} "
+                     f"{'of GEMM peak':>12s}")
         for variant, r in rows:
             speed, mem, cpu = _ratios(r, base)
             lines.append(f"{variant:28s} {r['rounds']:6d} {r['s']:8.2f} {r['batch'] / r['s']:8.3f} "
                          f"{r['peak_mb']:13.0f} {_cell(speed, '10.2f')} {_cell(mem, '9.2f')} {r['first_s']:8.2f} "
-                         f"{r['first_peak_mb']:9.0f} {r['cpu_s']:7.1f} {_cell(cpu, '6.2f')}")
+                         f"{r['first_peak_mb']:9.0f} {r['cpu_s']:7.1f} {_cell(cpu, '6.2f')} "
+                         f"{r['flops'] / 1e9:10.0f} {r['achieved_flops_s'] / 1e9:8.1f} "
+                         f"{r['gemm_flops_s'] / 1e9:12.1f} {r['of_gemm_peak']:12.2f}")
             if "loss_vs_fp32" in r:
                 lines.append(f"  {variant}: first-step loss within {r['loss_vs_fp32']:.1e} relative of fp32")
+        lines.extend(_limits_notes(rows))
+        ours = RESULTS.get("ours fp32" + suffix, {})
+        if "of_gemm_peak" in ours:
+            target = ours["of_gemm_peak"] >= 0.7
+            lines.append(f"target ours fp32 FLOP/s vs this machine's fp32 GEMM: {ours['of_gemm_peak']:.2f} (>= 0.7) "
+                         f"{'met' if target else 'NOT met (python benchmarks/profile_step.py names the rest)'}")
         speed, mem, cpu = _ratios(RESULTS.get("ours fp32" + suffix, {}), base)
         if speed and mem:
             lines.append(f"target ours fp32 clips/s vs baseline: {speed:.2f}x (>= 2) "

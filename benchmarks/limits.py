@@ -1,0 +1,77 @@
+"""What the machine can do, measured in the benchmark's own process: FLOPs of a piece of work
+(torch.utils.flop_counter) and the throughput torch.mm reaches on one GEMM shape, so a benchmark can
+print its achieved FLOP/s as a fraction of the GEMM throughput of the same machine, threads and dtype.
+
+The flop counter counts matrix products, convolutions and attention only (elementwise work, norms,
+the C++ adapter stencil and the optimizer count zero): achieved FLOP/s is the useful matrix work per
+second, and 1.0 would mean the whole step ran at the speed of one large GEMM.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm")
+
+
+def _cpu_flash(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_flash_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# PyTorch's counter has formulas for the CUDA attention kernels only; on the CPU sdpa (ours, and
+# nn.MultiheadAttention with need_weights=False) runs these two, which it would count as zero.
+CPU_ATTENTION = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward,
+}
+
+
+@dataclass
+class FlopCount:
+    """FLOPs of one run, in total and by ATen op name (e.g. {"addmm": ..., "_scaled_dot_product_...": ...})."""
+    total: int
+    by_op: Dict[str, int]
+
+    @property
+    def gemm_share(self) -> float:
+        """Fraction of the counted FLOPs that are plain matrix products (mm/addmm/bmm/baddbmm)."""
+        gemm = sum(v for k, v in self.by_op.items() if k in GEMM_OPS)
+        return gemm / self.total if self.total else 0.0
+
+
+def count_flops(run: Callable[[], object]) -> FlopCount:
+    """FLOPs of everything ``run()`` dispatches (forward and, if it calls backward, backward too)."""
+    counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION)
+    with counter:
+        run()
+    by_op = {str(op).split(".")[-1]: int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
+    return FlopCount(total=int(counter.get_total_flops()), by_op=by_op)
+
+
+def gemm_flops_per_s(rows: int, inner: int, cols: int, dtype: torch.dtype = torch.float32,
+                     device: str = "cpu", repeats: int = 5) -> float:
+    """Best FLOP/s of torch.mm (rows, inner) × (inner, cols) over ``repeats`` timed runs after one warm-up,
+    the right operand laid out as an nn.Linear weight (cols, inner) transposed, as the model's layers use it.
+    The best run: on a shared machine other processes only ever add time."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(rows, inner, generator=gen).to(device=device, dtype=dtype)
+    w = torch.randn(cols, inner, generator=gen).to(device=device, dtype=dtype)
+    out = torch.empty(rows, cols, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    best = float("inf")
+    for i in range(repeats + 1):
+        sync()
+        start = time.perf_counter()
+        torch.mm(a, w.t(), out=out)
+        sync()
+        if i:  # the first run is the warm-up (page faults, MKL's buffers)
+            best = min(best, time.perf_counter() - start)
+    return 2 * rows * inner * cols / best

@@ -1,0 +1,181 @@
+"""Multi-view evaluation throughput: k400_b16_8f (ViT-B/16, 8 frames, 400 classes), random weights.
+
+    python -m pytest benchmarks/test_eval.py -s      # about 3-5 minutes on 2 CPU cores
+
+One video of 4 temporal clips × 3 spatial crops = 12 views of 8 frames at 224 px (the paper's K400 test
+protocol), a fixed random tensor: the model's work only, no decoding. Each timed round is one call of
+``m2clip_fast.evaluation.view_probabilities`` (what ``evaluate`` runs per batch: ``model.predict`` over the
+views under no_grad, probabilities averaged over views). Text features are computed once per model, before
+the timed rounds, and reported on their own ("text s"):
+  official-style fp32   benchmarks/baselines.py's model (official-style TED adapters, nn.MultiheadAttention,
+                        the whole last vision block); its text features: the full text encoder over the 400
+                        prompts × 77 tokens, once, then handed to every predict call
+  ours fp32             fused C++ TED path, sdpa, class-token-only last block; text through its own cache
+                        (trimmed prompts, end-of-text path), filled by the first call
+  ours bf16 autocast    the same under torch.autocast("cpu", bfloat16), if the CPU has native bf16
+
+Both models hold the same weights (one model, copied, then turned official-style). Asserted: on the first
+view their text and VC logits agree within FP32_LOGIT_TOL of the largest logit, bf16 within BF16_LOGIT_TOL of
+fp32, and every timed round's probabilities agree with the baseline's to the same bound. Rounds:
+M2CLIP_EVAL_ROUNDS=n (default 2 for ours, 1 for the baseline); M2CLIP_BENCH_THREADS=n sets torch's threads.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Dict
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines import make_official_style, randomise_tunable  # noqa: E402
+
+from m2clip_fast import create_model  # noqa: E402
+from m2clip_fast.evaluation import view_probabilities  # noqa: E402
+
+PRESET, FRAMES, SIZE = "k400_b16_8f", 8, 224
+TEMPORAL, SPATIAL = 4, 3
+VIEWS = TEMPORAL * SPATIAL
+BASELINE = "official-style fp32"
+VARIANTS = {BASELINE: dict(official=True, amp=None), "ours fp32": dict(official=False, amp=None),
+            "ours bf16 autocast": dict(official=False, amp=torch.bfloat16)}
+ROUNDS = {v: 1 if v == BASELINE else 2 for v in VARIANTS}
+if os.environ.get("M2CLIP_EVAL_ROUNDS"):
+    ROUNDS = {v: int(os.environ["M2CLIP_EVAL_ROUNDS"]) for v in VARIANTS}
+if os.environ.get("M2CLIP_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["M2CLIP_BENCH_THREADS"]))
+# The two fp32 models compute the same function in different summation orders (fused adapter GEMMs, sdpa vs
+# nn.MultiheadAttention, the class-token-only last block, trimmed text columns): the training-step benchmark
+# measures their losses equal to ~1e-7 relative through the same layers; 1e-4 of the largest logit leaves room
+# for other BLAS builds, while a wrong row or mask moves logits by a sizeable fraction of themselves.
+# bf16 keeps 8 significant bits; ~25 layers of its rounding stay near 1e-2 of the largest logit.
+FP32_LOGIT_TOL, BF16_LOGIT_TOL = 1e-4, 5e-2
+RESULTS: Dict[str, Dict[str, float]] = {}
+
+
+def _autocast(amp):
+    return torch.autocast("cpu", dtype=amp) if amp else contextlib.nullcontext()
+
+
+def view_logits(model, views: torch.Tensor, amp) -> Dict[str, torch.Tensor]:
+    """The logits model.predict turns into probabilities: views (V, T, 3, H, W) → {"text", "vc"}: (V, C) fp32."""
+    with torch.no_grad(), _autocast(amp):
+        frames, pooled = model.encode_frames(views)
+        text = model._similarity_logits(frames.mean(dim=1), model.encode_text())
+        return {"text": text, "vc": model.vc_head(pooled).float()}
+
+
+def relative_difference(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor]) -> float:
+    """Largest over heads of max|got − want| / max|want|."""
+    return max(((got[h] - want[h]).abs().max() / want[h].abs().max()).item() for h in want)
+
+
+class Bench:
+    """Both models on the same weights, the 12-view video, and each variant's text time and first-view logits."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        ours = create_model(PRESET, pretrained=None, fused=True, attention="sdpa")
+        randomise_tunable(ours)  # zero-initialised convs would hide the adapters' math from the logit check
+        self.models = {"ours": ours.eval(), "official": make_official_style(copy.deepcopy(ours)).eval()}
+        gen = torch.Generator().manual_seed(1)
+        self.video = torch.randn(1, VIEWS, FRAMES, 3, SIZE, SIZE, generator=gen)
+        self.logits: Dict[str, Dict[str, torch.Tensor]] = {}
+        self.probs: Dict[str, Dict[str, torch.Tensor]] = {}
+
+    def model(self, variant: str):
+        return self.models["official" if VARIANTS[variant]["official"] else "ours"]
+
+    def prepare(self, variant: str) -> float:
+        """Text features once (timed; the baseline's are then pinned, ours stay in its cache), and the first
+        view's logits. Returns the text seconds."""
+        model, amp = self.model(variant), VARIANTS[variant]["amp"]
+        start = time.perf_counter()
+        with torch.no_grad(), _autocast(amp):
+            text = model.encode_text()
+        seconds = time.perf_counter() - start
+        if VARIANTS[variant]["official"]:
+            model.encode_text = lambda *args, **kwargs: text  # the evaluation loop reuses them for every video
+        self.logits[variant] = view_logits(model, self.video[0, :1], amp)
+        return seconds
+
+    def evaluate(self, variant: str) -> Dict[str, torch.Tensor]:
+        """One timed unit: every view of the video through view_probabilities → {head: (1, C)}."""
+        return view_probabilities(self.model(variant), self.video, torch.device("cpu"), VARIANTS[variant]["amp"])
+
+
+@pytest.fixture(scope="module")
+def bench(request):
+    state = Bench()
+    yield state
+    table = summary_table()
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        print("\n" + table, flush=True)  # teardown output is captured otherwise
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_eval(benchmark, bench, variant):
+    amp = VARIANTS[variant]["amp"]
+    if amp is not None and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no native bf16 (oneDNN reports no bf16 support)")
+    record = RESULTS.setdefault(variant, {})
+    record["text_s"] = bench.prepare(variant)
+    if variant != BASELINE:  # the baseline runs first: its logits are the reference
+        reference = bench.logits.get("ours fp32" if amp else BASELINE)
+        if reference is None:
+            pytest.skip("the variant compared against did not run (run the whole file)")
+        tol = BF16_LOGIT_TOL if amp else FP32_LOGIT_TOL
+        record["logit_diff"] = relative_difference(bench.logits[variant], reference)
+        assert record["logit_diff"] <= tol, f"{variant} logits differ by {record['logit_diff']:.3g} (> {tol})"
+    wall, cpu = [], []
+
+    def one_video():
+        t0, c0 = time.perf_counter(), time.process_time()
+        bench.probs[variant] = bench.evaluate(variant)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+
+    benchmark.pedantic(one_video, rounds=ROUNDS[variant], warmup_rounds=0, iterations=1)
+    if variant != BASELINE and BASELINE in bench.probs:
+        want = bench.probs[BASELINE if not amp else "ours fp32"]
+        record["prob_diff"] = relative_difference(bench.probs[variant], want)
+        tol = BF16_LOGIT_TOL if amp else FP32_LOGIT_TOL
+        assert record["prob_diff"] <= tol, f"{variant} probabilities differ by {record['prob_diff']:.3g} (> {tol})"
+    record.update(rounds=ROUNDS[variant], s=statistics.median(wall), cpu_s=statistics.median(cpu),
+                  threads=torch.get_num_threads())
+    benchmark.extra_info.update(record, variant=variant, views=VIEWS, frames=FRAMES)
+
+
+def summary_table() -> str:
+    base = RESULTS.get(BASELINE, {})
+    lines = [f"{PRESET} multi-view evaluation, 1 video x {VIEWS} views ({TEMPORAL} clips x {SPATIAL} crops) of "
+             f"{FRAMES} frames, {torch.get_num_threads()} threads, forward only (s/video: median of the rounds; "
+             f"CPU s: process CPU time per video, all threads; text s: the class text features, once)",
+             f"{'variant':22s} {'rounds':>6s} {'s/video':>8s} {'videos/s':>9s} {'views/s':>8s} {'x videos/s':>11s} "
+             f"{'CPU s':>7s} {'x CPU':>6s} {'text s':>7s} {'logit diff':>11s}"]
+    for variant in VARIANTS:
+        r = RESULTS.get(variant)
+        if not r or "s" not in r:
+            continue
+        speed = base["s"] / r["s"] if base.get("s") else None
+        cpu = base["cpu_s"] / r["cpu_s"] if base.get("cpu_s") else None
+        diff = r.get("logit_diff")
+        lines.append(f"{variant:22s} {r['rounds']:6d} {r['s']:8.2f} {1 / r['s']:9.4f} {VIEWS / r['s']:8.3f} "
+                     f"{format(speed, '11.2f') if speed else '-':>11s} {r['cpu_s']:7.1f} "
+                     f"{format(cpu, '6.2f') if cpu else '-':>6s} {r['text_s']:7.2f} "
+                     f"{format(diff, '11.1e') if diff is not None else '-':>11s}")
+    lines.append("  logit diff: max |logit - reference| / max |reference| over the text and VC heads on the first "
+                 "view (reference: the baseline; for bf16, ours fp32)")
+    ours = RESULTS.get("ours fp32", {})
+    if ours.get("s") and base.get("s"):
+        speed = base["s"] / ours["s"]
+        lines.append(f"target ours fp32 videos/s vs baseline: {speed:.2f}x (>= 1.5) {'met' if speed >= 1.5 else 'NOT met'}"
+                     f" (per CPU-second: {base['cpu_s'] / ours['cpu_s']:.2f}x)")
+    return "\n".join(lines)
