@@ -57,7 +57,7 @@ def count_flops(run: Callable[[], object]) -> FlopCount:
 
 
 def gemm_flops_per_s(rows: int, inner: int, cols: int, dtype: torch.dtype = torch.float32,
-                     device: str = "cpu", repeats: int = 5) -> float:
+                     device: str = "cpu", repeats: int = 10) -> float:
     """Best FLOP/s of torch.mm (rows, inner) × (inner, cols) over ``repeats`` timed runs after one warm-up,
     the right operand laid out as an nn.Linear weight (cols, inner) transposed, as the model's layers use it.
     The best run: on a shared machine other processes only ever add time."""

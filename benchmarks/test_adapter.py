@@ -20,6 +20,11 @@ other processes only ever add time, so the minimum is the stable estimate of wha
 Because variants run minutes apart and the load may change in between, the targets are also
 checked on PAIRED timings (test_paired_fwd_bwd): fused and each comparison variant alternate, and
 the median of the per-pair ratios is reported. M2CLIP_BENCH_THREADS=n sets torch's threads.
+
+Against the machine's own limit, as in the training-step benchmark (benchmarks/limits.py): "of GEMM peak" is
+the adapter's fwd+bwd FLOPs (flop counter on the reference; the same function in every variant) / the
+variant's time / the FLOP/s torch.mm reaches here on the adapter's GEMM shape (B·T·L × 768 × 768), in the
+variant's dtype, timed in the same process; "x vs floor" compares with the six GEMMs timed as they run.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import OfficialStyleTEDAdapter, saved_storages  # noqa: E402
+from limits import count_flops, gemm_flops_per_s  # noqa: E402
 
 from m2clip_fast.adapters import TEDAdapter  # noqa: E402
 from m2clip_fast.fused import FusedTEDAdapter, extension_available  # noqa: E402
@@ -140,6 +146,21 @@ class Bench:
         self.want = ModuleRunner(self.ref, self.x, self.grad).results()
         self._runners: Dict[str, object] = {}
         self._fp64: Optional[list] = None
+        # the adapter's work per mode, as the flop counter counts it on the reference (every variant computes the
+        # same function: the same work; the depthwise convs add 0.4% to the six GEMMs), and torch.mm's FLOP/s on
+        # its GEMM shape (all six have B·T·L × 768 × 768 multiply-adds), fp32 and bf16, timed here
+        ref = ModuleRunner(self.ref, self.x, self.grad)
+        self.flops = {mode: count_flops(ref.step(mode)).total for mode in MODES}
+        self.gemm_shape = (shape[0] * shape[1], DIM, 2 * R)
+        self.gemm: Dict[torch.dtype, float] = {}
+        self.time_gemm()
+
+    def time_gemm(self) -> None:
+        """Time the GEMM peak (again), keeping the best: called before and after the variants, so a load spike
+        on a shared machine during one of the two does not lower the peak the variants are held against."""
+        dtypes = [torch.float32] + ([torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else [])
+        for dtype in dtypes:
+            self.gemm[dtype] = max(self.gemm.get(dtype, 0.0), gemm_flops_per_s(*self.gemm_shape, dtype=dtype))
 
     def fp64(self):
         if self._fp64 is None:
@@ -220,7 +241,8 @@ VARIANTS = ["eager reference", "official-style eager", "torch.compile(reference)
 def bench(request):
     state = Bench()
     yield state
-    table = summary_table()
+    state.time_gemm()
+    table = summary_table(state)
     capture = request.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
         print("\n" + table, flush=True)  # teardown output is captured otherwise
@@ -266,18 +288,25 @@ def test_paired_fwd_bwd(bench):
     RESULTS["paired"] = {v: statistics.median(r) for v, r in ratios.items()}
 
 
-def summary_table() -> str:
+def _throughput(bench, variant: str, ms: float):
+    """(achieved FLOP/s, GEMM FLOP/s of the variant's dtype) for a fwd+bwd time; (None, None) off the CPU."""
+    if "cuda" in variant:
+        return None, None  # the GEMM peak is timed on the CPU only
+    return bench.flops["fwd+bwd"] / (ms / 1e3), bench.gemm.get(torch.bfloat16 if "bf16" in variant else torch.float32)
+
+
+def summary_table(bench) -> str:
     floor = RESULTS.get("bare-GEMM floor", {}).get("fwd+bwd")
     official = RESULTS.get("official-style eager", {}).get("fwd+bwd")
 
     def cell(value, fmt):
-        return format(value, fmt) if value is not None else "-"
+        return format(value, fmt) if value is not None else format("-", ">" + fmt.split(".")[0])
 
     lines = [f"TED adapter {BATCH}x{FRAMES}x{1 + GRID[0] * GRID[1]}x{DIM}, r={R}, {torch.get_num_threads()} threads "
              f"(min ms of {ROUNDS['fwd']} fwd / {ROUNDS['fwd+bwd']} fwd+bwd rounds; ratios on fwd+bwd; "
              f"saved = autograd-saved activations, params excluded)",
              f"{'variant':26s} {'ms fwd':>8s} {'ms fwd+bwd':>11s} {'x vs official':>14s} {'x vs floor':>11s} "
-             f"{'saved MB':>9s} {'saved excl. x MB':>17s}"]
+             f"{'saved MB':>9s} {'saved excl. x MB':>17s} {'GFLOP/s':>8s} {'of GEMM peak':>12s}"]
     for variant in VARIANTS:
         r = RESULTS.get(variant)
         if not r or "fwd+bwd" not in r:
@@ -286,9 +315,15 @@ def summary_table() -> str:
         speedup = official / t if official else None
         vs_floor = t / floor if floor else None
         saved = r.get("saved")
+        achieved, peak = _throughput(bench, variant, t)
         lines.append(f"{variant:26s} {cell(r.get('fwd'), '8.2f')} {cell(t, '11.2f')} {cell(speedup, '14.2f')} "
                      f"{cell(vs_floor, '11.2f')} {cell(saved and saved / 1e6, '9.2f')} "
-                     f"{cell(r.get('saved_excl_x') and r['saved_excl_x'] / 1e6, '17.2f')}")
+                     f"{cell(r.get('saved_excl_x') and r['saved_excl_x'] / 1e6, '17.2f')} "
+                     f"{cell(achieved and achieved / 1e9, '8.1f')} {cell(achieved and peak and achieved / peak, '12.2f')}")
+    lines.append(f"  GFLOP/s: the adapter's fwd+bwd work ({bench.flops['fwd+bwd'] / 1e9:.2f} GFLOP, flop counter on the "
+                 f"reference) / its time; GEMM peak: best of 2 x 10 torch.mm {bench.gemm_shape[0]}x{DIM} @ {DIM}x"
+                 f"{bench.gemm_shape[2]} here, " + ", ".join(f"{str(d).split('.')[-1]} {v / 1e9:.1f} GFLOP/s"
+                                                            for d, v in bench.gemm.items()))
     fused, compiled = RESULTS.get("fused cpu", {}), RESULTS.get("torch.compile(reference)", {})
     paired = RESULTS.get("paired", {})
     if fused.get("fwd+bwd") and floor and official and compiled.get("fwd+bwd"):

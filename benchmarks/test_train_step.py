@@ -419,7 +419,7 @@ def _ratios(r: dict, base: dict):
 def _limits_notes(rows) -> list:
     """How the FLOP columns were made, with each variant's dominant GEMM shape and the GEMMs' share of FLOPs."""
     lines = ["  GFLOP/step: flop counter over one step's forward + backward (matrix products, convolutions, attention; "
-             "elementwise work counts 0); GFLOP/s: that / the worker's median step time; GEMM GFLOP/s: best of 5 "
+             "elementwise work counts 0); GFLOP/s: that / the worker's median step time; GEMM GFLOP/s: best of 10 "
              "torch.mm in the worker, same threads, the step's compute dtype, on the dominant shape below"]
     for variant, r in rows:
         m, k, n = r["gemm_shape"]
