@@ -18,6 +18,11 @@ Both models hold the same weights (one model, copied, then turned official-style
 view their text and VC logits agree within FP32_LOGIT_TOL of the largest logit, bf16 within BF16_LOGIT_TOL of
 fp32, and every timed round's probabilities agree with the baseline's to the same bound. Rounds:
 M2CLIP_EVAL_ROUNDS=n (default 2 for ours, 1 for the baseline); M2CLIP_BENCH_THREADS=n sets torch's threads.
+
+Against the machine's limit, as in the training-step benchmark: the vision tower's FLOPs per video (flop counter
+on one view, times the views) / s per video / torch.mm's FLOP/s on the evaluation's MLP GEMM shape, timed here.
+Both models do nearly the same FLOPs (ours skips the last block's patch rows), so the speed-up at forward only is
+bounded by how much closer to the GEMM peak ours runs.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import make_official_style, randomise_tunable  # noqa: E402
+from limits import count_flops, gemm_flops_per_s  # noqa: E402
 
 from m2clip_fast import create_model  # noqa: E402
 from m2clip_fast.evaluation import view_probabilities  # noqa: E402
@@ -105,6 +111,21 @@ class Bench:
         self.logits[variant] = view_logits(model, self.video[0, :1], amp)
         return seconds
 
+    def vision_flops(self, variant: str) -> int:
+        """FLOPs of the vision tower over one video's views: VIEWS × the flop count of encode_frames on one view
+        (the text similarity and VC head, a few MFLOP, are left out)."""
+        model, amp = self.model(variant), VARIANTS[variant]["amp"]
+        with torch.no_grad(), _autocast(amp):
+            return VIEWS * count_flops(lambda: model.encode_frames(self.video[0, :1])).total
+
+    def gemm_peak(self, amp) -> float:
+        """torch.mm's FLOP/s here on the evaluation's dominant GEMM: the vision MLP over every token of every
+        view, (VIEWS·T·197, 768) × (768, 3072), in the variant's dtype."""
+        model = self.models["ours"]
+        fc = model.clip.visual.transformer.resblocks[0].mlp.c_fc
+        rows = VIEWS * FRAMES * (1 + model.grid[0] * model.grid[1])
+        return gemm_flops_per_s(rows, fc.in_features, fc.out_features, dtype=amp or torch.float32, repeats=3)
+
     def evaluate(self, variant: str) -> Dict[str, torch.Tensor]:
         """One timed unit: every view of the video through view_probabilities → {head: (1, C)}."""
         return view_probabilities(self.model(variant), self.video, torch.device("cpu"), VARIANTS[variant]["amp"])
@@ -149,7 +170,8 @@ def test_eval(benchmark, bench, variant):
         tol = BF16_LOGIT_TOL if amp else FP32_LOGIT_TOL
         assert record["prob_diff"] <= tol, f"{variant} probabilities differ by {record['prob_diff']:.3g} (> {tol})"
     record.update(rounds=ROUNDS[variant], s=statistics.median(wall), cpu_s=statistics.median(cpu),
-                  threads=torch.get_num_threads())
+                  threads=torch.get_num_threads(), flops=bench.vision_flops(variant), gemm=bench.gemm_peak(amp))
+    record["of_gemm_peak"] = record["flops"] / record["s"] / record["gemm"]
     benchmark.extra_info.update(record, variant=variant, views=VIEWS, frames=FRAMES)
 
 
@@ -159,7 +181,8 @@ def summary_table() -> str:
              f"{FRAMES} frames, {torch.get_num_threads()} threads, forward only (s/video: median of the rounds; "
              f"CPU s: process CPU time per video, all threads; text s: the class text features, once)",
              f"{'variant':22s} {'rounds':>6s} {'s/video':>8s} {'videos/s':>9s} {'views/s':>8s} {'x videos/s':>11s} "
-             f"{'CPU s':>7s} {'x CPU':>6s} {'text s':>7s} {'logit diff':>11s}"]
+             f"{'CPU s':>7s} {'x CPU':>6s} {'text s':>7s} {'logit diff':>11s} {'GFLOP/video':>11s} "
+             f"{'GEMM GFLOP/s':>12s} {'of GEMM peak':>12s}"]
     for variant in VARIANTS:
         r = RESULTS.get(variant)
         if not r or "s" not in r:
@@ -170,9 +193,12 @@ def summary_table() -> str:
         lines.append(f"{variant:22s} {r['rounds']:6d} {r['s']:8.2f} {1 / r['s']:9.4f} {VIEWS / r['s']:8.3f} "
                      f"{format(speed, '11.2f') if speed else '-':>11s} {r['cpu_s']:7.1f} "
                      f"{format(cpu, '6.2f') if cpu else '-':>6s} {r['text_s']:7.2f} "
-                     f"{format(diff, '11.1e') if diff is not None else '-':>11s}")
+                     f"{format(diff, '11.1e') if diff is not None else '-':>11s} {r['flops'] / 1e9:11.0f} "
+                     f"{r['gemm'] / 1e9:12.1f} {r['of_gemm_peak']:12.2f}")
     lines.append("  logit diff: max |logit - reference| / max |reference| over the text and VC heads on the first "
-                 "view (reference: the baseline; for bf16, ours fp32)")
+                 "view (reference: the baseline; for bf16, ours fp32); GFLOP/video: the vision tower's, flop counter "
+                 f"(matrix products, attention); of GEMM peak: that / s per video / best of 3 torch.mm "
+                 f"{VIEWS * FRAMES * 197}x768 @ 768x3072 here, same dtype")
     ours = RESULTS.get("ours fp32", {})
     if ours.get("s") and base.get("s"):
         speed = base["s"] / ours["s"]

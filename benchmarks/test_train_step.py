@@ -259,7 +259,12 @@ class WorkerProcess:
     """A fresh Python process holding one variant's model; ``step()`` runs one training step in it."""
 
     def __init__(self, variant: str, grads_dir: str):
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        import m2clip_fast
+
+        # the worker imports the package the parent imported (a checkout's, when pytest runs from its root)
+        root = str(Path(m2clip_fast.__file__).resolve().parent.parent)
+        path = os.pathsep.join([root] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path)
         self.proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(VARIANTS[variant])],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                                      cwd=str(HERE))
