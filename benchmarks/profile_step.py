@@ -1,6 +1,6 @@
 """Where one training step's time goes: torch.profiler over a steady k400_b16_8f step, ops grouped by kind.
 
-    python benchmarks/profile_step.py [--variant "ours fp32"] [--threads N] [--top 25] [--stacks]
+    python benchmarks/profile_step.py [--variant "ours fp32"] [--threads N] [--top 25]
 
 Builds the training-step benchmark's worker (benchmarks/test_train_step.py: same model, batch, optimizer),
 runs one warm-up step (text cache, optimizer state), then profiles one step on the CPU (record_shapes) and
@@ -104,22 +104,18 @@ def grouped(events) -> Tuple[Dict[str, float], List[Tuple[str, str, float, int]]
     return dict(by_group), ops
 
 
-def print_call_sites(events, groups=("copies", "layernorm/gelu/elementwise"), top: int = 12) -> None:
-    """The Python lines (innermost frame in the repository or open_clip) that spend most self CPU time in the
-    given groups, with the op and its input shapes."""
-    sites: Dict[Tuple[str, str, str], float] = defaultdict(float)
+def print_group_shapes(events, groups=("copies", "layernorm/gelu/elementwise"), top: int = 12) -> None:
+    """The (op, input shapes) that spend most self CPU time in each of the given groups."""
+    sites: Dict[Tuple[str, str], float] = defaultdict(float)
     for event in events:
         group = group_of(event)
-        if group not in groups:
-            continue
-        frames = [f for f in (event.stack or []) if "m2clip_fast" in f or "open_clip" in f or "benchmarks" in f]
-        where = frames[0] if frames else "(no Python frame)"
-        sites[(group, f"{event.name} {event.input_shapes}"[:90], where)] += event.self_cpu_time_total / 1e6
+        if group in groups:
+            sites[(group, f"{event.name} {event.input_shapes}"[:100])] += event.self_cpu_time_total / 1e6
     for group in groups:
-        print(f"\n{group}: top call sites by self CPU s")
+        print(f"\n{group}: top ops by input shapes, self CPU s")
         rows = sorted(((k, v) for k, v in sites.items() if k[0] == group), key=lambda kv: -kv[1])[:top]
-        for (_, op, where), seconds in rows:
-            print(f"{seconds:8.3f}  {op:90s}  {where}")
+        for (_, op), seconds in rows:
+            print(f"{seconds:8.3f}  {op}")
 
 
 def main(argv=None) -> None:
@@ -127,8 +123,6 @@ def main(argv=None) -> None:
     parser.add_argument("--variant", default="ours fp32")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--top", type=int, default=25)
-    parser.add_argument("--stacks", action="store_true",
-                        help="also record Python stacks and print where the copies and elementwise ops are called")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -138,7 +132,7 @@ def main(argv=None) -> None:
     worker = Worker(VARIANTS[args.variant])
     worker.step()  # warm-up: text cache, optimizer state, first touch
     steady = worker.step()["seconds"]
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_stack=args.stacks) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         start = time.perf_counter()
         worker.step()
         wall = time.perf_counter() - start
@@ -154,8 +148,7 @@ def main(argv=None) -> None:
     print(f"{'op':60s} {'group':28s} {'self CPU s':>10s} {'calls':>6s}")
     for name, group, seconds, calls in ops[: args.top]:
         print(f"{name[:60]:60s} {group:28s} {seconds:10.3f} {calls:6d}")
-    if args.stacks:
-        print_call_sites(prof.events())
+    print_group_shapes(prof.events())
     print("\ntop ops by input shapes (self CPU time)")
     print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=15,
                                                                max_name_column_width=40, max_shapes_column_width=70))
