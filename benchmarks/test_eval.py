@@ -182,26 +182,33 @@ def test_eval(benchmark, bench, variant):
     benchmark.extra_info.update(record, variant=variant, views=VIEWS, frames=FRAMES)
 
 
+def _row(r: dict, base: dict) -> Dict[str, object]:
+    """One variant's table cells by column name; None where a ratio has no baseline."""
+    return {"rounds": r["rounds"], "s/video": r["s"], "videos/s": 1 / r["s"], "views/s": VIEWS / r["s"],
+            "x videos/s": base["s"] / r["s"] if base.get("s") else None, "CPU s": r["cpu_s"],
+            "x CPU": base["cpu_s"] / r["cpu_s"] if base.get("cpu_s") else None, "text s": r["text_s"],
+            "logit diff": r.get("logit_diff"), "GFLOP/video": r["flops"] / 1e9, "GEMM GFLOP/s": r["gemm"] / 1e9,
+            "of GEMM peak": r["of_gemm_peak"]}
+
+
+COLUMNS = (("rounds", "6d"), ("s/video", "8.2f"), ("videos/s", "9.4f"), ("views/s", "8.3f"), ("x videos/s", "11.2f"),
+           ("CPU s", "7.1f"), ("x CPU", "6.2f"), ("text s", "7.2f"), ("logit diff", "11.1e"),
+           ("GFLOP/video", "11.0f"), ("GEMM GFLOP/s", "12.1f"), ("of GEMM peak", "12.2f"))
+
+
 def summary_table() -> str:
     base = RESULTS.get(BASELINE, {})
+    width = lambda fmt: fmt.rstrip("defs").split(".")[0]
     lines = [f"{PRESET} multi-view evaluation, 1 video x {VIEWS} views ({TEMPORAL} clips x {SPATIAL} crops) of "
              f"{FRAMES} frames, {torch.get_num_threads()} threads, forward only (s/video: median of the rounds; "
              f"CPU s: process CPU time per video, all threads; text s: the class text features, once)",
-             f"{'variant':22s} {'rounds':>6s} {'s/video':>8s} {'videos/s':>9s} {'views/s':>8s} {'x videos/s':>11s} "
-             f"{'CPU s':>7s} {'x CPU':>6s} {'text s':>7s} {'logit diff':>11s} {'GFLOP/video':>11s} "
-             f"{'GEMM GFLOP/s':>12s} {'of GEMM peak':>12s}"]
+             " ".join([f"{'variant':22s}"] + [format(name, ">" + width(fmt)) for name, fmt in COLUMNS])]
     for variant in VARIANTS:
         r = RESULTS.get(variant)
-        if not r or "s" not in r:
-            continue
-        speed = base["s"] / r["s"] if base.get("s") else None
-        cpu = base["cpu_s"] / r["cpu_s"] if base.get("cpu_s") else None
-        diff = r.get("logit_diff")
-        lines.append(f"{variant:22s} {r['rounds']:6d} {r['s']:8.2f} {1 / r['s']:9.4f} {VIEWS / r['s']:8.3f} "
-                     f"{format(speed, '11.2f') if speed else '-':>11s} {r['cpu_s']:7.1f} "
-                     f"{format(cpu, '6.2f') if cpu else '-':>6s} {r['text_s']:7.2f} "
-                     f"{format(diff, '11.1e') if diff is not None else '-':>11s} {r['flops'] / 1e9:11.0f} "
-                     f"{r['gemm'] / 1e9:12.1f} {r['of_gemm_peak']:12.2f}")
+        if r and "s" in r:
+            cells = _row(r, base)
+            lines.append(" ".join([f"{variant:22s}"] + [format(cells[n], f) if cells[n] is not None
+                                                         else format("-", ">" + width(f)) for n, f in COLUMNS]))
     lines.append("  logit diff: max |logit - reference| / max |reference| over the text and VC heads on the first "
                  "view (reference: the baseline; for bf16, ours fp32); GFLOP/video: the vision tower's, flop counter "
                  f"(matrix products, attention); of GEMM peak: that / s per video / best of 3 torch.mm "
