@@ -84,6 +84,13 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Which options each mode needs, before anything is read."""
     if args.zero_shot is not None and args.protocol is not None:
         p.error("--zero-shot is a protocol of its own: give it or --protocol")
+    for option, protocol in (("labels_dir", "k600-zeroshot"), ("base_labels", "base-to-novel"),
+                             ("novel_labels", "base-to-novel")):
+        if getattr(args, option) is not None and args.protocol != protocol:
+            p.error(f"--{option.replace('_', '-')} is for --protocol {protocol}")
+    if args.class_names and args.protocol in ("k600-zeroshot", "base-to-novel"):
+        p.error(f"--protocol {args.protocol} takes the class names from the split folder's label files, "
+                f"not --class-names")
     if args.protocol == "few-shot":
         if not (args.shots and args.val_list) or args.checkpoint:
             p.error("--protocol few-shot takes --shots K=CHECKPOINT ... and the full test list --val-list "

@@ -154,6 +154,9 @@ def test_base_and_novel_label_files_must_not_share_classes(tmp_path, capsys):
     (["--checkpoint", "c.pt", "--protocol", "base-to-novel", "--split-dir", "d"], "needs --split-dir and --data-root"),
     (["--checkpoint", "c.pt", "--zero-shot", "ucf101", "--protocol", "k600-zeroshot"], "give it or --protocol"),
     (["--val-list", "v.txt"], "--checkpoint is required"),
+    (["--checkpoint", "c.pt", "--val-list", "v.txt", "--labels-dir", "l"], "--labels-dir is for --protocol k600"),
+    (["--checkpoint", "c.pt", "--protocol", "base-to-novel", "--split-dir", "d", "--data-root", "r",
+      "--class-names", "hmdb51"], "from the split folder's label files"),
 ])
 def test_protocol_options_are_checked_first(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
