@@ -77,13 +77,16 @@ def evaluate(args: argparse.Namespace) -> Dict[str, object]:
                                         trust=args.trust_checkpoint)
     amp_dtype = runtime.place_model(model, device, args.amp)
     train_cfg = ckpt["config"].get("train", {})
-    decoder = resolve_decoder(args.decoder, device)
+    decoder = resolve_decoder(args.decoder, device, runtime.all_gather_objects)
+    if info.is_main and decoder.notice:
+        print(decoder.notice, file=sys.stderr)  # stdout may be --json
     workers = train_cfg.get("workers", 2) if args.workers is None else args.workers
     sampling, stride = train_cfg.get("sampling", "dense"), train_cfg.get("stride", 8)
     result: Dict[str, object] = {"checkpoint": str(args.checkpoint), "views": args.views}
 
     def run(samples, split=None, **zero_shot):
-        loader, decoding = _loader(model, samples, args, decoder, device, sampling, stride, workers), DecodeTally()
+        loader = _loader(model, samples, args, decoder.name, device, sampling, stride, workers)
+        decoding = DecodeTally(decoder.description)
         predictions, bad = collect_predictions(model, decoding.watch(loader), device, amp_dtype,
                                                progress=info.is_main, **zero_shot)
         if args.report is not None and info.is_main:

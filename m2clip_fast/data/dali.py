@@ -110,23 +110,28 @@ def pipeline_device_id(device: str, device_id: Optional[int] = None) -> Optional
     return current_device_id() if device_id is None else int(device_id)
 
 
-def build_pipeline(graph: Callable[[], Any], *, batch_size: int, num_threads: int, device: str,
-                   device_id: Optional[int] = None):
-    """A built DALI pipeline of ``graph`` (a function defining its operators and returning the outputs) on
-    ``device``'s GPU (:func:`pipeline_device_id`). DALIStartError when DALI cannot build it there.
+def define_pipeline(graph: Callable[[], Any], *, batch_size: int, num_threads: int, device: str,
+                    device_id: Optional[int] = None):
+    """The (not yet built) DALI pipeline of ``graph`` (a function defining its operators and returning the
+    outputs) on ``device``'s GPU (:func:`pipeline_device_id`).
 
     Inputs come from ``feed_input`` one batch before each ``run`` (prefetch depth 1, DALI's dynamic
     executor): the overlap with training comes from running the pipeline on a background thread
     (:class:`~m2clip_fast.data.prefetch.Prefetcher`), which also keeps a failing batch's inputs at hand
     to find the file at fault."""
     _, pipeline_def, _ = dali_api()
-    gpu = pipeline_device_id(device, device_id)
-    pipe = pipeline_def(graph, batch_size=batch_size, num_threads=num_threads, device_id=gpu,
-                        exec_dynamic=True, prefetch_queue_depth=1)()
+    return pipeline_def(graph, batch_size=batch_size, num_threads=num_threads,
+                        device_id=pipeline_device_id(device, device_id), exec_dynamic=True, prefetch_queue_depth=1)()
+
+
+def build_pipeline(graph: Callable[[], Any], **options):
+    """:func:`define_pipeline` (same arguments), built; DALIStartError when DALI cannot build it there."""
+    pipe = define_pipeline(graph, **options)
     try:
         pipe.build()
     except Exception as exc:  # noqa: BLE001 - DALI raises RuntimeError and others for a device it cannot use
-        raise DALIStartError("the CPU" if gpu is None else f"GPU {gpu}", dali_error_text(exc)) from exc
+        where = "the CPU" if pipe.device_id is None else f"GPU {pipe.device_id}"
+        raise DALIStartError(where, dali_error_text(exc)) from exc
     return pipe
 
 

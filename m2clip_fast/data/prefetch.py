@@ -60,11 +60,11 @@ class Prefetcher(Generic[T]):
 
     def __init__(self, items: Iterator[T], depth: int, *, setup: Optional[Callable[[], None]] = None,
                  name: str = "prefetch"):
+        self._stop = threading.Event()
         if depth < 1:
             raise ValueError(f"prefetch depth must be >= 1, got {depth}")
         self.depth = depth
         self._queue: "queue.Queue" = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
         self._done = False
         self._thread = threading.Thread(target=_produce, args=(items, self._queue, self._stop, setup),
                                         name=name, daemon=True)
