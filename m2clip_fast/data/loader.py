@@ -51,7 +51,9 @@ class VideoClipDataset(Dataset):
     ``sampling``: ``"dense"`` (``num_frames`` frames ``stride`` apart) or ``"uniform"`` (TSN
     segments). ``scale_range``: training short-side jitter relative to ``size``. ``flip``:
     random horizontal flips in training (turn off for Something-Something). ``decoder``:
-    a :data:`~m2clip_fast.data.frames.BACKENDS` name. ``max_attempts``: how many samples to try before giving up.
+    a :data:`~m2clip_fast.data.frames.BACKENDS` name; "dali" decodes on the GPU when CUDA is available, and
+    ``video`` is then a CUDA tensor (load such a dataset in the main process: ``workers=0``).
+    ``max_attempts``: how many samples to try before giving up.
     """
 
     def __init__(
