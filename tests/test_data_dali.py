@@ -280,6 +280,18 @@ def _feeders():
     return [t for t in threading.enumerate() if t.name == "dali-feeder" and t.is_alive()]
 
 
+def test_the_extras_install_dali_for_torchs_cuda():
+    """setup.py's [dali] and [test] extras name the DALI wheel built for torch's CUDA major version."""
+    import re
+
+    from m2clip_fast.data.dali import dali_package
+
+    assert dali_package("13.0") == "nvidia-dali-cuda130" and dali_package("12.8") == "nvidia-dali-cuda120"
+    setup = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
+    named = re.findall(r'"(nvidia-dali-cuda\d+)', setup)
+    assert len(named) == 2 and set(named) == {dali_package()}, named
+
+
 def test_pipelines_run_on_the_current_device():
     """DALI's device_id is torch's current CUDA device (None without CUDA: a CPU-only pipeline), or the GPU
     asked for; read back from real (unbuilt) DALI pipelines, whose device_id is what the constructor got."""

@@ -231,11 +231,11 @@ class _FramePipelines:
 PIPELINES = _FramePipelines()
 
 
-def gpu_start_problem(encoded: np.ndarray, device_id: int) -> Optional[str]:
-    """None when a fresh GPU ("mixed") pipeline on GPU ``device_id`` decodes frame 0 of ``encoded`` (the bytes
-    of a small video NVDEC decodes, e.g. H.264), else why not, in one line (no CUDA driver, no NVDEC library:
-    a container without the video driver capability). Makes no CUDA call of its own, so DALI itself answers,
-    on any machine."""
+def gpu_start_problem(encoded: np.ndarray, device_id: Optional[int]) -> Optional[str]:
+    """None when a fresh GPU ("mixed") pipeline on GPU ``device_id`` (None: the current one) decodes frame 0 of
+    ``encoded`` (the bytes of a small video NVDEC decodes, e.g. H.264), else why not, in one line (no CUDA
+    driver, no NVDEC library: a container without the video driver capability). Makes no CUDA call of its
+    own, so DALI itself answers, on any machine."""
     try:
         pipe = _frames_pipeline("mixed", device_id)
         pipe.feed_input("encoded", [encoded])
