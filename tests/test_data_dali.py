@@ -176,12 +176,13 @@ def test_train_and_evaluate_run_on_the_dali_pipeline(tmp_path):
                        "--batch-size", "4", "--workers", "1", "--no-progress", "--device", "cpu", "--epochs", "1",
                        "--decoder", "dali", "--set", "num_frames=4", "train.stride=2", "train.views='2x3'"]) == 0
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    assert record["num_samples"] == 8
+    assert record["num_samples"] == 8 and record["decode_stats"]["decoder"] == "dali"
     common = ["--checkpoint", str(out / "checkpoints" / "last.pt"), "--val-list", str(data / "val.txt"),
               "--views", "2x3", "--device", "cpu", "--workers", "1"]
     with_dali = evaluate(eval_args(common + ["--decoder", "dali"]))
     with_pyav = evaluate(eval_args(common + ["--decoder", "pyav"]))
     assert with_dali["num_samples"] == with_pyav["num_samples"] == 8
+    assert (with_dali["decode_stats"]["decoder"], with_pyav["decode_stats"]["decoder"]) == ("dali", "pyav")
     for head in ("vc", "text", "fused"):
         assert abs(with_dali[f"top1_{head}"] - with_pyav[f"top1_{head}"]) <= 100 / 8
 
