@@ -57,10 +57,11 @@ setup(
         "safetensors",  # extract's embedding shards
     ],
     extras_require={
-        # DALI is in the test extra so that CI runs its CPU (VP9) tests; it ships x86-64 / aarch64 Linux wheels only
+        # DALI's build for the pinned torch's CUDA 13 (a CUDA 12 torch wants nvidia-dali-cuda120 instead). It is in
+        # the test extra so that CI runs its CPU (VP9) tests; it ships x86-64 / aarch64 Linux wheels only
         "test": ["pytest", "pytest-benchmark", "matplotlib", "tensorboard", "onnx", "onnxruntime", "onnxscript",
-                 "nvidia-dali-cuda120; platform_system == 'Linux' and platform_machine in 'x86_64 aarch64'"],
-        "dali": ["nvidia-dali-cuda120"],
+                 "nvidia-dali-cuda130; platform_system == 'Linux' and platform_machine in 'x86_64 aarch64'"],
+        "dali": ["nvidia-dali-cuda130"],
         # python -m m2clip_fast.export: torch's ONNX exporter needs onnx and onnxscript, the check onnxruntime
         "export": ["onnx", "onnxruntime", "onnxscript"],
         "xformers": ["xformers"],

@@ -121,7 +121,9 @@ class Scorer:
                                                  trust=args.trust_checkpoint)
         self.amp_dtype = runtime.place_model(self.model, device, args.amp)
         train_cfg = ckpt["config"].get("train", {})
-        self.decoder = resolve_decoder(args.decoder, device)
+        self.decoder = resolve_decoder(args.decoder, device, runtime.all_gather_objects)
+        if info.is_main and self.decoder.notice:
+            print(self.decoder.notice, file=sys.stderr)  # stdout may be --json
         self.workers = train_cfg.get("workers", 2) if args.workers is None else args.workers
         self.sampling, self.stride = train_cfg.get("sampling", "dense"), train_cfg.get("stride", 8)
 
@@ -130,10 +132,10 @@ class Scorer:
         """``(metrics, skipped)`` of ``samples`` (see :func:`m2clip_fast.evaluation.scores`), with the text head
         over ``class_names`` (default: the checkpoint's); ``report`` names the report's subfolder."""
         model, args = self.model, self.args
-        loader = build_clip_loader(samples, train=False, decoder=self.decoder, device=self.device, views=args.views,
-                                   batch_size=args.batch_size, workers=self.workers, num_frames=model.num_frames,
+        loader = build_clip_loader(samples, train=False, decoder=self.decoder.name, device=self.device,
+                                   views=args.views, batch_size=args.batch_size, workers=self.workers, num_frames=model.num_frames,
                                    size=model.crop_size, sampling=self.sampling, stride=self.stride, seed=0)
-        decoding = DecodeTally()
+        decoding = DecodeTally(self.decoder.description)
         predictions, bad = collect_predictions(model, decoding.watch(loader), self.device, self.amp_dtype,
                                                class_names=class_names, templates=templates,
                                                progress=self.info.is_main)

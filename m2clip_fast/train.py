@@ -1,7 +1,7 @@
 """``python -m m2clip_fast.train``: train M²-CLIP on a video dataset (single process or torchrun/DDP).
 
 Outputs in ``--output-dir``: ``metrics.jsonl`` (one JSON object per epoch: its evaluation, if any, and
-``decode_stats``, how its training clips were decoded), ``train_log.csv`` (one row per
+``decode_stats``, the decoder and how its training clips were decoded), ``train_log.csv`` (one row per
 optimizer step), TensorBoard events when tensorboard is installed, ``skipped.jsonl`` (bad videos: file and
 reason), ``checkpoints/{last,best}.pt`` (written atomically), ``config.json``, ``.lock`` (one run at a time).
 """
@@ -258,7 +258,10 @@ class Trainer:
         with whole_model_follows(self.whole):  # a random backbone comes whole from the checkpoint
             self.model = create_model(st.cfg, pretrained=args.pretrained, class_names=st.class_names)
         self.amp_dtype = runtime.place_model(self.model, self.device, tcfg["amp"])
-        self.decoder = resolve_decoder(args.decoder, self.device)
+        self.decoder_choice = resolve_decoder(args.decoder, self.device, runtime.all_gather_objects)
+        self.decoder = self.decoder_choice.name
+        if self.info.is_main and self.decoder_choice.notice:
+            print(self.decoder_choice.notice)
         self.train_loader, self.val_loader = self._loaders(train_samples, val_samples)
         self.num_train = len(train_samples)
         self.accum = int(tcfg["accum_steps"])
@@ -344,7 +347,7 @@ class Trainer:
                                                          indent=2, default=str))
             print(f"training {self.num_train} clips, {len(st.class_names)} classes, {self.info.world_size} "
                   f"process(es), global batch {self.global_batch}, lr {self.lr:.2e}, {self.steps_per_epoch} "
-                  f"steps/epoch, device {self.device}, decoder {self.decoder}")
+                  f"steps/epoch, device {self.device}, decoder {self.decoder_choice.description}")
         self.logger = run_dir.Logger(out, self.info.is_main, purge_step=self.step + 1 if st.ckpt is not None else None)
 
     def train_epoch(self, epoch: int, first: int) -> Tuple[int, bool]:
@@ -354,7 +357,7 @@ class Trainer:
         self.train_loader.set_epoch(epoch)
         bar = self._progress_bar(epoch, first)
         t0, clips_seen, running, skipped = time.perf_counter(), 0, {}, []
-        decoding = DecodeTally()
+        decoding = DecodeTally(self.decoder_choice.description)
         batches_done, max_steps = first, self.st.args.max_steps
         for i, batch in enumerate(batches_from(self.train_loader, first), start=first):
             if i >= self.batches_per_epoch:

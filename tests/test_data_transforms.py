@@ -110,3 +110,33 @@ def test_train_transform_jitter_range_and_determinism():
         train_transform(clip, size=32, rng=np.random.default_rng(0), scale_range=(0.5, 1.0))
     with pytest.raises(ValueError, match=r"\(T, H, W, 3\)"):
         train_transform(torch.zeros(2, 3, 40, 60, dtype=torch.uint8), size=32, rng=np.random.default_rng(0))
+
+
+def test_the_float_resize_path_matches_the_uint8_one():
+    """Devices other than the CPU resize in float32 (their antialiased kernels take no uint8): the same
+    resize as the CPU's uint8 kernel, within one level of rounding."""
+    from m2clip_fast.data.transforms import resize_via_float
+
+    clip = ramp_clip(3, 45, 70).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    for size in [(32, 49), (60, 93)]:  # down and up
+        uint8 = F.interpolate(clip, size=size, mode="bilinear", antialias=True, align_corners=False)
+        via_float = resize_via_float(clip, size)
+        assert via_float.dtype == torch.uint8 and via_float.shape == uint8.shape
+        assert (via_float.int() - uint8.int()).abs().max() <= 1
+
+
+def test_transforms_run_on_the_clips_device():
+    """CUDA frames (DALI's GPU decoder) meet constants on their own device: traced on fake CUDA tensors, where
+    any CPU tensor taking part (the normalisation constants once were) is an error."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from m2clip_fast.data.transforms import views_from_clips
+
+    with FakeTensorMode(allow_non_fake_inputs=False):
+        clip = torch.empty((4, 40, 60, 3), dtype=torch.uint8, device="cuda")
+        out = train_transform(clip, size=32, rng=np.random.default_rng(0))
+        views = views_from_clips([clip, clip], size=32, num_crops=3)
+        pixels = normalize(torch.empty((2, 3, 8, 8), dtype=torch.uint8, device="cuda"))
+    assert (out.device.type, out.dtype, tuple(out.shape)) == ("cuda", torch.float32, (4, 3, 32, 32))
+    assert (views.device.type, tuple(views.shape)) == ("cuda", (6, 4, 3, 32, 32))
+    assert (pixels.device.type, pixels.dtype) == ("cuda", torch.float32)

@@ -12,6 +12,7 @@ do not depend on the number of workers or on the order in which workers fetch it
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
@@ -20,17 +21,17 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
 from ..errors import UsageError
-from .dali import dali_available, require_dali
+from .dali import DALIStartError, dali_available, require_dali
 from .dali_loader import DALIClipLoader
 from .datasets import DatasetError, Sample
 from .decode import DecodeStats, decode_sampled, num_frames as video_num_frames
-from .frames import BACKENDS, decode_frames
+from .frames import BACKENDS, dali_gpu_problem, decode_frames
 from .robust import SAMPLE_ERRORS, fill_failed, replacement_index, skip_reason
 from .sampling import check_clip_settings, sample_indices
 from .transforms import train_transform, views_from_clips
 
 __all__ = ["VideoClipDataset", "collate", "build_loader", "ClipLoader", "DecodeTally", "decode_stats_line",
-           "build_clip_loader", "batches_from", "parse_views", "resolve_decoder"]
+           "build_clip_loader", "batches_from", "parse_views", "DecoderChoice", "resolve_decoder"]
 
 class VideoClipDataset(Dataset):
     """Clips of ``num_frames`` frames from ``samples`` (a list of ``(path, label)``).
@@ -50,7 +51,9 @@ class VideoClipDataset(Dataset):
     ``sampling``: ``"dense"`` (``num_frames`` frames ``stride`` apart) or ``"uniform"`` (TSN
     segments). ``scale_range``: training short-side jitter relative to ``size``. ``flip``:
     random horizontal flips in training (turn off for Something-Something). ``decoder``:
-    a :data:`~m2clip_fast.data.frames.BACKENDS` name. ``max_attempts``: how many samples to try before giving up.
+    a :data:`~m2clip_fast.data.frames.BACKENDS` name; "dali" decodes on the GPU when CUDA is available, and
+    ``video`` is then a CUDA tensor (load such a dataset in the main process: ``workers=0``).
+    ``max_attempts``: how many samples to try before giving up.
     """
 
     def __init__(
@@ -181,7 +184,8 @@ class DecodeTally:
 
     EXAMPLES = 5  # fallback files named in a record
 
-    def __init__(self):
+    def __init__(self, decoder: str = ""):
+        self.decoder = decoder  # the run's DecoderChoice.description, recorded with the counts when given
         self.clips = 0
         self.fallbacks = 0
         self.files: Set[str] = set()
@@ -198,11 +202,12 @@ class DecodeTally:
         return _Watched(loader, self)
 
     def record(self, gather: Callable[[Any], List[Any]] = lambda part: [part]) -> Dict[str, Any]:
-        """``{"clips_decoded", "fallback_decodes", "files_needing_fallback", "fallback_examples"}``, over
-        every part ``gather`` returns (e.g. an all-gather: one part per distributed rank)."""
+        """``{"decoder" (when given), "clips_decoded", "fallback_decodes", "files_needing_fallback",
+        "fallback_examples"}``, over every part ``gather`` returns (e.g. an all-gather: one part per
+        distributed rank)."""
         parts = gather((self.clips, self.fallbacks, sorted(self.files)))
         files = sorted({f for _, _, names in parts for f in names})
-        return {"clips_decoded": sum(p[0] for p in parts), "fallback_decodes": sum(p[1] for p in parts),
+        return {**({"decoder": self.decoder} if self.decoder else {}), "clips_decoded": sum(p[0] for p in parts), "fallback_decodes": sum(p[1] for p in parts),
                 "files_needing_fallback": len(files), "fallback_examples": files[:self.EXAMPLES]}
 
 
@@ -304,14 +309,55 @@ def parse_views(views: str) -> Tuple[int, int]:
     return clips, crops
 
 
-def resolve_decoder(choice: str, device: torch.device) -> str:
-    """The decoder a loader uses: ``choice`` ("pyav", "dali": checked to be importable now, not after the
-    model is built), or for "auto" DALI on CUDA when it is installed, else PyAV."""
+@dataclass(frozen=True)
+class DecoderChoice:
+    """The decoder a run uses (``name``: "pyav" or "dali") and, when ``--decoder auto`` wanted DALI on a GPU
+    where it cannot start, why not (``fallback``)."""
+
+    name: str
+    fallback: Optional[str] = None
+
+    @property
+    def description(self) -> str:
+        """For the run's records: 'dali', 'pyav', or 'pyav (fallback: DALI cannot start on GPU 0: ...)'."""
+        return self.name if self.fallback is None else f"{self.name} (fallback: {self.fallback})"
+
+    @property
+    def notice(self) -> str:
+        """The line to print when the choice is a fallback, else ''."""
+        return "" if self.fallback is None else f"--decoder auto: {self.fallback}; decoding with PyAV instead"
+
+
+def resolve_decoder(choice: str, device: torch.device,
+                    gather: Callable[[Any], List[Any]] = lambda part: [part]) -> DecoderChoice:
+    """The decoder a loader uses, decided before the model is built.
+
+    "pyav": PyAV. "dali": DALI, checked to be importable and, on CUDA, to decode on ``device``'s GPU
+    (:func:`~.frames.dali_gpu_problem`; else :class:`~.dali.DALIStartError`). "auto": DALI on CUDA when it is
+    installed and decodes on that GPU; PyAV otherwise, with the reason as ``fallback`` when DALI is installed
+    but cannot start there. ``gather`` (an all-gather over distributed ranks) makes every process decide alike:
+    PyAV everywhere when any process's GPU fell back, as the ranks' loaders must yield the same batches.
+    """
+    mine = _own_decoder(choice, device)
+    fallen = [c for c in gather(mine) if c.fallback is not None]
+    return DecoderChoice("pyav", fallen[0].fallback) if fallen else mine
+
+
+def _own_decoder(choice: str, device: torch.device) -> DecoderChoice:
+    if choice == "pyav" or (choice == "auto" and not (device.type == "cuda" and dali_available())):
+        return DecoderChoice("pyav")
+    if choice != "dali" and choice != "auto":
+        raise UsageError(f"decoder must be auto, pyav or dali, got {choice!r}")
+    require_dali()
+    if device.type != "cuda":
+        return DecoderChoice("dali")
+    problem = dali_gpu_problem(device.index)
+    if problem is None:
+        return DecoderChoice("dali")
+    where = "the current GPU" if device.index is None else f"GPU {device.index}"
     if choice == "dali":
-        require_dali()
-    if choice != "auto":
-        return choice
-    return "dali" if device.type == "cuda" and dali_available() else "pyav"
+        raise DALIStartError(where, f"{problem} (--decoder pyav decodes on the CPU)")
+    return DecoderChoice("pyav", f"DALI cannot start on {where} ({problem})")
 
 
 def build_clip_loader(samples, *, train: bool, decoder: str, device: torch.device, batch_size: int, workers: int,
@@ -321,7 +367,7 @@ def build_clip_loader(samples, *, train: bool, decoder: str, device: torch.devic
 
     decoder "pyav": VideoClipDataset in ``workers`` DataLoader workers. decoder "dali": a DALIClipLoader,
     one DALI pipeline (``workers`` threads) that decodes, resizes, crops and normalises whole batches, on
-    the GPU when ``device`` is CUDA. Either way sharded over torch.distributed ranks, training batches
+    ``device``'s GPU when it is CUDA, two batches ahead on a background thread. Either way sharded over torch.distributed ranks, training batches
     shuffled and full, evaluation batches ``views`` (CLIPSxCROPS) per video.
     """
     clips, crops = (1, 1) if train else parse_views(views)
@@ -330,7 +376,8 @@ def build_clip_loader(samples, *, train: bool, decoder: str, device: torch.devic
         rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         return DALIClipLoader(samples, batch_size=batch_size, num_frames=num_frames, size=size, train=train,
                               sampling=sampling, stride=stride, flip=flip, drop_last=train, seed=seed,
-                              device="mixed" if device.type == "cuda" else "cpu", num_threads=max(1, workers),
+                              device="mixed" if device.type == "cuda" else "cpu", device_id=device.index,
+                              num_threads=max(1, workers),
                               shard_id=rank, num_shards=world, num_clips=clips, num_crops=crops)
     dataset = VideoClipDataset(samples, num_frames=num_frames, sampling=sampling, stride=stride, size=size,
                                train=train, flip=flip, num_clips=clips, num_crops=crops, decoder=decoder, seed=seed)

@@ -1,8 +1,10 @@
 """Clip transforms: uint8 frames (T, H, W, 3) -> CLIP-normalised float32 (T, 3, size, size).
 
-Resizing runs on uint8 tensors in channels-last layout (torch's fast antialiased bilinear path)
-and only the cropped pixels are converted to float and normalised. All frames of a clip share one
-resize, crop and flip, so motion is preserved.
+Resizing runs on uint8 tensors in channels-last layout (torch's fast antialiased bilinear path on the
+CPU; on other devices, whose antialiased resize takes floating-point input only, in float32 rounded back
+to uint8) and only the cropped pixels are converted to float and normalised. The transforms run on the
+clip's device (CPU frames from PyAV, CUDA frames from DALI's GPU decoder): the normalisation constants
+follow it. All frames of a clip share one resize, crop and flip, so motion is preserved.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "resize_short_side",
+    "resize_via_float",
     "normalize",
     "CROP_FRACTIONS",
     "crop_offsets",
@@ -27,9 +30,10 @@ __all__ = [
 
 CLIP_MEAN = torch.tensor(OPENAI_DATASET_MEAN, dtype=torch.float32)
 CLIP_STD = torch.tensor(OPENAI_DATASET_STD, dtype=torch.float32)
-# (x / 255 - mean) / std folded into one multiply-add per pixel
-_SCALE = (1.0 / (255.0 * CLIP_STD)).view(3, 1, 1)
-_SHIFT = (-CLIP_MEAN / CLIP_STD).view(3, 1, 1)
+# (x / 255 - mean) / std folded into one multiply-add per pixel; kept as float32 values, from which each
+# call makes its tensors on the clip's device (and in the clip's tensor mode, e.g. FakeTensorMode)
+_SCALE = (1.0 / (255.0 * CLIP_STD)).tolist()
+_SHIFT = (-CLIP_MEAN / CLIP_STD).tolist()
 
 
 def _as_tchw(clip: torch.Tensor) -> torch.Tensor:
@@ -60,12 +64,22 @@ def resize_short_side(clip: torch.Tensor, short: int) -> torch.Tensor:
     if (new_h, new_w) == (h, w):
         return x
     x = x.contiguous(memory_format=torch.channels_last)
-    return F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+    if x.device.type == "cpu":
+        return F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+    return resize_via_float(x, (new_h, new_w))
+
+
+def resize_via_float(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """uint8 (T, 3, H, W) -> uint8 (T, 3, *size): the antialiased bilinear resize computed in float32 and
+    rounded to the nearest level (what the CPU's uint8 path computes, up to its fixed-point rounding)."""
+    out = F.interpolate(x.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def normalize(clip: torch.Tensor) -> torch.Tensor:
-    """uint8 (..., 3, H, W) -> float32 (..., 3, H, W), ``(x / 255 - CLIP_MEAN) / CLIP_STD``."""
-    return torch.addcmul(_SHIFT, clip.float(), _SCALE).contiguous()
+    """uint8 (..., 3, H, W) -> float32 (..., 3, H, W) on ``clip``'s device, ``(x / 255 - CLIP_MEAN) / CLIP_STD``."""
+    shift, scale = (torch.tensor(v, dtype=torch.float32, device=clip.device).view(3, 1, 1) for v in (_SHIFT, _SCALE))
+    return torch.addcmul(shift, clip.float(), scale).contiguous()
 
 
 # Test-crop positions along the long side as fractions of its slack (long − size), the official M²-CLIP
