@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from . import run_dir, runtime
 from .checkpoint import (TRUST_HELP, CheckpointError, TrainingState, atomic_save, build_checkpoint, check_same_run,
@@ -305,9 +304,7 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * tcfg["epochs"]
         self.warmup_steps = int(round(tcfg["warmup_epochs"] * self.steps_per_epoch))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.ddp = DistributedDataParallel(
-            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            find_unused_parameters=bool(self.model.unused_parameters())) if self.info.world_size > 1 else None
+        self.ddp = runtime.distributed_model(self.model, self.device, self.info.world_size)
         self.step, self.best, self.last_metrics = 0, -1.0, {}
         self.run_info = {"preset": args.preset, "config_file": args.config, "settings": st.settings,
                          "batches_per_epoch": self.batches_per_epoch}
