@@ -1,9 +1,10 @@
 """``python -m m2clip_fast.train``: train M²-CLIP on a video dataset (single process or torchrun/DDP).
 
 Outputs in ``--output-dir``: ``metrics.jsonl`` (one JSON object per epoch: its evaluation, if any, and
-``decode_stats``, how its training clips were decoded), ``train_log.csv`` (one row per
-optimizer step, written every train.log_every steps: see :class:`LossWindow`), TensorBoard events when tensorboard is installed, ``skipped.jsonl`` (bad videos: file and
-reason), ``checkpoints/{last,best}.pt`` (written atomically), ``config.json``, ``.lock`` (one run at a time).
+``decode_stats``, how its training clips were decoded), ``train_log.csv`` (one row per optimizer step, written
+every train.log_every steps: see :class:`LossWindow`), TensorBoard events when tensorboard is installed,
+``skipped.jsonl`` (bad videos: file and reason), ``checkpoints/{last,best}.pt`` (written atomically),
+``config.json``, ``.lock`` (one run at a time).
 """
 from __future__ import annotations
 
