@@ -352,7 +352,7 @@ def load_model_checkpoint(path: Union[str, Path], map_location="cpu", pretrained
 # Keys a resumed run may change: they leave the meaning of the checkpoint's state intact (fused and attention
 # pick kernels for the same weights; more epochs extend the schedule; the rest is loading and evaluation).
 RESUMABLE_KEYS = frozenset({"fused", "attention", "train.epochs", "train.workers", "train.eval_every",
-                            "train.views", "train.max_bad_fraction"})
+                            "train.views", "train.max_bad_fraction", "train.log_every"})
 
 
 def run_settings(cfg, pretrained: Optional[str], seed: int, processes: int) -> Dict[str, Any]:

@@ -78,6 +78,7 @@ _TRAIN_DEFAULTS: Dict[str, Any] = {
     "epochs": 30, "batch_size": 32, "blr": 1e-3, "weight_decay": 0.01, "warmup_epochs": 2,
     "text_lr_scale": 0.5, "grad_clip": None, "accum_steps": 1, "sampling": "dense", "stride": 8,
     "flip": True, "workers": 4, "amp": "auto", "eval_every": 1, "views": "1x1", "max_bad_fraction": 0.5,
+    "log_every": 10,  # optimizer steps between copies of the losses to the host (each one waits for the device)
 }
 
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -292,7 +293,7 @@ TRAIN_CHECKS = {
     "warmup_epochs": _number(0), "text_lr_scale": _number(0), "grad_clip": _number(0, low_open=True, optional=True),
     "accum_steps": _count(1), "sampling": _one_of("dense", "uniform"), "stride": _count(1), "flip": _boolean,
     "workers": _count(0), "amp": _one_of("auto", "none", "fp32", "bf16", "fp16"), "eval_every": _count(1),
-    "views": _views, "max_bad_fraction": _number(0, 1, low_open=True),
+    "views": _views, "max_bad_fraction": _number(0, 1, low_open=True), "log_every": _count(1),
 }
 
 

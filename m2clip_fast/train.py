@@ -2,8 +2,9 @@
 
 Outputs in ``--output-dir``: ``metrics.jsonl`` (one JSON object per epoch: its evaluation, if any, and
 ``decode_stats``, the decoder and how its training clips were decoded), ``train_log.csv`` (one row per
-optimizer step), TensorBoard events when tensorboard is installed, ``skipped.jsonl`` (bad videos: file and
-reason), ``checkpoints/{last,best}.pt`` (written atomically), ``config.json``, ``.lock`` (one run at a time).
+optimizer step, written every train.log_every steps: see :class:`LossWindow`), TensorBoard events when
+tensorboard is installed, ``skipped.jsonl`` (bad videos: file and reason), ``checkpoints/{last,best}.pt``
+(written atomically), ``config.json``, ``.lock`` (one run at a time).
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from . import run_dir, runtime
 from .checkpoint import (TRUST_HELP, CheckpointError, TrainingState, atomic_save, build_checkpoint, check_same_run,
@@ -246,6 +246,38 @@ def nothing_to_do(st: Start) -> bool:
 # ------------------------------------------------------------------------------------------- the trainer
 
 
+class LossWindow:
+    """The optimizer steps since the last log point, kept without waiting for the device: each step's host-side
+    fields (step, epoch, lr, clips/s) and its losses as one device tensor (heads,), the micro-batches' losses
+    summed on the device. :meth:`rows` copies the whole window to the host at once (one sync), as one row per
+    step with that step's own losses (the mean over its micro-batches), not a mean over the window."""
+
+    def __init__(self):
+        self.names: List[str] = []
+        self.steps: List[Tuple[Dict[str, Any], torch.Tensor]] = []
+        self.micro: Optional[torch.Tensor] = None  # (heads,) the current step's weighted sum so far
+
+    def add(self, losses: Dict[str, torch.Tensor], weight: float) -> None:
+        """One micro-batch's losses ``{name: 0-d tensor}`` (always the same names), times ``weight``."""
+        self.names = list(losses)
+        values = torch.stack([v.float() for v in losses.values()]) * weight
+        self.micro = values if self.micro is None else self.micro + values
+
+    def end_step(self, fields: Dict[str, Any]) -> None:
+        """The optimizer step of the micro-batches added since the last call is done."""
+        self.steps.append((fields, self.micro))
+        self.micro = None
+
+    def rows(self) -> List[Dict[str, Any]]:
+        """The window's rows ``{**fields, name: float}``, oldest first; empties it."""
+        if not self.steps:
+            return []
+        values = torch.stack([v for _, v in self.steps]).tolist()  # the window's one host sync
+        rows = [{**fields, **dict(zip(self.names, v))} for (fields, _), v in zip(self.steps, values)]
+        self.steps = []
+        return rows
+
+
 class Trainer:
     """The model, its loaders and optimizer, and the loop's state (``step``, ``best``, ``last_metrics``)."""
 
@@ -276,15 +308,15 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * tcfg["epochs"]
         self.warmup_steps = int(round(tcfg["warmup_epochs"] * self.steps_per_epoch))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.ddp = DistributedDataParallel(
-            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            find_unused_parameters=bool(self.model.unused_parameters())) if self.info.world_size > 1 else None
+        self.ddp = runtime.distributed_model(self.model, self.device, self.info.world_size)
         self.step, self.best, self.last_metrics = 0, -1.0, {}
         self.run_info = {"preset": args.preset, "config_file": args.config, "settings": st.settings,
                          "batches_per_epoch": self.batches_per_epoch}
         self.logger: Optional[run_dir.Logger] = None
         self.aside: Optional[Path] = None  # the earlier run --overwrite replaces, until the first checkpoint
         self.nonfinite: Optional[str] = None  # this process's first non-finite loss: "loss nan at step 12 ..."
+        self.window = LossWindow()  # the steps not yet logged, their losses on the device
+        self.log_every = int(tcfg["log_every"])
 
     def _loaders(self, train_samples, val_samples):
         tcfg, per_process = self.tcfg, self.tcfg["batch_size"]
@@ -356,36 +388,37 @@ class Trainer:
         self.model.train()
         self.train_loader.set_epoch(epoch)
         bar = self._progress_bar(epoch, first)
-        t0, clips_seen, running, skipped = time.perf_counter(), 0, {}, []
+        t0, clips_seen, skipped = time.perf_counter(), 0, []
         decoding = DecodeTally(self.decoder_choice.description)
         batches_done, max_steps = first, self.st.args.max_steps
-        for i, batch in enumerate(batches_from(self.train_loader, first), start=first):
-            if i >= self.batches_per_epoch:
-                break
-            skipped.extend(batch["skipped"])
-            decoding.add(batch)
-            if batch["skipped"] and self.info.world_size == 1:  # (under DDP at the epoch's end, all ranks at once)
-                self._stop_if_too_many_bad(epoch, skipped)
-            final_micro = (i + 1) % self.accum == 0
-            for k, v in self._forward_backward(batch, final_micro).items():
-                running[k] = running.get(k, 0.0) + v / self.accum
-            clips_seen += batch["video"].shape[0] * self.info.world_size
-            if not final_micro:
-                continue
-            self._optimizer_step()
-            self._note_nonfinite(running["loss"], epoch)
-            batches_done = i + 1
-            rate = clips_seen / (time.perf_counter() - t0)
-            self.logger.step({"step": self.step, "epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
-                              "clips_per_s": rate, **running})
+        try:
+            for i, batch in enumerate(batches_from(self.train_loader, first), start=first):
+                if i >= self.batches_per_epoch:
+                    break
+                skipped.extend(batch["skipped"])
+                decoding.add(batch)
+                if batch["skipped"] and self.info.world_size == 1:  # (under DDP at the epoch's end, all at once)
+                    self._stop_if_too_many_bad(epoch, skipped)
+                final_micro = (i + 1) % self.accum == 0
+                self.window.add(self._forward_backward(batch, final_micro), 1.0 / self.accum)
+                clips_seen += batch["video"].shape[0] * self.info.world_size
+                if not final_micro:
+                    continue
+                self._optimizer_step()
+                batches_done = i + 1
+                rate = clips_seen / (time.perf_counter() - t0)
+                self.window.end_step({"step": self.step, "epoch": epoch,
+                                      "lr": self.optimizer.param_groups[0]["lr"], "clips_per_s": rate})
+                if bar is not None:
+                    bar.update(1)
+                if max_steps and self.step >= max_steps:
+                    break
+                if self.step % self.log_every == 0:
+                    self._log_window(epoch, bar)
+            self._log_window(epoch, bar)  # the epoch's last steps, before its checkpoint
+        finally:
             if bar is not None:
-                bar.set_postfix(loss=f"{running['loss']:.3f}", clips_s=f"{rate:.1f}")
-                bar.update(1)
-            running = {}
-            if max_steps and self.step >= max_steps:
-                break
-        if bar is not None:
-            bar.close()
+                bar.close()
         self._report_skipped(epoch, skipped, "train")
         self.decode_stats = decoding.record(runtime.all_gather_objects)
         if self.info.is_main and decode_stats_line(self.decode_stats):
@@ -399,9 +432,9 @@ class Trainer:
         return tqdm(total=self.steps_per_epoch, initial=first // self.accum, desc=f"epoch {epoch + 1}/"
                     f"{self.tcfg['epochs']}", dynamic_ncols=True, file=sys.stderr)
 
-    def _forward_backward(self, batch: Dict[str, Any], final_micro: bool) -> Dict[str, float]:
+    def _forward_backward(self, batch: Dict[str, Any], final_micro: bool) -> Dict[str, torch.Tensor]:
         """One micro-batch: video (B, T, 3, H, W), labels (B,); gradients synchronised across processes only on
-        the last micro-batch of an optimizer step. Returns the losses as floats."""
+        the last micro-batch of an optimizer step. Returns the losses (0-d tensors, still on the device)."""
         video = batch["video"].to(self.device, non_blocking=True)
         labels = batch["label"].to(self.device, non_blocking=True)
         sync = self.ddp.no_sync() if self.ddp is not None and not final_micro else nullcontext()
@@ -409,7 +442,7 @@ class Trainer:
             with runtime.autocast(self.device, self.amp_dtype):
                 losses = (self.ddp or self.model)(video, labels)
             self.scaler.scale(losses["loss"] / self.accum).backward()
-        return {k: float(v.detach()) for k, v in losses.items()}
+        return {k: v.detach() for k, v in losses.items()}
 
     def _optimizer_step(self) -> None:
         factor = lr_factor(self.step, self.warmup_steps, self.total_steps)
@@ -423,13 +456,20 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
 
-    def _note_nonfinite(self, loss: float, epoch: int) -> None:
-        """Remember a NaN/inf loss (the float is on the host already: no extra sync); one process stops at
-        once, DDP processes at the agreed check before the next save (:meth:`_check_finite`)."""
-        if self.nonfinite is None and not math.isfinite(loss):
-            self.nonfinite = f"loss {loss} at step {self.step} (epoch {epoch + 1})"
-        if self.nonfinite is not None and self.info.world_size == 1:
-            self._check_finite()
+    def _log_window(self, epoch: int, bar) -> None:
+        """Copy the steps since the last log point to the host (one sync) and write their rows; a NaN/inf
+        loss among them is remembered. One process stops here, before logging the bad step's row; DDP processes
+        log it and stop at the agreed check before the next save (:meth:`_check_finite`). Either way the stop
+        comes at a log point (every train.log_every steps, and at the epoch's end or a --max-steps stop), and
+        no checkpoint is written after a bad step: every save follows a log point."""
+        for row in self.window.rows():
+            if self.nonfinite is None and not math.isfinite(row["loss"]):
+                self.nonfinite = f"loss {row['loss']} at step {row['step']} (epoch {epoch + 1})"
+                if self.info.world_size == 1:
+                    self._check_finite()
+            self.logger.step(row)
+            if bar is not None:
+                bar.set_postfix(loss=f"{row['loss']:.3f}", clips_s=f"{row['clips_per_s']:.1f}")
 
     def _check_finite(self) -> None:
         """Before a checkpoint: every process's losses and the tuned weights finite, or a DivergedError on every
