@@ -22,9 +22,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from ..errors import UsageError
 from .dali import dali_available, require_dali
 from .dali_loader import DALIClipLoader
+from .torchcodec_backend import require_torchcodec
 from .datasets import DatasetError, Sample
-from .decode import DecodeStats, decode_sampled, num_frames as video_num_frames
-from .frames import BACKENDS, decode_frames
+from .decode import DecodeStats, num_frames as video_num_frames
+from .frames import BACKENDS, decode_frames, decode_sampled
 from .robust import SAMPLE_ERRORS, fill_failed, replacement_index, skip_reason
 from .sampling import check_clip_settings, sample_indices
 from .transforms import train_transform, views_from_clips
@@ -128,7 +129,7 @@ class VideoClipDataset(Dataset):
         if self.decoder == "dali":
             return decode_frames(path, choose(video_num_frames(path)), backend="dali"), False
         stats = DecodeStats()
-        _, frames = decode_sampled(path, choose, stats=stats)
+        _, frames = decode_sampled(path, choose, backend=self.decoder, stats=stats)
         return frames, stats.fallbacks > 0
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
@@ -305,10 +306,13 @@ def parse_views(views: str) -> Tuple[int, int]:
 
 
 def resolve_decoder(choice: str, device: torch.device) -> str:
-    """The decoder a loader uses: ``choice`` ("pyav", "dali": checked to be importable now, not after the
-    model is built), or for "auto" DALI on CUDA when it is installed, else PyAV."""
+    """The decoder a loader uses: ``choice`` ("pyav", "torchcodec", "dali": checked to be usable now, not after
+    the model is built), or for "auto" DALI on CUDA when it is installed, else PyAV (on the CPU, PyAV's sparse
+    decoder was faster than torchcodec on H.264: see the README's loader table)."""
     if choice == "dali":
         require_dali()
+    if choice == "torchcodec":
+        require_torchcodec()
     if choice != "auto":
         return choice
     return "dali" if device.type == "cuda" and dali_available() else "pyav"
