@@ -7,6 +7,7 @@ FFmpeg never writes, laid out from the mpeg4 encoder's packets as XviD does; see
 Both CPU backends must return exactly those pixels: PyAV (``decode``), and torchcodec (where installed), which
 decodes the formats the matrix marks "torchcodec" and hands the others to PyAV for the reason given.
 """
+from dataclasses import replace
 from fractions import Fraction
 
 import numpy as np
@@ -19,7 +20,8 @@ from m2clip_fast.data import decode as decode_module
 from m2clip_fast.data import frames as backends
 from m2clip_fast.data.decode import (DecodeStats, clear_index_cache, decode_frames, decode_sampled, get_index,
                                      num_frames, process_stats)
-from m2clip_fast.data.torchcodec_backend import torchcodec_available, unserved_reason
+from m2clip_fast.data.torchcodec_backend import (NotServed, decode_frames_torchcodec, torchcodec_available,
+                                                 unserved_reason)
 from m2clip_fast.data.synthetic import textured_frames, write_video
 from video_formats import (packets, plain_decode, remux, write_encoded, write_mpeg4_avi_with_dropped_frames,
                            write_packed_mpeg4_avi)
@@ -301,3 +303,22 @@ def test_each_sign_of_the_packed_layout_is_recognised(matrix):
     assert sign(nvop, late) and sign(key, late) and sign(pair, 3)
     assert not sign(pair, late)  # past the first packets, only placeholders and keyframe headers are read
     assert not any(sign(p, i) for i, p in enumerate(demuxed("mpeg4_bframes.avi")))
+
+
+@pytest.mark.skipif(not torchcodec_available(), reason="torchcodec (with FFmpeg libraries) is not installed")
+@pytest.mark.parametrize("name", ["mpeg4_bframes.avi", "h264_offset.ts", "h264_10bit.mp4"])
+def test_the_formats_handed_to_pyav_are_ones_torchcodec_gets_wrong(matrix, name):
+    """Each format rule stands for a real failure: with the rule lifted (the index made to look like an 8-bit mp4),
+    torchcodec fails, returns frames its pts check rejects, or pixels that are not PyAV's. When a torchcodec
+    release gets one right, this fails: then drop its rule."""
+    path, ref, _ = _file(matrix, name)
+    clear_index_cache()
+    looks_served = replace(get_index(path), container="mp4", reorders=False, pix_fmt="yuv420p")
+    assert unserved_reason(looks_served) == ""
+    wrong = 0
+    for idx in (np.arange(len(ref)), np.arange(len(ref) - 1, -1, -5)):
+        try:
+            wrong += not torch.equal(decode_frames_torchcodec(path, idx, index=looks_served, threads=1), ref[idx])
+        except NotServed:
+            wrong += 1
+    assert wrong > 0
