@@ -57,10 +57,14 @@ setup(
         "safetensors",  # extract's embedding shards
     ],
     extras_require={
-        # DALI is in the test extra so that CI runs its CPU (VP9) tests; it ships x86-64 / aarch64 Linux wheels only
-        "test": ["pytest", "pytest-benchmark", "matplotlib", "tensorboard", "onnx", "onnxruntime", "onnxscript",
+        # DALI is in the test extra so that CI runs its CPU (VP9) tests; it ships x86-64 / aarch64 Linux wheels only.
+        # torchcodec too (--decoder torchcodec); it needs FFmpeg's shared libraries, which scripts/install.sh
+        # installs with apt-get where they are missing
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "tensorboard", "onnx", "onnxruntime",
+                 "onnxscript", "torchcodec",
                  "nvidia-dali-cuda120; platform_system == 'Linux' and platform_machine in 'x86_64 aarch64'"],
         "dali": ["nvidia-dali-cuda120"],
+        "torchcodec": ["torchcodec"],
         # python -m m2clip_fast.export: torch's ONNX exporter needs onnx and onnxscript, the check onnxruntime
         "export": ["onnx", "onnxruntime", "onnxscript"],
         "xformers": ["xformers"],
