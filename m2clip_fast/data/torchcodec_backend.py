@@ -62,33 +62,38 @@ class NotServed(Exception):
         self.reason = reason
 
 
-def _video_decoder_class():
-    """torchcodec's VideoDecoder; TorchcodecUnavailableError (with the install hint) where it cannot decode."""
+def _unavailable_reason() -> Optional[str]:
+    """Why torchcodec cannot decode here (one line), None when it can."""
     try:
         import torchcodec
-        from torchcodec.decoders import VideoDecoder
-    except ImportError as exc:  # OSError: a torchcodec built for another torch fails to load its ops
-        raise TorchcodecUnavailableError(f"decoder 'torchcodec' needs torchcodec, which is not importable "
-                                         f"({short_text(exc)}); {_INSTALL_HINT}") from exc
-    except OSError as exc:
-        raise TorchcodecUnavailableError(f"torchcodec cannot load ({short_text(exc)}); {_INSTALL_HINT}") from exc
+        import torchcodec.decoders  # what decoding needs: its own imports can fail where torchcodec's do not
+    except ImportError as exc:
+        return f"decoder 'torchcodec' needs torchcodec, which is not importable ({short_text(exc)})"
+    except OSError as exc:  # a torchcodec built for another torch fails to load its ops
+        return f"torchcodec cannot load ({short_text(exc)})"
     if getattr(torchcodec, "ffmpeg_major_version", None) is None:  # it imports without FFmpeg, then cannot decode
-        raise TorchcodecUnavailableError(f"torchcodec found no FFmpeg libraries it can load; {_INSTALL_HINT}")
-    return VideoDecoder
+        return "torchcodec found no FFmpeg libraries it can load"
+    return None
 
 
 def require_torchcodec() -> None:
     """Raise TorchcodecUnavailableError (with the install hint) unless torchcodec can decode here."""
-    _video_decoder_class()
+    reason = _unavailable_reason()
+    if reason is not None:
+        raise TorchcodecUnavailableError(f"{reason}; {_INSTALL_HINT}")
 
 
 def torchcodec_available() -> bool:
     """True when torchcodec is installed and has FFmpeg libraries to decode with."""
-    try:
-        _video_decoder_class()
-    except TorchcodecUnavailableError:
-        return False
-    return True
+    return _unavailable_reason() is None
+
+
+def _video_decoder_class():
+    """torchcodec's VideoDecoder; TorchcodecUnavailableError (with the install hint) where it cannot decode."""
+    require_torchcodec()
+    from torchcodec.decoders import VideoDecoder
+
+    return VideoDecoder
 
 
 def unserved_reason(index) -> str:
