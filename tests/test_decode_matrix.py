@@ -87,6 +87,11 @@ MATRIX = {
     "h264_10bit.mp4": (lambda p: write_encoded(p, frames(36), "libx264", pix_fmt="yuv420p10le", options=x264(12, 2)),
                        "sparse"),
     "mjpeg_422.avi": (lambda p: write_encoded(p, frames(30), "mjpeg", pix_fmt="yuvj422p"), "sparse"),
+    "mjpeg_444.avi": (lambda p: write_encoded(p, frames(30), "mjpeg", pix_fmt="yuvj444p"), "sparse"),
+    "h264_yuv422.mp4": (lambda p: write_encoded(p, frames(36), "libx264", pix_fmt="yuv422p", options=x264(12, 2)),
+                        "sparse"),
+    "h264_yuv444.mkv": (lambda p: write_encoded(p, frames(36), "libx264", pix_fmt="yuv444p", options=x264(12, 2)),
+                        "sparse"),
 }
 TORCHCODEC = "torchcodec"
 # name -> "torchcodec" where torchcodec decodes the file, else the start of the reason it is handed to PyAV
@@ -145,7 +150,10 @@ def test_the_files_have_the_layouts_that_break_timestamp_seeking(matrix):
     cut = _file(matrix, "h264_edit_list.mp4")
     assert len(cut[1]) == 40 and len(packets(cut[0])) == 45  # 5 packets decoded but never shown
     assert get_index(_file(matrix, "h264_10bit.mp4")[0]).pix_fmt == "yuv420p10le"
-    assert get_index(_file(matrix, "mjpeg_422.avi")[0]).pix_fmt == "yuvj422p"
+    pixel_formats = {"mjpeg.avi": "yuvj420p", "mjpeg_422.avi": "yuvj422p", "mjpeg_444.avi": "yuvj444p",
+                     "h264_yuv422.mp4": "yuv422p", "h264_yuv444.mkv": "yuv444p", "vp9.webm": "yuv420p"}
+    for name, pix_fmt in pixel_formats.items():
+        assert get_index(_file(matrix, name)[0]).pix_fmt == pix_fmt, name
     assert get_index(_file(matrix, "mpeg4_bframes.avi")[0]).reorders
     assert not get_index(_file(matrix, "mpeg4_gop12.avi")[0]).reorders
     for name, interval in (("h264_keyint1.mp4", 1), ("mpeg4_gop12.avi", 12), ("h264_keyint250.mp4", 250)):
