@@ -143,3 +143,30 @@ def test_unserved_reasons_name_the_rule(video):
     for reason, change in cases.items():
         assert reason in tc.unserved_reason(replace(index, **change)), change
     assert tc.unserved_reason(replace(index, container="avi", reorders=False)) == ""
+
+
+@needs_torchcodec
+def test_evaluate_with_decoder_torchcodec_scores_as_with_pyav(synthetic_dataset, demo_checkpoint, tmp_path, capsys):
+    """The command line end to end: the same frames, so the same multi-view scores and every video's top-5 scores
+    (predictions.jsonl), to the last digit."""
+    import json
+
+    from m2clip_fast.evaluate import main as evaluate_main
+
+    def scores(decoder):
+        report = tmp_path / decoder
+        assert evaluate_main(["--checkpoint", str(demo_checkpoint), "--val-list", str(synthetic_dataset / "val.txt"),
+                              "--views", "2x3", "--workers", "0", "--device", "cpu", "--json",
+                              "--decoder", decoder, "--report", str(report)]) == 0
+        result = json.loads(capsys.readouterr().out)
+        top = {k: v for k, v in result.items() if k.startswith(("top", "num_samples"))}
+        return top, (report / "predictions.jsonl").read_text()
+
+    pyav, pyav_videos = scores("pyav")
+    before = process_stats()
+    torchcodec, torchcodec_videos = scores("torchcodec")
+    after = process_stats()  # --workers 0: decoded in this process, every clip by torchcodec
+    assert after.torchcodec_decodes - before.torchcodec_decodes == 8
+    assert after.torchcodec_routed == before.torchcodec_routed
+    assert pyav["num_samples"] == 8 and torchcodec == pyav
+    assert len(pyav_videos.splitlines()) == 8 and torchcodec_videos == pyav_videos
