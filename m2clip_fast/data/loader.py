@@ -23,9 +23,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from ..errors import UsageError
 from .dali import DALIStartError, dali_available, require_dali
 from .dali_loader import DALIClipLoader
+from .torchcodec_backend import require_torchcodec
 from .datasets import DatasetError, Sample
-from .decode import DecodeStats, decode_sampled, num_frames as video_num_frames
-from .frames import BACKENDS, dali_gpu_problem, decode_frames
+from .decode import DecodeStats, num_frames as video_num_frames
+from .frames import BACKENDS, dali_gpu_problem, decode_frames, decode_sampled
 from .robust import SAMPLE_ERRORS, fill_failed, replacement_index, skip_reason
 from .sampling import check_clip_settings, sample_indices
 from .transforms import train_transform, views_from_clips
@@ -131,7 +132,7 @@ class VideoClipDataset(Dataset):
         if self.decoder == "dali":
             return decode_frames(path, choose(video_num_frames(path)), backend="dali"), False
         stats = DecodeStats()
-        _, frames = decode_sampled(path, choose, stats=stats)
+        _, frames = decode_sampled(path, choose, backend=self.decoder, stats=stats)
         return frames, stats.fallbacks > 0
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
@@ -311,7 +312,7 @@ def parse_views(views: str) -> Tuple[int, int]:
 
 @dataclass(frozen=True)
 class DecoderChoice:
-    """The decoder a run uses (``name``: "pyav" or "dali") and, when ``--decoder auto`` wanted DALI on a GPU
+    """The decoder a run uses (``name``: "pyav", "torchcodec" or "dali") and, when ``--decoder auto`` wanted DALI on a GPU
     where it cannot start, why not (``fallback``)."""
 
     name: str
@@ -332,9 +333,10 @@ def resolve_decoder(choice: str, device: torch.device,
                     gather: Callable[[Any], List[Any]] = lambda part: [part]) -> DecoderChoice:
     """The decoder a loader uses, decided before the model is built.
 
-    "pyav": PyAV. "dali": DALI, checked to be importable and, on CUDA, to decode on ``device``'s GPU
+    "pyav": PyAV. "torchcodec": torchcodec, checked to be importable. "dali": DALI, checked to be importable and, on CUDA, to decode on ``device``'s GPU
     (:func:`~.frames.dali_gpu_problem`; else :class:`~.dali.DALIStartError`). "auto": DALI on CUDA when it is
-    installed and decodes on that GPU; PyAV otherwise, with the reason as ``fallback`` when DALI is installed
+    installed and decodes on that GPU; PyAV otherwise (on the CPU, PyAV's sparse decoder was faster than
+    torchcodec on H.264: see the README's loader table), with the reason as ``fallback`` when DALI is installed
     but cannot start there. ``gather`` (an all-gather over distributed ranks) makes every process decide alike:
     PyAV everywhere when any process's GPU fell back, as the ranks' loaders must yield the same batches.
     """
@@ -346,8 +348,11 @@ def resolve_decoder(choice: str, device: torch.device,
 def _own_decoder(choice: str, device: torch.device) -> DecoderChoice:
     if choice == "pyav" or (choice == "auto" and not (device.type == "cuda" and dali_available())):
         return DecoderChoice("pyav")
+    if choice == "torchcodec":
+        require_torchcodec()
+        return DecoderChoice("torchcodec")
     if choice != "dali" and choice != "auto":
-        raise UsageError(f"decoder must be auto, pyav or dali, got {choice!r}")
+        raise UsageError(f"decoder must be auto, pyav, torchcodec or dali, got {choice!r}")
     require_dali()
     if device.type != "cuda":
         return DecoderChoice("dali")
