@@ -137,9 +137,13 @@ def finished_result(out: Path, argv: List[str]) -> Optional[Dict[str, Any]]:
     return result if result is not None and result.get("argv") == argv else None
 
 
+def _write_spec(out: Path, argv: List[str], seconds: float) -> None:
+    (out / SPEC).write_text(json.dumps({"argv": argv, "seconds": seconds}) + "\n")
+
+
 def train_run(variant: Variant, seed: int, schedule: Schedule, data: Path, out: Path) -> Dict[str, Any]:
     """Train (or continue) one run and write its ``result.json``: the evaluation's top-1 per head and the
-    seconds its training took in all (over every attempt)."""
+    seconds its training took in all (over every attempt that ended in Python; a killed one's are lost)."""
     argv = run_argv(variant, seed, schedule, data, out)
     spec = _read_json(out / SPEC)
     resume = (spec is not None and spec.get("argv") == argv
@@ -147,12 +151,14 @@ def train_run(variant: Variant, seed: int, schedule: Schedule, data: Path, out: 
     seconds = spec["seconds"] if resume else 0.0
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULT).unlink(missing_ok=True)
+    # written first, so that a run killed outright (no finally) is still continued from its checkpoint
+    _write_spec(out, argv, seconds)
     start = time.perf_counter()
     try:
         metrics = train_module.train(train_module.parse_args(argv + (["--resume"] if resume else ["--overwrite"])))
     finally:
         seconds += time.perf_counter() - start
-        (out / SPEC).write_text(json.dumps({"argv": argv, "seconds": seconds}) + "\n")
+        _write_spec(out, argv, seconds)
     result = {"variant": variant.name, "seed": seed, "argv": argv, "seconds": seconds, "resumed": resume,
               **{f"top1_{h}": metrics[f"top1_{h}"] for h in ("text", "vc", "fused")}}
     (out / RESULT).write_text(json.dumps(result, indent=1) + "\n")
