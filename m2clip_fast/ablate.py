@@ -27,6 +27,7 @@ from . import ablation_report, train as train_module
 from .cli import int_at_least, run_main
 from .data.synthetic import CLASSES
 from .demo import prepare_data
+from .errors import UsageError
 from .heads import DEFAULT_LOSS_WEIGHTS
 
 PROG = "python -m m2clip_fast.ablate"
@@ -204,7 +205,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--seeds", type=int_at_least(0), nargs="+", default=None,
                    help=f"training seeds (default {' '.join(map(str, FULL.seeds))}); the synthetic set is the same")
     args = p.parse_args(argv)
-    return run_main(lambda: _run(args), PROG)
+    return run_main(lambda: _run(args), PROG,
+                    on_interrupt=lambda: "finished runs are kept, and the one stopped continues from its last "
+                                         "checkpoint: run the same command again")
+
+
+def check_report_dir(report: Path) -> None:
+    """Fail before any training, not after it, when the report can't be written."""
+    try:
+        report.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--report-dir {report}: cannot create it ({exc.strerror or exc})") from None
+    if not os.access(report, os.W_OK):
+        raise UsageError(f"--report-dir {report}: not writable")
 
 
 def table_rows(results: Sequence[Dict[str, Any]]) -> List[ablation_report.Table]:
@@ -245,6 +258,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.seeds:
         schedule = replace(schedule, seeds=tuple(dict.fromkeys(args.seeds)))
     out, report = Path(args.output_dir), Path(args.report_dir)
+    check_report_dir(report)
     start, cpu_start, load_start = time.perf_counter(), cpu_seconds(), os.getloadavg()
     data = out / "data"
     print(prepare_data(data, **schedule.data_params()))

@@ -151,3 +151,12 @@ def test_quick_end_to_end_writes_the_report_then_reuses_and_resumes_runs(tmp_pat
     resumed = json.loads((out / "runs" / "td_seed0" / ablate.RESULT).read_text())
     assert resumed["resumed"] and resumed["top1_fused"] == first["td_seed0"]["top1_fused"]
     assert "6 of 7 runs reused" in (docs / "ablation.md").read_text()
+
+
+def test_an_unwritable_report_dir_fails_in_one_line_before_any_training(tmp_path, capsys):
+    (tmp_path / "docs").write_text("a file, not a folder\n")
+    args = ["--quick", "--output-dir", str(tmp_path / "ablate"), "--report-dir", str(tmp_path / "docs")]
+    assert ablate.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m m2clip_fast.ablate: error: --report-dir {tmp_path / 'docs'}: cannot create it")
+    assert not (tmp_path / "ablate").exists()
