@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterable, Optional, Tuple, Union
 
 from .errors import MissingFileError, UsageError, UserError
 from .heads import DEFAULT_LOSS_WEIGHTS
-from .text import DEFAULT_TEMPLATES
+from .text import DEFAULT_TEMPLATES, OFFICIAL_TEMPLATES
 
 TINY_BACKBONE = "m2clip-tiny"  # 32 px frames, 4 px patches: the unit tests' backbone
 DEMO_BACKBONE = "m2clip-demo"  # the same at 64 px with 8 px patches (same token count), for the synthetic demo
@@ -99,7 +99,6 @@ _OFFICIAL_TRAIN: Dict[str, Any] = {
     "grad_clip": None,  # main.py clips no gradients
     "accum_steps": 1,  # (derived from global_batch)
 }
-OFFICIAL_TEMPLATES = ("A video of {}",)  # utils.text_prompt: its only template, no period (paper: "a video of <y>")
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     # Kinetics-400, ViT-B/16, 8 frames: 12 pre-MLP TED adapters and text adapters before the MLP of the last
