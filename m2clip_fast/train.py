@@ -304,6 +304,10 @@ class Trainer:
         self.optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
                                            lr=self.lr, fused=True)
         self.steps_per_epoch = len(self.train_loader) // self.accum
+        if self.steps_per_epoch == 0:  # (the loader has whole batches: the accumulation is what they miss)
+            raise DatasetError(f"{len(train_samples)} training samples make no full optimizer step of global batch "
+                               f"{self.global_batch} ({tcfg['batch_size']} per process x {self.info.world_size} "
+                               f"process(es) x {self.accum} accumulation steps)")
         self.batches_per_epoch = self.steps_per_epoch * self.accum
         self.total_steps = self.steps_per_epoch * tcfg["epochs"]
         self.warmup_steps = int(round(tcfg["warmup_epochs"] * self.steps_per_epoch))

@@ -111,6 +111,10 @@ def test_a_run_prints_the_batch_per_process_and_the_global_batch(dataset, tmp_pa
     assert err.startswith("python -m m2clip_fast.train: error: train.global_batch=6 is not a multiple of "
                           "train.batch_size=4 x 1 process(es) = 4; use a train.batch_size that divides it over 1 "
                           "process(es): 1, 2, 3, 6\n")
+    # 16 training clips are 4 batches of 4, but a step of 32 would need 8: refused, not a run of no steps
+    assert train_main(base_args(dataset, tmp_path / "few", "--max-steps", "1", *SMALL, "train.global_batch=32")) == 2
+    assert ("error: 16 training samples make no full optimizer step of global batch 32 (4 per process x 1 "
+            "process(es) x 8 accumulation steps)") in capsys.readouterr().err
 
 
 @pytest.mark.slow  # three short training runs, ~30 s
