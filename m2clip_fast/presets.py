@@ -89,7 +89,7 @@ _TRAIN_DEFAULTS: Dict[str, Any] = {
 
 # What the official training uses where its scripts and main.py say so (github.com/sallymmx/m2clip:
 # scripts/train_k400_clip_vit_b16_adapter12x384.sh, scripts/train_ssv2_clip_vit_b16.sh, main.py's argparse
-# defaults and optimizer, utils.text_prompt). The paper (AAAI 2024) gives no schedule, batch or augmentation.
+# defaults and optimizer, utils.text_prompt). The paper gives no schedule, batch or augmentation.
 _OFFICIAL_TRAIN: Dict[str, Any] = {
     "blr": 1e-3,  # main.py default --blr 1e-3, "per 256 samples": lr = blr x global batch / 256
     "weight_decay": 1e-2,  # main.py default --weight_decay 1e-2 (AdamW)
@@ -105,6 +105,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # text block and of the CMLM cross block (the official clip_vit_base_patch16_multimodal_adapter12x384).
     "k400_b16_8f": {
         "class_names": "kinetics400", "templates": OFFICIAL_TEMPLATES,
+        "num_frames": 8,  # train_k400 script --num_frames 8
+        "ted_layers": 12, "ted_bottleneck": 384,  # train_k400 script --model ..._adapter12x384 (pre-MLP only)
         "train": {
             **_TRAIN_DEFAULTS, **_OFFICIAL_TRAIN,
             "epochs": 12,  # train_k400 script --epochs 12
@@ -125,6 +127,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # clip_vit_base_patch16_multimodal_adapter24x384, whose text adapters differ: see the README).
     "ssv2_b16_8f": {
         "class_names": "ssv2", "ted_pre_attn": True, "templates": OFFICIAL_TEMPLATES,
+        "num_frames": 8,  # train_ssv2 script --num_frames 8
+        "ted_layers": 12, "ted_bottleneck": 384,  # train_ssv2 script --model ..._adapter24x384 (2 per block)
         "train": {
             **_TRAIN_DEFAULTS, **_OFFICIAL_TRAIN,
             "epochs": 50,  # train_ssv2 script --epochs 50
