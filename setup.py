@@ -55,6 +55,7 @@ setup(
         "matplotlib",  # the demo's training-curve PNG, predict's timelines, the evaluation report's confusion matrix
         "pillow",  # predict --annotate draws labels on frames
         "safetensors",  # extract's embedding shards
+        "timm",  # RandAugment for clips (m2clip_fast.data.randaugment); open_clip depends on it as well
     ],
     extras_require={
         # DALI's build for the pinned torch's CUDA 13 (a CUDA 12 torch wants nvidia-dali-cuda120 instead). It is in

@@ -181,7 +181,7 @@ class Worker:
         train = model.config.train
         batch = spec.get("batch", BATCH[self.device.type])
         lr = train["blr"] * batch / 256
-        groups = param_groups(model, lr, train["weight_decay"], train["text_lr_scale"])
+        groups = param_groups(model, lr, train["weight_decay"], train["text_lr_scale"], train["no_decay"])
         self.optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=lr)
         gen = torch.Generator().manual_seed(1)
         size = model.crop_size

@@ -19,6 +19,9 @@ import torch
 from .errors import MissingFileError, UsageError
 
 DEFAULT_TEMPLATES: Tuple[str, ...] = ("a video of a person {}.",)
+# The official training and evaluation prompt: utils.text_prompt's only template ("text augmentation" of one),
+# capitalised and without a period (the paper writes "a video of <y>").
+OFFICIAL_TEMPLATES: Tuple[str, ...] = ("A video of {}",)
 
 # Zero-shot prompt ensemble in the style of ActionCLIP / X-CLIP evaluation.
 ZERO_SHOT_TEMPLATES: Tuple[str, ...] = (

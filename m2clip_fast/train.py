@@ -34,7 +34,7 @@ from .data.robust import check_bad_fraction
 from .errors import UserError
 from .evaluation import evaluate_loader, excluded_note, gather_skipped
 from .model import M2CLIP, create_model
-from .presets import PRESETS, parse_overrides, resolve_config
+from .presets import PRESETS, ConfigError, parse_overrides, resolve_config
 from .text import load_class_names
 
 PRIMARY_HEAD = "fused"
@@ -90,14 +90,23 @@ def build_config(args):
     return resolve_config(args.preset, args.config, overrides)
 
 
-def param_groups(model: M2CLIP, lr: float, weight_decay: float, text_lr_scale: float) -> List[Dict[str, Any]]:
-    """AdamW groups: no weight decay on biases and norms (1-D tensors); text adapters at lr × text_lr_scale."""
+NO_DECAY_RULES = {
+    "1d": lambda name, p: p.ndim <= 1,  # biases and norm weights
+    "bias": lambda name, p: ".bias" in name,  # the official main.py's rule (a norm's weight decays)
+}
+
+
+def param_groups(model: M2CLIP, lr: float, weight_decay: float, text_lr_scale: float,
+                 no_decay: str = "1d") -> List[Dict[str, Any]]:
+    """AdamW groups: text adapters at lr × text_lr_scale; no weight decay on the parameters ``no_decay``
+    names: ``"1d"`` every 1-D tensor (biases and norms), ``"bias"`` names containing ".bias"."""
+    exempt = NO_DECAY_RULES[no_decay]
     groups: Dict[tuple, Dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         is_text = name.startswith(("text_adapters.", "cmlm_adapter."))
-        decay = p.ndim > 1
+        decay = not exempt(name, p)
         key = (is_text, decay)
         if key not in groups:
             groups[key] = {"params": [], "names": [], "lr": lr * (text_lr_scale if is_text else 1.0),
@@ -109,12 +118,36 @@ def param_groups(model: M2CLIP, lr: float, weight_decay: float, text_lr_scale: f
     return list(groups.values())
 
 
+def accumulation_steps(train: Dict[str, Any], world_size: int) -> int:
+    """Micro-batches per optimizer step: ``train.accum_steps``, or with ``train.global_batch`` set,
+    global_batch / (batch_size × world_size), which must be a whole number."""
+    global_batch, per_step = train.get("global_batch"), train["batch_size"] * world_size
+    if global_batch is None:
+        return int(train["accum_steps"])
+    if global_batch % per_step:
+        fits = [b for b in range(1, global_batch // world_size + 1) if global_batch % (b * world_size) == 0]
+        hint = (f"a train.batch_size that divides it over {world_size} process(es): {', '.join(map(str, fits))}"
+                if fits else f"a train.global_batch that is a multiple of {per_step}")
+        raise ConfigError(f"train.global_batch={global_batch} is not a multiple of train.batch_size="
+                          f"{train['batch_size']} x {world_size} process(es) = {per_step}; use {hint}")
+    return global_batch // per_step
+
+
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     """Per-step linear warmup from 0, then cosine decay to 0 at total_steps."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def cpu_augment(train: Dict[str, Any]) -> Optional[str]:
+    """The training augmentation only the PyAV loader runs (see resolve_decoder), or None."""
+    if train["rand_augment"]:
+        return f"RandAugment (train.rand_augment={train['rand_augment']})"
+    if train["resize"] != "short_side_jitter":
+        return f"train.resize={train['resize']}"
+    return None
 
 
 def position_text(epoch: int, batches: int, batches_per_epoch: Optional[int], epochs: int) -> str:
@@ -152,6 +185,7 @@ class Start:
     out: Path
     class_names: List[str]
     settings: Dict[str, Any]
+    accum: int = 1  # micro-batches per optimizer step (accumulation_steps)
     ckpt: Optional[Dict[str, Any]] = None
     ckpt_path: Optional[Path] = None
     epoch: int = 0
@@ -184,13 +218,14 @@ def start(args: argparse.Namespace) -> Start:
 def _start_checks(args, cfg, info: runtime.DistInfo, device: torch.device, out: Path) -> Start:
     """The checks of :func:`start` made with OUTPUT locked; the resolved Start."""
     run_dir.check_output_dir(out, bool(args.resume), args.overwrite)
+    accum = accumulation_steps(cfg.train, info.world_size)
     runtime.seed_everything(args.seed + info.rank)
     if cfg.class_names is None:
         raise DatasetError("no class names: pass --class-names FILE (one name per line, line i = label i)")
     class_names = load_class_names(cfg.class_names)
     cfg.class_names = tuple(class_names)  # as the model (and so the checkpoint) records them
     st = Start(args, cfg, info, device, out, class_names, run_settings(cfg, args.pretrained, args.seed,
-                                                                       info.world_size))
+                                                                       info.world_size), accum=accum)
     st.train_samples, st.val_samples, st.dropped = read_lists(args, class_names)
     # a resume at an epoch boundary would otherwise take another list silently (check_same_run compares it)
     st.settings["--train-list"] = list_fingerprint(st.train_samples, annotation_root(args.train_list, args.data_root))
@@ -290,20 +325,25 @@ class Trainer:
         with whole_model_follows(self.whole):  # a random backbone comes whole from the checkpoint
             self.model = create_model(st.cfg, pretrained=args.pretrained, class_names=st.class_names)
         self.amp_dtype = runtime.place_model(self.model, self.device, tcfg["amp"])
-        self.decoder_choice = resolve_decoder(args.decoder, self.device, runtime.all_gather_objects)
+        self.decoder_choice = resolve_decoder(args.decoder, self.device, runtime.all_gather_objects,
+                                              cpu_augment=cpu_augment(tcfg))
         self.decoder = self.decoder_choice.name
         if self.info.is_main and self.decoder_choice.notice:
             print(self.decoder_choice.notice)
         self.train_loader, self.val_loader = self._loaders(train_samples, val_samples)
         self.num_train = len(train_samples)
-        self.accum = int(tcfg["accum_steps"])
+        self.accum = st.accum
         self.global_batch = tcfg["batch_size"] * self.accum * self.info.world_size
-        self.lr = tcfg["blr"] * self.global_batch / 256
-        groups = param_groups(self.model, self.lr, tcfg["weight_decay"], tcfg["text_lr_scale"])
+        self.lr = tcfg["blr"] * self.global_batch / 256  # blr is per 256 clips of the global batch
+        groups = param_groups(self.model, self.lr, tcfg["weight_decay"], tcfg["text_lr_scale"], tcfg["no_decay"])
         # fused=True: one kernel over all parameters (measured 135 ms vs 667 ms per step for K400's 16M on CPU)
         self.optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
                                            lr=self.lr, fused=True)
         self.steps_per_epoch = len(self.train_loader) // self.accum
+        if self.steps_per_epoch == 0:  # (the loader has whole batches: the accumulation is what they miss)
+            raise DatasetError(f"{len(train_samples)} training samples make no full optimizer step of global batch "
+                               f"{self.global_batch} ({tcfg['batch_size']} per process x {self.info.world_size} "
+                               f"process(es) x {self.accum} accumulation steps)")
         self.batches_per_epoch = self.steps_per_epoch * self.accum
         self.total_steps = self.steps_per_epoch * tcfg["epochs"]
         self.warmup_steps = int(round(tcfg["warmup_epochs"] * self.steps_per_epoch))
@@ -325,7 +365,8 @@ class Trainer:
                       num_frames=self.model.num_frames, size=self.model.crop_size, sampling=tcfg["sampling"],
                       stride=tcfg["stride"], seed=self.st.args.seed)
         train_loader = build_clip_loader(train_samples, train=True, batch_size=per_process, flip=tcfg["flip"],
-                                         **common)
+                                         resize=tcfg["resize"], scale_range=tuple(tcfg["scale_range"]),
+                                         rand_augment=tcfg["rand_augment"], **common)
         if len(train_loader) == 0:
             raise DatasetError(f"{len(train_samples)} training samples make no full batch of {per_process} per "
                                f"process")
@@ -375,11 +416,14 @@ class Trainer:
                     run_dir.append_jsonl(out / "skipped.jsonl", {"epoch": None, "step": self.step, "phase": "start",
                                                                  **d})
             (out / "config.json").write_text(json.dumps({**asdict(st.cfg), "args": vars(st.args),
-                                                          "global_batch": self.global_batch, "lr": self.lr},
+                                                          "global_batch": self.global_batch,
+                                                          "accum_steps": self.accum, "lr": self.lr},
                                                          indent=2, default=str))
-            print(f"training {self.num_train} clips, {len(st.class_names)} classes, {self.info.world_size} "
-                  f"process(es), global batch {self.global_batch}, lr {self.lr:.2e}, {self.steps_per_epoch} "
-                  f"steps/epoch, device {self.device}, decoder {self.decoder_choice.description}")
+            print(f"training {self.num_train} clips, {len(st.class_names)} classes, device {self.device}, decoder "
+                  f"{self.decoder_choice.description}")
+            print(f"batch {self.tcfg['batch_size']} per process x {self.info.world_size} process(es) x "
+                  f"{self.accum} accumulation step(s) = global batch {self.global_batch}, lr {self.lr:.2e}, "
+                  f"{self.steps_per_epoch} steps/epoch")
         self.logger = run_dir.Logger(out, self.info.is_main, purge_step=self.step + 1 if st.ckpt is not None else None)
 
     def train_epoch(self, epoch: int, first: int) -> Tuple[int, bool]:
