@@ -55,12 +55,18 @@ setup(
         "matplotlib",  # the demo's training-curve PNG, predict's timelines, the evaluation report's confusion matrix
         "pillow",  # predict --annotate draws labels on frames
         "safetensors",  # extract's embedding shards
+        "timm",  # RandAugment for clips (m2clip_fast.data.randaugment); open_clip depends on it as well
     ],
     extras_require={
-        # DALI is in the test extra so that CI runs its CPU (VP9) tests; it ships x86-64 / aarch64 Linux wheels only
-        "test": ["pytest", "pytest-benchmark", "matplotlib", "tensorboard", "onnx", "onnxruntime", "onnxscript",
-                 "nvidia-dali-cuda120; platform_system == 'Linux' and platform_machine in 'x86_64 aarch64'"],
-        "dali": ["nvidia-dali-cuda120"],
+        # DALI's build for the pinned torch's CUDA 13 (a CUDA 12 torch wants nvidia-dali-cuda120 instead). It is in
+        # the test extra so that CI runs its CPU (VP9) tests; it ships x86-64 / aarch64 Linux wheels only.
+        # torchcodec too (--decoder torchcodec); it needs FFmpeg's shared libraries, which scripts/install.sh
+        # installs with apt-get where they are missing
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "tensorboard", "onnx", "onnxruntime",
+                 "onnxscript", "torchcodec",
+                 "nvidia-dali-cuda130; platform_system == 'Linux' and platform_machine in 'x86_64 aarch64'"],
+        "dali": ["nvidia-dali-cuda130"],
+        "torchcodec": ["torchcodec"],
         # python -m m2clip_fast.export: torch's ONNX exporter needs onnx and onnxscript, the check onnxruntime
         "export": ["onnx", "onnxruntime", "onnxscript"],
         "xformers": ["xformers"],

@@ -65,6 +65,15 @@ def randomised(module: TEDAdapter, seed: int = 0) -> TEDAdapter:
     return module
 
 
+def assert_bf16_close(variant: str, names, got, pytorch_bf16, fp64) -> None:
+    """Each bf16 result (output, grad x, parameter grads) within 2× PyTorch's own bf16 error (its eager module
+    in bf16: ``pytorch_bf16``) of the float64 result, plus 1e-3 of the largest magnitude."""
+    for name, g, p, w in zip(names, got, pytorch_bf16, fp64):
+        err, err_pt = (g.double() - w).abs().max().item(), (p.double() - w).abs().max().item()
+        assert err <= 2 * err_pt + 1e-3 * w.abs().max().item(), \
+            f"{variant} {name}: error {err:.3g} > 2 × PyTorch bf16 error {err_pt:.3g}"
+
+
 class ModuleRunner:
     """One adapter variant on fixed inputs: timed steps, the accuracy check, saved-activation bytes."""
 
@@ -219,11 +228,7 @@ class Bench:
                 err, scale = (g - w).abs().max().item(), w.abs().max().item()
                 assert err <= FP32_TOL * scale, f"{variant} {name}: error {err:.3g} vs scale {scale:.3g}"
             return
-        pytorch_bf16 = self._pytorch_bf16(variant)
-        for name, g, p, w in zip(names, got, pytorch_bf16, self.fp64()):
-            err, err_pt = (g.double() - w).abs().max().item(), (p.double() - w).abs().max().item()
-            assert err <= 2 * err_pt + 1e-3 * w.abs().max().item(), \
-                f"{variant} {name}: error {err:.3g} > 2 × PyTorch bf16 error {err_pt:.3g}"
+        assert_bf16_close(variant, names, got, self._pytorch_bf16(variant), self.fp64())
 
     def _pytorch_bf16(self, variant: str):
         if variant.startswith("triton"):

@@ -7,10 +7,12 @@ frames) and long (250 frames) keyframe intervals. Sampling: dense 8 frames x str
 8-segment uniform (TSN), training mode (random offsets, a fresh index set every round).
 
 "ours" = ``decode_frames`` with a cold index cache (the index is rebuilt every call, as for a
-dataset too large for the cache); "baseline" = ``decode_all_frames(path, indices)``: decode every
-frame, sort by pts, convert the sampled ones to RGB — what the official M²-CLIP loader does. Both
-use one codec thread, as in a DataLoader worker. A summary table (clips/s, ratio) is printed at
-the end (clips/s from the median round): ``python -m pytest benchmarks/test_loader.py``.
+dataset too large for the cache); "torchcodec" = the same with ``backend="torchcodec"`` (the same cold
+index, then torchcodec's decoder; where it hands the file to PyAV the table says "PyAV"); "baseline" =
+``decode_all_frames(path, indices)``: decode every frame, sort by pts, convert the sampled ones to RGB —
+what the official M²-CLIP loader does. All use one codec thread, as in a DataLoader worker. A summary
+table (clips/s, ratios) is printed at the end (clips/s from the median round):
+``python -m pytest benchmarks/test_loader.py``. Without torchcodec its rows are skipped.
 
 "<video>-prepared" rows: the long-GOP files after ``python -m m2clip_fast.data.prepare`` (H.264, keyframe every
 16 frames, same size: the 240-pixel short side is not upscaled to 256); "ours" decodes the copy, "baseline"
@@ -23,8 +25,9 @@ import numpy as np
 import pytest
 import torch
 
-from m2clip_fast.data import clear_index_cache, decode_all_frames, decode_frames, num_frames
+from m2clip_fast.data import DecodeStats, clear_index_cache, decode_all_frames, decode_frames, num_frames
 from m2clip_fast.data.prepare import copy_path, main as prepare_main
+from m2clip_fast.data.torchcodec_backend import torchcodec_available
 from m2clip_fast.data.sampling import dense_indices, uniform_indices
 from m2clip_fast.data.synthetic import textured_frames, write_video
 
@@ -44,7 +47,11 @@ TARGETS = {("dense8x16", "gop25"): 3.0, ("dense8x16", "gop250"): 3.0, ("uniform8
            ("uniform8", "gop250"): 1.0, ("dense8x16", "prepared"): 3.0, ("uniform8", "prepared"): 5.0}
 # more rounds where a round is cheap: the medians then resist other processes' load spikes
 ROUNDS = {("h264", "ours"): 6, ("h264", "baseline"): 3, ("mpeg4", "ours"): 12, ("mpeg4", "baseline"): 8}
+ROUNDS.update({(codec, "torchcodec"): ROUNDS[(codec, "ours")] for codec in ("h264", "mpeg4")})
+METHODS = ["ours", pytest.param("torchcodec", marks=pytest.mark.skipif(
+    not torchcodec_available(), reason="torchcodec (with FFmpeg libraries) is not installed")), "baseline"]
 _results = {}
+_routed = set()  # (video, sampling) where the torchcodec backend handed the file to PyAV
 
 
 @pytest.fixture(scope="session")
@@ -78,21 +85,26 @@ def summary(request):
     capture = request.config.pluginmanager.getplugin("capturemanager")
     if reporter is None or not _results:
         return
-    lines = ["", f"{'variant':<34}{'ours clips/s':>13}{'baseline clips/s':>18}{'ratio':>8}{'target':>8}"]
+    lines = ["", f"{'variant':<34}{'ours clips/s':>13}{'baseline clips/s':>18}{'ratio':>8}{'target':>8}"
+                 f"{'torchcodec clips/s':>20}{'tc/base':>9}{'tc/ours':>9}"]
     for (video, sampling) in [(v, s) for v in [*VIDEOS, *PREPARED] for s in SAMPLINGS]:
         ours, base = _results.get((video, sampling, "ours")), _results.get((video, sampling, "baseline"))
         if ours is None or base is None:
             continue
         target = TARGETS[(sampling, _kind(video))]
-        lines.append(f"{video + ' ' + sampling:<34}{ours:>13.2f}{base:>18.2f}{ours / base:>7.1f}x"
-                     f"{target:>7.0f}x")
+        line = f"{video + ' ' + sampling:<34}{ours:>13.2f}{base:>18.2f}{ours / base:>7.1f}x{target:>7.0f}x"
+        tc = _results.get((video, sampling, "torchcodec"))
+        if tc is not None:
+            served = " (PyAV)" if (video, sampling) in _routed else ""
+            line += f"{tc:>20.2f}{tc / base:>8.1f}x{tc / ours:>8.2f}x{served}"
+        lines.append(line)
     # fixture teardown runs under output capture; print straight to the terminal
     with capture.global_and_fixture_disabled():
         for line in lines:
             reporter.write_line(line)
 
 
-@pytest.mark.parametrize("method", ["ours", "baseline"])
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("sampling", list(SAMPLINGS))
 @pytest.mark.parametrize("video", [*VIDEOS, *PREPARED])
 def test_clip_decoding(benchmark, videos, video, sampling, method):
@@ -108,16 +120,23 @@ def test_clip_decoding(benchmark, videos, video, sampling, method):
         last["idx"] = SAMPLINGS[sampling](n, rng)
         return (last["idx"],), {}
 
+    stats = DecodeStats()
+
     def ours(idx):
         return decode_frames(path, idx, threads=1)
+
+    def torchcodec(idx):
+        return decode_frames(path, idx, backend="torchcodec", threads=1, stats=stats)
 
     def baseline(idx):
         return decode_all_frames(decoded, idx, threads=1)
 
-    fn = ours if method == "ours" else baseline
+    fn = {"ours": ours, "torchcodec": torchcodec, "baseline": baseline}[method]
     out = benchmark.pedantic(fn, setup=setup, rounds=ROUNDS[(_codec(video), method)], iterations=1)
     assert out.shape == (8, HEIGHT, WIDTH, 3) and out.dtype == torch.uint8
-    if method == "ours":  # the oracle: the same frames from a whole-video decode
+    if stats.torchcodec_routed:
+        _routed.add((video, sampling))
+    if method != "baseline":  # the oracle: the same frames from a whole-video decode
         assert torch.equal(out, decode_all_frames(path, last["idx"], threads=1))
     if benchmark.stats is not None:
         _results[(video, sampling, method)] = 1.0 / benchmark.stats.stats.median

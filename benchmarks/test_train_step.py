@@ -60,7 +60,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-PRESET, FRAMES, SIZE = "k400_b16_8f", 8, 224
+PRESET = "k400_b16_8f"  # 8 frames of 224 px
 BATCH = {"cpu": 2, "cuda": 16}
 BASELINE = "official-style fp32"
 # Timed steady-state rounds per variant. The baseline has no cache to fill, so its warm-up step already does
@@ -154,7 +154,8 @@ class Worker:
         if self.cuda:  # cuDNN would run the baseline's fp32 convs in TF32 and fail the fp32 comparison
             torch.backends.cudnn.allow_tf32 = False
         torch.manual_seed(0)
-        model = create_model(PRESET, pretrained=None, fused=True, attention="sdpa")
+        model = create_model(spec.get("preset", PRESET), pretrained=None, class_names=spec.get("class_names"),
+                             fused=True, attention="sdpa")
         self.fingerprint = sum(p.double().sum().item() for p in model.clip.parameters())
         randomise_tunable(model)
         if spec["official"]:
@@ -165,12 +166,13 @@ class Worker:
             model.set_backbone_dtype(self.amp)  # the training loop's CUDA bf16: bf16 frozen weights + autocast
         self.model = model
         train = model.config.train
-        batch = BATCH[self.device.type]
+        batch = spec.get("batch", BATCH[self.device.type])
         lr = train["blr"] * batch / 256
-        groups = param_groups(model, lr, train["weight_decay"], train["text_lr_scale"])
+        groups = param_groups(model, lr, train["weight_decay"], train["text_lr_scale"], train["no_decay"])
         self.optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=lr)
         gen = torch.Generator().manual_seed(1)
-        self.video = torch.randn(batch, FRAMES, 3, SIZE, SIZE, generator=gen).to(self.device)
+        size = model.crop_size
+        self.video = torch.randn(batch, model.num_frames, 3, size, size, generator=gen).to(self.device)
         self.labels = torch.randint(0, model.num_classes, (batch,), generator=gen).to(self.device)
         self.steps = 0
 
@@ -210,7 +212,7 @@ class Worker:
         visual = self.model.clip.visual
         fc = visual.transformer.resblocks[0].mlp.c_fc
         h, w = self.model.grid
-        return self.video.shape[0] * FRAMES * (1 + h * w), fc.in_features, fc.out_features
+        return self.video.shape[0] * self.video.shape[1] * (1 + h * w), fc.in_features, fc.out_features
 
     def limits(self) -> dict:
         """The step's FLOPs (flop counter over the forward and backward of one more step, not timed, no optimizer
@@ -258,14 +260,14 @@ def worker_main(spec_json: str) -> None:
 class WorkerProcess:
     """A fresh Python process holding one variant's model; ``step()`` runs one training step in it."""
 
-    def __init__(self, variant: str, grads_dir: str):
-        import m2clip_fast
-
-        # the worker imports the package the parent imported (a checkout's, when pytest runs from its root)
-        root = str(Path(m2clip_fast.__file__).resolve().parent.parent)
-        path = os.pathsep.join([root] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    def __init__(self, variant: str, grads_dir: str, spec: Optional[dict] = None):
+        """``spec``: VARIANTS[variant] by default; may also name a "preset", "class_names" and a "batch"
+        (gpu_report.py)."""
+        # the worker runs in benchmarks/: the repository root on its path imports this checkout's package
+        path = os.pathsep.join(p for p in (str(HERE.parent), os.environ.get("PYTHONPATH", "")) if p)
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path)
-        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(VARIANTS[variant])],
+        spec = VARIANTS[variant] if spec is None else spec
+        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                                      cwd=str(HERE))
         self.info = self._read()

@@ -352,7 +352,13 @@ def load_model_checkpoint(path: Union[str, Path], map_location="cpu", pretrained
 # Keys a resumed run may change: they leave the meaning of the checkpoint's state intact (fused and attention
 # pick kernels for the same weights; more epochs extend the schedule; the rest is loading and evaluation).
 RESUMABLE_KEYS = frozenset({"fused", "attention", "train.epochs", "train.workers", "train.eval_every",
-                            "train.views", "train.max_bad_fraction"})
+                            "train.views", "train.max_bad_fraction", "train.log_every"})
+# Training keys added after checkpoints were first written, each with the value that reproduces what runs did
+# before it existed: a checkpoint that doesn't record one was trained with this value, and is compared so.
+LEGACY_TRAIN_SETTINGS: Dict[str, Any] = {
+    "train.global_batch": None, "train.no_decay": "1d", "train.resize": "short_side_jitter",
+    "train.scale_range": [1.0, 1.15], "train.rand_augment": None,
+}
 
 
 def run_settings(cfg, pretrained: Optional[str], seed: int, processes: int) -> Dict[str, Any]:
@@ -367,9 +373,9 @@ def run_settings(cfg, pretrained: Optional[str], seed: int, processes: int) -> D
 
 def check_same_run(ckpt: Dict[str, Any], path: Path, settings: Dict[str, Any], preset: Optional[str]) -> None:
     """Raise, listing every difference, when the checkpoint was trained with other settings (keys an older
-    checkpoint doesn't record are not compared)."""
+    checkpoint doesn't record are compared with their :data:`LEGACY_TRAIN_SETTINGS` value, or not at all)."""
     run = ckpt["run"]
-    old = run["settings"]
+    old = {**LEGACY_TRAIN_SETTINGS, **run["settings"]}
     keys = sorted(k for k in settings if k in old and k not in RESUMABLE_KEYS and old[k] != settings[k])
     if "--pretrained" in keys and same_backbone_file(old["--pretrained"], settings["--pretrained"], ckpt):
         keys.remove("--pretrained")

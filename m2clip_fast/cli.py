@@ -119,8 +119,9 @@ def add_data_args(parser: argparse.ArgumentParser, train: bool) -> None:
                         "annotation file's own folder (give it when the videos live elsewhere, e.g. "
                         "k400/videos for k400/train.csv)")
     g.add_argument("--class-names", default=None, help="class-name file, one per line (line i = label i)")
-    g.add_argument("--decoder", choices=("auto", "pyav", "dali"), default="auto",
-                   help="video decoder: auto = DALI on CUDA when installed, else PyAV")
+    g.add_argument("--decoder", choices=("auto", "pyav", "torchcodec", "dali"), default="auto",
+                   help="video decoder: auto = DALI on CUDA when installed, else PyAV; torchcodec: CPU decoding "
+                        "with torchcodec where it gives PyAV's frames, PyAV elsewhere")
     g.add_argument("--skip-missing", action="store_true",
                    help="drop missing files (listed in skipped.jsonl) instead of stopping before the run; "
                         "unreadable or empty files are always replaced during training and left out of evaluation")

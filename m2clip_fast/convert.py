@@ -42,6 +42,7 @@ from .adapters import ted_param_shapes
 from .checkpoint import TRUST_HELP, atomic_save, build_checkpoint, load_checkpoint_file
 from .cli import run_main
 from .errors import UserError
+from .text import OFFICIAL_TEMPLATES
 
 # official key → ours; weights of the D conv additionally change rank (Conv3d → Conv2d).
 _KEY_MAP: Dict[str, str] = {
@@ -359,7 +360,7 @@ def load_official_checkpoint(model, checkpoint, mlm_labels=None, *, source: Opti
     return report
 
 
-OFFICIAL_TEMPLATE = "A video of {}"  # the official text_prompt(): no trailing period
+OFFICIAL_TEMPLATE = OFFICIAL_TEMPLATES[0]  # the official text_prompt()'s only one: no trailing period
 
 
 PROG = "python -m m2clip_fast.convert"

@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterable, Optional, Tuple, Union
 
 from .errors import MissingFileError, UsageError, UserError
 from .heads import DEFAULT_LOSS_WEIGHTS
-from .text import DEFAULT_TEMPLATES
+from .text import DEFAULT_TEMPLATES, OFFICIAL_TEMPLATES
 
 TINY_BACKBONE = "m2clip-tiny"  # 32 px frames, 4 px patches: the unit tests' backbone
 DEMO_BACKBONE = "m2clip-demo"  # the same at 64 px with 8 px patches (same token count), for the synthetic demo
@@ -74,20 +74,76 @@ class M2CLIPConfig:
         return self.loss_weights.get("cmlm", 0.0) > 0
 
 
+# Training keys and their defaults. The defaults of keys added later reproduce what runs did before them
+# (checkpoint.LEGACY_TRAIN_SETTINGS lists those values for checkpoints that predate a key).
 _TRAIN_DEFAULTS: Dict[str, Any] = {
     "epochs": 30, "batch_size": 32, "blr": 1e-3, "weight_decay": 0.01, "warmup_epochs": 2,
     "text_lr_scale": 0.5, "grad_clip": None, "accum_steps": 1, "sampling": "dense", "stride": 8,
     "flip": True, "workers": 4, "amp": "auto", "eval_every": 1, "views": "1x1", "max_bad_fraction": 0.5,
+    "log_every": 10,  # optimizer steps between copies of the losses to the host (each one waits for the device)
+    # global_batch: clips per optimizer step over all processes; accum_steps is then derived from it
+    # (global_batch / (batch_size x processes)). no_decay: which parameters get no weight decay: "1d" every
+    # 1-D tensor (biases and norm weights), "bias" those whose name contains ".bias" (the official rule).
+    "global_batch": None, "no_decay": "1d", "resize": "short_side_jitter", "scale_range": (1.0, 1.15),
+    "rand_augment": None,
+}
+
+# What the official training uses where its scripts and main.py say so (github.com/sallymmx/m2clip:
+# scripts/train_k400_clip_vit_b16_adapter12x384.sh, scripts/train_ssv2_clip_vit_b16.sh, main.py's argparse
+# defaults and optimizer, utils.text_prompt). The paper gives no schedule, batch or augmentation.
+_OFFICIAL_TRAIN: Dict[str, Any] = {
+    "blr": 1e-3,  # main.py default --blr 1e-3, "per 256 samples": lr = blr x global batch / 256
+    "weight_decay": 1e-2,  # main.py default --weight_decay 1e-2 (AdamW)
+    "warmup_epochs": 2,  # both scripts: --warmup_epochs 2 (per-step linear warmup, then cosine: main.py lr_func)
+    "text_lr_scale": 0.5,  # main.py: the text adapters' ("textad_") parameter groups at args.lr / 2
+    "no_decay": "bias",  # main.py: weight decay 0 for the parameters whose name contains ".bias"
+    "grad_clip": None,  # main.py clips no gradients
+    "accum_steps": 1,  # (derived from global_batch)
 }
 
 PRESETS: Dict[str, Dict[str, Any]] = {
-    # Kinetics-400, ViT-B/16, 8 frames: 12 pre-MLP TED adapters (the official K400 setting).
-    "k400_b16_8f": {"class_names": "kinetics400", "train": dict(_TRAIN_DEFAULTS)},
-    # Something-Something-V2: 24 adapters (before attention and before the MLP); no flips, since
-    # left/right is the label; uniform (TSN) sampling.
+    # Kinetics-400, ViT-B/16, 8 frames: 12 pre-MLP TED adapters and text adapters before the MLP of the last
+    # text block and of the CMLM cross block (the official clip_vit_base_patch16_multimodal_adapter12x384).
+    "k400_b16_8f": {
+        "class_names": "kinetics400", "templates": OFFICIAL_TEMPLATES,
+        "num_frames": 8,  # train_k400 script --num_frames 8
+        "ted_layers": 12, "ted_bottleneck": 384,  # train_k400 script --model ..._adapter12x384 (pre-MLP only)
+        "train": {
+            **_TRAIN_DEFAULTS, **_OFFICIAL_TRAIN,
+            "epochs": 12,  # train_k400 script --epochs 12
+            "batch_size": 36,  # train_k400 script --batch_size 36 (per GPU)
+            "global_batch": 72,  # train_k400 script: 36 per GPU x --nproc_per_node 2
+            # train_k400 script --sampling_rate 16: 8 frames 16 apart (the paper says "sparse frame sampling")
+            "sampling": "dense", "stride": 16,
+            # train_k400 script --resize_type random_short_side_scale_jitter --scale_range 1.0 1.15
+            "resize": "short_side_jitter", "scale_range": (1.0, 1.15),
+            "flip": True,  # train_k400 script --mirror
+            "rand_augment": None,  # train_k400 script: no --auto_augment
+            # train_k400 script --num_spatial_views 4 --num_temporal_views 3: 3 clips x 4 crops (paper Table 1:
+            # 8x4x3, frames x crops x clips)
+            "views": "3x4",
+        },
+    },
+    # Something-Something-V2: 24 TED adapters (before attention and before the MLP: the official
+    # clip_vit_base_patch16_multimodal_adapter24x384, whose text adapters differ: see the README).
     "ssv2_b16_8f": {
-        "class_names": "ssv2", "ted_pre_attn": True,
-        "train": {**_TRAIN_DEFAULTS, "flip": False, "sampling": "uniform", "epochs": 40},
+        "class_names": "ssv2", "ted_pre_attn": True, "templates": OFFICIAL_TEMPLATES,
+        "num_frames": 8,  # train_ssv2 script --num_frames 8
+        "ted_layers": 12, "ted_bottleneck": 384,  # train_ssv2 script --model ..._adapter24x384 (2 per block)
+        "train": {
+            **_TRAIN_DEFAULTS, **_OFFICIAL_TRAIN,
+            "epochs": 50,  # train_ssv2 script --epochs 50
+            "batch_size": 32,  # train_ssv2 script --batch_size 32 (per GPU)
+            "global_batch": 128,  # train_ssv2 script: 32 per GPU x --nproc_per_node 4
+            "sampling": "uniform",  # train_ssv2 script --sampling_rate 0: one frame per segment (TSN)
+            # the script sets neither: main.py defaults --resize_type random_resized_crop --scale_range 0.08 1.0
+            "resize": "random_resized_crop", "scale_range": (0.08, 1.0),
+            "flip": False,  # train_ssv2 script: no --mirror (main.py default off); left/right is the label
+            "rand_augment": "rand-m7-n4-mstd0.5-inc1",  # train_ssv2 script --auto_augment
+            # train_ssv2 script --num_spatial_views 3 --num_temporal_views 1: 1 clip x 3 crops (the paper's
+            # Table 2 lists 8x1x3, which by Table 1's frames x crops x clips would be 1 crop x 3 clips)
+            "views": "1x3",
+        },
     },
     # The synthetic motion demo: a tiny frozen backbone, trained on 2 CPU cores in minutes.
     "demo": {
@@ -200,6 +256,8 @@ def resolve_config(
     for key in ("templates",):
         if key in values and isinstance(values[key], list):
             values[key] = tuple(values[key])
+    if isinstance(train.get("scale_range"), list):  # as YAML and --set give it
+        train["scale_range"] = tuple(train["scale_range"])
     config = M2CLIPConfig(**values, train=train)
     validate_config(config)
     return config
@@ -232,6 +290,13 @@ def _number(low: float, high: float = math.inf, low_open: bool = False, high_ope
         too_high = value >= high if high_open else value > high
         return want if too_low or too_high else None
     return check
+
+
+def _optional(check):
+    def optional(value):
+        want = None if value is None else check(value)
+        return want and f"None or {want}"
+    return optional
 
 
 def _boolean(value):
@@ -287,12 +352,40 @@ MODEL_CHECKS = {
     "text_adapter_layers": _count(0), "text_bottleneck": _count(1), "loss_weights": _loss_weights,
     "vc_dropout": _number(0, 1, high_open=True), "mask_ratio": _number(0, 1),
 }
+def _rand_augment(value):
+    if value is None:
+        return None
+    from .data.randaugment import check_rand_augment  # lazy: data imports torch
+
+    try:
+        check_rand_augment(value)
+    except UsageError as exc:
+        return f"None or a timm RandAugment string such as rand-m7-n4-mstd0.5-inc1 ({exc})"
+    return None
+
+
+def _train_combinations(train: Dict[str, Any]) -> Iterable[Tuple[str, Any, str]]:
+    """Problems of train keys that depend on each other: ``(key, value, what was expected)``."""
+    from .data.transforms import RESIZE_MODES, check_scale_range  # lazy: data imports torch
+
+    if train.get("resize") in RESIZE_MODES and "scale_range" in train:
+        problem = check_scale_range(train["resize"], train["scale_range"])
+        if problem:
+            yield "train.scale_range", train["scale_range"], problem
+    if train.get("global_batch") is not None and train.get("accum_steps", 1) != 1:
+        yield ("train.accum_steps", train["accum_steps"],
+               "1 when train.global_batch is set (the accumulation is derived from it)")
+
+
 TRAIN_CHECKS = {
     "epochs": _count(1), "batch_size": _count(1), "blr": _number(0, low_open=True), "weight_decay": _number(0),
     "warmup_epochs": _number(0), "text_lr_scale": _number(0), "grad_clip": _number(0, low_open=True, optional=True),
     "accum_steps": _count(1), "sampling": _one_of("dense", "uniform"), "stride": _count(1), "flip": _boolean,
     "workers": _count(0), "amp": _one_of("auto", "none", "fp32", "bf16", "fp16"), "eval_every": _count(1),
-    "views": _views, "max_bad_fraction": _number(0, 1, low_open=True),
+    "views": _views, "max_bad_fraction": _number(0, 1, low_open=True), "log_every": _count(1),
+    "global_batch": _optional(_count(1)),
+    "no_decay": _one_of("1d", "bias"), "resize": _one_of("short_side_jitter", "random_resized_crop"),
+    "rand_augment": _rand_augment,
 }
 
 
@@ -301,6 +394,7 @@ def validate_config(config: M2CLIPConfig) -> None:
     problems = [(key, getattr(config, key), check(getattr(config, key))) for key, check in MODEL_CHECKS.items()]
     problems += [(f"train.{key}", config.train[key], check(config.train[key])) for key, check in TRAIN_CHECKS.items()
                  if key in config.train]  # a model built outside training has no train section
+    problems += list(_train_combinations(config.train))
     bad = [f"{key}={value!r} (expected {want})" for key, value, want in problems if want]
     if bad:
         raise ConfigError(f"invalid config value{'s' if len(bad) > 1 else ''}: {'; '.join(bad)}")

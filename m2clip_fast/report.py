@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -136,8 +136,11 @@ def write_report(out: Path, predictions: Predictions, paths: Sequence[str], clas
             f.write(json.dumps(record) + "\n")
 
 
-def report_dir(base: Optional[str], split: Optional[int]) -> Optional[Path]:
-    """Where a report goes: ``DIR``, or ``DIR/split_N`` for zero-shot split N; None without ``--report``."""
+def report_dir(base: Optional[str], split: Union[int, str, None]) -> Optional[Path]:
+    """Where a report goes: ``DIR``, ``DIR/split_N`` for zero-shot split N (an int), or ``DIR/<split>`` for a
+    named part (a str: "base", "2_shot"); None without ``--report``."""
     if base is None:
         return None
-    return Path(base) / f"split_{split}" if split is not None else Path(base)
+    if split is None:
+        return Path(base)
+    return Path(base) / (f"split_{split}" if isinstance(split, int) else split)

@@ -48,6 +48,19 @@ def init_distributed(device_arg: str) -> Tuple[DistInfo, torch.device]:
     return info, device
 
 
+def distributed_model(model, device: torch.device, world_size: int):
+    """``model`` (an M2CLIP) in DistributedDataParallel when ``world_size`` > 1, else None. DDP is told to look
+    for parameters without a gradient exactly when the configuration built has some (a zero-weight head, the
+    class-token-only last block's D branch: ``model.unused_parameters()``); otherwise it would wait for their
+    gradients and fail at the next step ("Expected to have finished reduction in the prior iteration")."""
+    if world_size <= 1:
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=bool(model.unused_parameters()))
+
+
 def shutdown_distributed() -> None:
     """Leave the process group, if this process joined one."""
     if distributed():

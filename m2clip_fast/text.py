@@ -19,6 +19,9 @@ import torch
 from .errors import MissingFileError, UsageError
 
 DEFAULT_TEMPLATES: Tuple[str, ...] = ("a video of a person {}.",)
+# The official training and evaluation prompt: utils.text_prompt's only template ("text augmentation" of one),
+# capitalised and without a period (the paper writes "a video of <y>").
+OFFICIAL_TEMPLATES: Tuple[str, ...] = ("A video of {}",)
 
 # Zero-shot prompt ensemble in the style of ActionCLIP / X-CLIP evaluation.
 ZERO_SHOT_TEMPLATES: Tuple[str, ...] = (
@@ -32,7 +35,8 @@ ZERO_SHOT_TEMPLATES: Tuple[str, ...] = (
     "{}, an action.",
 )
 
-SHIPPED_CLASS_LISTS = ("kinetics400", "ssv2", "ucf101", "hmdb51")
+# kinetics600_new220: the 220 Kinetics-600 classes not in Kinetics-400 (K600 zero-shot; provenance in assets/)
+SHIPPED_CLASS_LISTS = ("kinetics400", "ssv2", "ucf101", "hmdb51", "kinetics600_new220")
 
 MASK_RATIO = 0.2
 IGNORE_INDEX = -100
@@ -51,9 +55,11 @@ def humanize(name: str) -> str:
 
 
 def load_class_names(source: Union[str, Path, Sequence[str]]) -> List[str]:
-    """Class names from a shipped list name ("kinetics400", "ssv2", "ucf101", "hmdb51"), a file with one
-    name per line (line i is label i; read by :func:`m2clip_fast.data.read_class_names`), or a sequence."""
+    """Class names from a shipped list name (:data:`SHIPPED_CLASS_LISTS`), a file with one name per line (line
+    i is label i; read by :func:`m2clip_fast.data.read_class_names`), a ViFi-CLIP label file ``*.csv``
+    (``id,name``; :func:`m2clip_fast.data.splits.read_labels_csv`), or a sequence."""
     from .data.datasets import DatasetError, read_class_names
+    from .data.splits import read_labels_csv
 
     if isinstance(source, (str, Path)) and str(source) in SHIPPED_CLASS_LISTS:
         return read_class_names(resources.files("m2clip_fast.assets").joinpath(f"{source}.txt"))
@@ -62,7 +68,7 @@ def load_class_names(source: Union[str, Path, Sequence[str]]) -> List[str]:
             raise MissingFileError(
                 f"class-name file {source} not found (or use one of the shipped lists: {', '.join(SHIPPED_CLASS_LISTS)})"
             )
-        return read_class_names(source)
+        return read_labels_csv(source) if Path(source).suffix.lower() == ".csv" else read_class_names(source)
     names = [str(n).strip() for n in source]
     if not names or not all(names):
         raise DatasetError(f"class names must be non-empty strings, got {list(source)[:10]}")

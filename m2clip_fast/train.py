@@ -1,9 +1,10 @@
 """``python -m m2clip_fast.train``: train M²-CLIP on a video dataset (single process or torchrun/DDP).
 
 Outputs in ``--output-dir``: ``metrics.jsonl`` (one JSON object per epoch: its evaluation, if any, and
-``decode_stats``, how its training clips were decoded), ``train_log.csv`` (one row per
-optimizer step), TensorBoard events when tensorboard is installed, ``skipped.jsonl`` (bad videos: file and
-reason), ``checkpoints/{last,best}.pt`` (written atomically), ``config.json``, ``.lock`` (one run at a time).
+``decode_stats``, the decoder and how its training clips were decoded), ``train_log.csv`` (one row per
+optimizer step, written every train.log_every steps: see :class:`LossWindow`), TensorBoard events when
+tensorboard is installed, ``skipped.jsonl`` (bad videos: file and reason), ``checkpoints/{last,best}.pt``
+(written atomically), ``config.json``, ``.lock`` (one run at a time).
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from . import run_dir, runtime
 from .checkpoint import (TRUST_HELP, CheckpointError, TrainingState, atomic_save, build_checkpoint, check_same_run,
@@ -34,7 +34,7 @@ from .data.robust import check_bad_fraction
 from .errors import UserError
 from .evaluation import evaluate_loader, excluded_note, gather_skipped
 from .model import M2CLIP, create_model
-from .presets import PRESETS, parse_overrides, resolve_config
+from .presets import PRESETS, ConfigError, parse_overrides, resolve_config
 from .text import load_class_names
 
 PRIMARY_HEAD = "fused"
@@ -90,14 +90,23 @@ def build_config(args):
     return resolve_config(args.preset, args.config, overrides)
 
 
-def param_groups(model: M2CLIP, lr: float, weight_decay: float, text_lr_scale: float) -> List[Dict[str, Any]]:
-    """AdamW groups: no weight decay on biases and norms (1-D tensors); text adapters at lr × text_lr_scale."""
+NO_DECAY_RULES = {
+    "1d": lambda name, p: p.ndim <= 1,  # biases and norm weights
+    "bias": lambda name, p: ".bias" in name,  # the official main.py's rule (a norm's weight decays)
+}
+
+
+def param_groups(model: M2CLIP, lr: float, weight_decay: float, text_lr_scale: float,
+                 no_decay: str = "1d") -> List[Dict[str, Any]]:
+    """AdamW groups: text adapters at lr × text_lr_scale; no weight decay on the parameters ``no_decay``
+    names: ``"1d"`` every 1-D tensor (biases and norms), ``"bias"`` names containing ".bias"."""
+    exempt = NO_DECAY_RULES[no_decay]
     groups: Dict[tuple, Dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         is_text = name.startswith(("text_adapters.", "cmlm_adapter."))
-        decay = p.ndim > 1
+        decay = not exempt(name, p)
         key = (is_text, decay)
         if key not in groups:
             groups[key] = {"params": [], "names": [], "lr": lr * (text_lr_scale if is_text else 1.0),
@@ -109,12 +118,36 @@ def param_groups(model: M2CLIP, lr: float, weight_decay: float, text_lr_scale: f
     return list(groups.values())
 
 
+def accumulation_steps(train: Dict[str, Any], world_size: int) -> int:
+    """Micro-batches per optimizer step: ``train.accum_steps``, or with ``train.global_batch`` set,
+    global_batch / (batch_size × world_size), which must be a whole number."""
+    global_batch, per_step = train.get("global_batch"), train["batch_size"] * world_size
+    if global_batch is None:
+        return int(train["accum_steps"])
+    if global_batch % per_step:
+        fits = [b for b in range(1, global_batch // world_size + 1) if global_batch % (b * world_size) == 0]
+        hint = (f"a train.batch_size that divides it over {world_size} process(es): {', '.join(map(str, fits))}"
+                if fits else f"a train.global_batch that is a multiple of {per_step}")
+        raise ConfigError(f"train.global_batch={global_batch} is not a multiple of train.batch_size="
+                          f"{train['batch_size']} x {world_size} process(es) = {per_step}; use {hint}")
+    return global_batch // per_step
+
+
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     """Per-step linear warmup from 0, then cosine decay to 0 at total_steps."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def cpu_augment(train: Dict[str, Any]) -> Optional[str]:
+    """The training augmentation only the PyAV loader runs (see resolve_decoder), or None."""
+    if train["rand_augment"]:
+        return f"RandAugment (train.rand_augment={train['rand_augment']})"
+    if train["resize"] != "short_side_jitter":
+        return f"train.resize={train['resize']}"
+    return None
 
 
 def position_text(epoch: int, batches: int, batches_per_epoch: Optional[int], epochs: int) -> str:
@@ -152,6 +185,7 @@ class Start:
     out: Path
     class_names: List[str]
     settings: Dict[str, Any]
+    accum: int = 1  # micro-batches per optimizer step (accumulation_steps)
     ckpt: Optional[Dict[str, Any]] = None
     ckpt_path: Optional[Path] = None
     epoch: int = 0
@@ -184,13 +218,14 @@ def start(args: argparse.Namespace) -> Start:
 def _start_checks(args, cfg, info: runtime.DistInfo, device: torch.device, out: Path) -> Start:
     """The checks of :func:`start` made with OUTPUT locked; the resolved Start."""
     run_dir.check_output_dir(out, bool(args.resume), args.overwrite)
+    accum = accumulation_steps(cfg.train, info.world_size)
     runtime.seed_everything(args.seed + info.rank)
     if cfg.class_names is None:
         raise DatasetError("no class names: pass --class-names FILE (one name per line, line i = label i)")
     class_names = load_class_names(cfg.class_names)
     cfg.class_names = tuple(class_names)  # as the model (and so the checkpoint) records them
     st = Start(args, cfg, info, device, out, class_names, run_settings(cfg, args.pretrained, args.seed,
-                                                                       info.world_size))
+                                                                       info.world_size), accum=accum)
     st.train_samples, st.val_samples, st.dropped = read_lists(args, class_names)
     # a resume at an epoch boundary would otherwise take another list silently (check_same_run compares it)
     st.settings["--train-list"] = list_fingerprint(st.train_samples, annotation_root(args.train_list, args.data_root))
@@ -246,6 +281,38 @@ def nothing_to_do(st: Start) -> bool:
 # ------------------------------------------------------------------------------------------- the trainer
 
 
+class LossWindow:
+    """The optimizer steps since the last log point, kept without waiting for the device: each step's host-side
+    fields (step, epoch, lr, clips/s) and its losses as one device tensor (heads,), the micro-batches' losses
+    summed on the device. :meth:`rows` copies the whole window to the host at once (one sync), as one row per
+    step with that step's own losses (the mean over its micro-batches), not a mean over the window."""
+
+    def __init__(self):
+        self.names: List[str] = []
+        self.steps: List[Tuple[Dict[str, Any], torch.Tensor]] = []
+        self.micro: Optional[torch.Tensor] = None  # (heads,) the current step's weighted sum so far
+
+    def add(self, losses: Dict[str, torch.Tensor], weight: float) -> None:
+        """One micro-batch's losses ``{name: 0-d tensor}`` (always the same names), times ``weight``."""
+        self.names = list(losses)
+        values = torch.stack([v.float() for v in losses.values()]) * weight
+        self.micro = values if self.micro is None else self.micro + values
+
+    def end_step(self, fields: Dict[str, Any]) -> None:
+        """The optimizer step of the micro-batches added since the last call is done."""
+        self.steps.append((fields, self.micro))
+        self.micro = None
+
+    def rows(self) -> List[Dict[str, Any]]:
+        """The window's rows ``{**fields, name: float}``, oldest first; empties it."""
+        if not self.steps:
+            return []
+        values = torch.stack([v for _, v in self.steps]).tolist()  # the window's one host sync
+        rows = [{**fields, **dict(zip(self.names, v))} for (fields, _), v in zip(self.steps, values)]
+        self.steps = []
+        return rows
+
+
 class Trainer:
     """The model, its loaders and optimizer, and the loop's state (``step``, ``best``, ``last_metrics``)."""
 
@@ -258,30 +325,38 @@ class Trainer:
         with whole_model_follows(self.whole):  # a random backbone comes whole from the checkpoint
             self.model = create_model(st.cfg, pretrained=args.pretrained, class_names=st.class_names)
         self.amp_dtype = runtime.place_model(self.model, self.device, tcfg["amp"])
-        self.decoder = resolve_decoder(args.decoder, self.device)
+        self.decoder_choice = resolve_decoder(args.decoder, self.device, runtime.all_gather_objects,
+                                              cpu_augment=cpu_augment(tcfg))
+        self.decoder = self.decoder_choice.name
+        if self.info.is_main and self.decoder_choice.notice:
+            print(self.decoder_choice.notice)
         self.train_loader, self.val_loader = self._loaders(train_samples, val_samples)
         self.num_train = len(train_samples)
-        self.accum = int(tcfg["accum_steps"])
+        self.accum = st.accum
         self.global_batch = tcfg["batch_size"] * self.accum * self.info.world_size
-        self.lr = tcfg["blr"] * self.global_batch / 256
-        groups = param_groups(self.model, self.lr, tcfg["weight_decay"], tcfg["text_lr_scale"])
+        self.lr = tcfg["blr"] * self.global_batch / 256  # blr is per 256 clips of the global batch
+        groups = param_groups(self.model, self.lr, tcfg["weight_decay"], tcfg["text_lr_scale"], tcfg["no_decay"])
         # fused=True: one kernel over all parameters (measured 135 ms vs 667 ms per step for K400's 16M on CPU)
         self.optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
                                            lr=self.lr, fused=True)
         self.steps_per_epoch = len(self.train_loader) // self.accum
+        if self.steps_per_epoch == 0:  # (the loader has whole batches: the accumulation is what they miss)
+            raise DatasetError(f"{len(train_samples)} training samples make no full optimizer step of global batch "
+                               f"{self.global_batch} ({tcfg['batch_size']} per process x {self.info.world_size} "
+                               f"process(es) x {self.accum} accumulation steps)")
         self.batches_per_epoch = self.steps_per_epoch * self.accum
         self.total_steps = self.steps_per_epoch * tcfg["epochs"]
         self.warmup_steps = int(round(tcfg["warmup_epochs"] * self.steps_per_epoch))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.ddp = DistributedDataParallel(
-            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            find_unused_parameters=bool(self.model.unused_parameters())) if self.info.world_size > 1 else None
+        self.ddp = runtime.distributed_model(self.model, self.device, self.info.world_size)
         self.step, self.best, self.last_metrics = 0, -1.0, {}
         self.run_info = {"preset": args.preset, "config_file": args.config, "settings": st.settings,
                          "batches_per_epoch": self.batches_per_epoch}
         self.logger: Optional[run_dir.Logger] = None
         self.aside: Optional[Path] = None  # the earlier run --overwrite replaces, until the first checkpoint
         self.nonfinite: Optional[str] = None  # this process's first non-finite loss: "loss nan at step 12 ..."
+        self.window = LossWindow()  # the steps not yet logged, their losses on the device
+        self.log_every = int(tcfg["log_every"])
 
     def _loaders(self, train_samples, val_samples):
         tcfg, per_process = self.tcfg, self.tcfg["batch_size"]
@@ -290,7 +365,8 @@ class Trainer:
                       num_frames=self.model.num_frames, size=self.model.crop_size, sampling=tcfg["sampling"],
                       stride=tcfg["stride"], seed=self.st.args.seed)
         train_loader = build_clip_loader(train_samples, train=True, batch_size=per_process, flip=tcfg["flip"],
-                                         **common)
+                                         resize=tcfg["resize"], scale_range=tuple(tcfg["scale_range"]),
+                                         rand_augment=tcfg["rand_augment"], **common)
         if len(train_loader) == 0:
             raise DatasetError(f"{len(train_samples)} training samples make no full batch of {per_process} per "
                                f"process")
@@ -340,11 +416,14 @@ class Trainer:
                     run_dir.append_jsonl(out / "skipped.jsonl", {"epoch": None, "step": self.step, "phase": "start",
                                                                  **d})
             (out / "config.json").write_text(json.dumps({**asdict(st.cfg), "args": vars(st.args),
-                                                          "global_batch": self.global_batch, "lr": self.lr},
+                                                          "global_batch": self.global_batch,
+                                                          "accum_steps": self.accum, "lr": self.lr},
                                                          indent=2, default=str))
-            print(f"training {self.num_train} clips, {len(st.class_names)} classes, {self.info.world_size} "
-                  f"process(es), global batch {self.global_batch}, lr {self.lr:.2e}, {self.steps_per_epoch} "
-                  f"steps/epoch, device {self.device}, decoder {self.decoder}")
+            print(f"training {self.num_train} clips, {len(st.class_names)} classes, device {self.device}, decoder "
+                  f"{self.decoder_choice.description}")
+            print(f"batch {self.tcfg['batch_size']} per process x {self.info.world_size} process(es) x "
+                  f"{self.accum} accumulation step(s) = global batch {self.global_batch}, lr {self.lr:.2e}, "
+                  f"{self.steps_per_epoch} steps/epoch")
         self.logger = run_dir.Logger(out, self.info.is_main, purge_step=self.step + 1 if st.ckpt is not None else None)
 
     def train_epoch(self, epoch: int, first: int) -> Tuple[int, bool]:
@@ -353,36 +432,37 @@ class Trainer:
         self.model.train()
         self.train_loader.set_epoch(epoch)
         bar = self._progress_bar(epoch, first)
-        t0, clips_seen, running, skipped = time.perf_counter(), 0, {}, []
-        decoding = DecodeTally()
+        t0, clips_seen, skipped = time.perf_counter(), 0, []
+        decoding = DecodeTally(self.decoder_choice.description)
         batches_done, max_steps = first, self.st.args.max_steps
-        for i, batch in enumerate(batches_from(self.train_loader, first), start=first):
-            if i >= self.batches_per_epoch:
-                break
-            skipped.extend(batch["skipped"])
-            decoding.add(batch)
-            if batch["skipped"] and self.info.world_size == 1:  # (under DDP at the epoch's end, all ranks at once)
-                self._stop_if_too_many_bad(epoch, skipped)
-            final_micro = (i + 1) % self.accum == 0
-            for k, v in self._forward_backward(batch, final_micro).items():
-                running[k] = running.get(k, 0.0) + v / self.accum
-            clips_seen += batch["video"].shape[0] * self.info.world_size
-            if not final_micro:
-                continue
-            self._optimizer_step()
-            self._note_nonfinite(running["loss"], epoch)
-            batches_done = i + 1
-            rate = clips_seen / (time.perf_counter() - t0)
-            self.logger.step({"step": self.step, "epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"],
-                              "clips_per_s": rate, **running})
+        try:
+            for i, batch in enumerate(batches_from(self.train_loader, first), start=first):
+                if i >= self.batches_per_epoch:
+                    break
+                skipped.extend(batch["skipped"])
+                decoding.add(batch)
+                if batch["skipped"] and self.info.world_size == 1:  # (under DDP at the epoch's end, all at once)
+                    self._stop_if_too_many_bad(epoch, skipped)
+                final_micro = (i + 1) % self.accum == 0
+                self.window.add(self._forward_backward(batch, final_micro), 1.0 / self.accum)
+                clips_seen += batch["video"].shape[0] * self.info.world_size
+                if not final_micro:
+                    continue
+                self._optimizer_step()
+                batches_done = i + 1
+                rate = clips_seen / (time.perf_counter() - t0)
+                self.window.end_step({"step": self.step, "epoch": epoch,
+                                      "lr": self.optimizer.param_groups[0]["lr"], "clips_per_s": rate})
+                if bar is not None:
+                    bar.update(1)
+                if max_steps and self.step >= max_steps:
+                    break
+                if self.step % self.log_every == 0:
+                    self._log_window(epoch, bar)
+            self._log_window(epoch, bar)  # the epoch's last steps, before its checkpoint
+        finally:
             if bar is not None:
-                bar.set_postfix(loss=f"{running['loss']:.3f}", clips_s=f"{rate:.1f}")
-                bar.update(1)
-            running = {}
-            if max_steps and self.step >= max_steps:
-                break
-        if bar is not None:
-            bar.close()
+                bar.close()
         self._report_skipped(epoch, skipped, "train")
         self.decode_stats = decoding.record(runtime.all_gather_objects)
         if self.info.is_main and decode_stats_line(self.decode_stats):
@@ -396,9 +476,9 @@ class Trainer:
         return tqdm(total=self.steps_per_epoch, initial=first // self.accum, desc=f"epoch {epoch + 1}/"
                     f"{self.tcfg['epochs']}", dynamic_ncols=True, file=sys.stderr)
 
-    def _forward_backward(self, batch: Dict[str, Any], final_micro: bool) -> Dict[str, float]:
+    def _forward_backward(self, batch: Dict[str, Any], final_micro: bool) -> Dict[str, torch.Tensor]:
         """One micro-batch: video (B, T, 3, H, W), labels (B,); gradients synchronised across processes only on
-        the last micro-batch of an optimizer step. Returns the losses as floats."""
+        the last micro-batch of an optimizer step. Returns the losses (0-d tensors, still on the device)."""
         video = batch["video"].to(self.device, non_blocking=True)
         labels = batch["label"].to(self.device, non_blocking=True)
         sync = self.ddp.no_sync() if self.ddp is not None and not final_micro else nullcontext()
@@ -406,7 +486,7 @@ class Trainer:
             with runtime.autocast(self.device, self.amp_dtype):
                 losses = (self.ddp or self.model)(video, labels)
             self.scaler.scale(losses["loss"] / self.accum).backward()
-        return {k: float(v.detach()) for k, v in losses.items()}
+        return {k: v.detach() for k, v in losses.items()}
 
     def _optimizer_step(self) -> None:
         factor = lr_factor(self.step, self.warmup_steps, self.total_steps)
@@ -420,13 +500,20 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
 
-    def _note_nonfinite(self, loss: float, epoch: int) -> None:
-        """Remember a NaN/inf loss (the float is on the host already: no extra sync); one process stops at
-        once, DDP processes at the agreed check before the next save (:meth:`_check_finite`)."""
-        if self.nonfinite is None and not math.isfinite(loss):
-            self.nonfinite = f"loss {loss} at step {self.step} (epoch {epoch + 1})"
-        if self.nonfinite is not None and self.info.world_size == 1:
-            self._check_finite()
+    def _log_window(self, epoch: int, bar) -> None:
+        """Copy the steps since the last log point to the host (one sync) and write their rows; a NaN/inf
+        loss among them is remembered. One process stops here, before logging the bad step's row; DDP processes
+        log it and stop at the agreed check before the next save (:meth:`_check_finite`). Either way the stop
+        comes at a log point (every train.log_every steps, and at the epoch's end or a --max-steps stop), and
+        no checkpoint is written after a bad step: every save follows a log point."""
+        for row in self.window.rows():
+            if self.nonfinite is None and not math.isfinite(row["loss"]):
+                self.nonfinite = f"loss {row['loss']} at step {row['step']} (epoch {epoch + 1})"
+                if self.info.world_size == 1:
+                    self._check_finite()
+            self.logger.step(row)
+            if bar is not None:
+                bar.set_postfix(loss=f"{row['loss']:.3f}", clips_s=f"{row['clips_per_s']:.1f}")
 
     def _check_finite(self) -> None:
         """Before a checkpoint: every process's losses and the tuned weights finite, or a DivergedError on every

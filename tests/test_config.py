@@ -48,7 +48,7 @@ def test_config_errors_are_user_errors(capsys, monkeypatch):
     ("train.grad_clip=-1", "train.grad_clip=-1"), ("mask_ratio=1.5", "mask_ratio=1.5"),
     ("num_frames=0", "num_frames=0"), ("train.stride=0", "train.stride=0"), ("train.views=2x2", "train.views"),
     ("train.flip=1", "train.flip=1"), ("train.max_bad_fraction=0", "train.max_bad_fraction=0"),
-    ("loss_weights={'vc': -1}", "loss_weights")])
+    ("train.log_every=0", "train.log_every=0"), ("loss_weights={'vc': -1}", "loss_weights")])
 def test_wrong_types_and_ranges_are_named(override, named):
     with pytest.raises(ConfigError, match="invalid config value: " + named.replace(".", r"\.").replace("(", r"\(")):
         resolve_config("tiny", overrides=parse_overrides([override]))

@@ -7,6 +7,7 @@ from m2clip_fast.data import check
 from m2clip_fast.data import decode as decode_module
 from m2clip_fast.data.decode import clear_index_cache
 from m2clip_fast.data.synthetic import textured_frames, write_broken_video, write_video
+from m2clip_fast.data.torchcodec_backend import torchcodec_available
 from video_formats import write_encoded, write_mpeg4_avi_with_dropped_frames, write_packed_mpeg4_avi
 
 
@@ -126,3 +127,16 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     empty.write_text("\n")
     assert check.main([str(empty), "--workers", "0"]) == 2
     assert "no videos in" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torchcodec_available(), reason="torchcodec (with FFmpeg libraries) is not installed")
+def test_torchcodec_option_reports_how_that_decoder_serves_each_video(videos, tmp_path, capsys):
+    root, listing = videos
+    out = tmp_path / "report.jsonl"
+    assert check.main([str(listing), "--out", str(out), "--workers", "0", "--windows", "2", "--torchcodec"]) == 0
+    report = _report(out)
+    assert report["good.mp4"]["torchcodec"] == report["good.avi"]["torchcodec"] == "served"
+    xvid = report["xvid.avi"]
+    assert xvid["torchcodec"] == "pyav" and xvid["torchcodec_reason"].startswith("frames decoded by PyAV's rules")
+    assert "torchcodec" not in report["garbage.mp4"]
+    assert "--decoder torchcodec: 2 decoded by torchcodec, 1 by PyAV" in capsys.readouterr().out

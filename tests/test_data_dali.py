@@ -9,12 +9,16 @@ chroma upsampling must equal DALI's RGB within 1 level (float-to-uint8 rounding 
 our swscale RGB frames we check frame identity: each DALI frame is closest to the PyAV frame of the
 same index, which any seeking or frame-numbering error would break.
 """
+import threading
+import time
+from pathlib import Path
+
 import av
 import numpy as np
 import pytest
 import torch
 
-dali = pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed (pip install nvidia-dali-cuda120)")
+dali = pytest.importorskip("nvidia.dali", reason="NVIDIA DALI not installed (pip install nvidia-dali-cuda130)")
 
 from m2clip_fast.data import DatasetError, VideoDecodeError, decode_all_frames, decode_frames  # noqa: E402
 from m2clip_fast.data.dali import dali_available  # noqa: E402
@@ -172,12 +176,13 @@ def test_train_and_evaluate_run_on_the_dali_pipeline(tmp_path):
                        "--batch-size", "4", "--workers", "1", "--no-progress", "--device", "cpu", "--epochs", "1",
                        "--decoder", "dali", "--set", "num_frames=4", "train.stride=2", "train.views='2x3'"]) == 0
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    assert record["num_samples"] == 8
+    assert record["num_samples"] == 8 and record["decode_stats"]["decoder"] == "dali"
     common = ["--checkpoint", str(out / "checkpoints" / "last.pt"), "--val-list", str(data / "val.txt"),
               "--views", "2x3", "--device", "cpu", "--workers", "1"]
     with_dali = evaluate(eval_args(common + ["--decoder", "dali"]))
     with_pyav = evaluate(eval_args(common + ["--decoder", "pyav"]))
     assert with_dali["num_samples"] == with_pyav["num_samples"] == 8
+    assert (with_dali["decode_stats"]["decoder"], with_pyav["decode_stats"]["decoder"]) == ("dali", "pyav")
     for head in ("vc", "text", "fused"):
         assert abs(with_dali[f"top1_{head}"] - with_pyav[f"top1_{head}"]) <= 100 / 8
 
@@ -269,3 +274,183 @@ def test_dali_loader_replaces_a_file_that_fails_inside_the_batch(vp9, tmp_path):
     assert batch["video"].shape == (4, 4, 3, 32, 32)
     assert [s["path"] for s in batch["skipped"]] == [bad]
     assert bad not in [samples[j][0] for j in batch["index"].tolist()]
+
+
+# ------------------------------------------------------------------ devices, the feeder thread, the fallback
+def _feeders():
+    return [t for t in threading.enumerate() if t.name == "dali-feeder" and t.is_alive()]
+
+
+def test_the_extras_install_dali_for_torchs_cuda():
+    """setup.py's [dali] and [test] extras name the DALI wheel built for torch's CUDA major version."""
+    import re
+
+    from m2clip_fast.data.dali import dali_package
+
+    assert dali_package("13.0") == "nvidia-dali-cuda130" and dali_package("12.8") == "nvidia-dali-cuda120"
+    setup = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
+    named = re.findall(r'"(nvidia-dali-cuda\d+)', setup)
+    assert len(named) == 2 and set(named) == {dali_package()}, named
+
+
+def test_pipelines_run_on_the_current_device():
+    """DALI's device_id is torch's current CUDA device (None without CUDA: a CPU-only pipeline), or the GPU
+    asked for; read back from real (unbuilt) DALI pipelines, whose device_id is what the constructor got."""
+    from nvidia.dali import fn, types
+
+    from m2clip_fast.data.dali import current_device_id, define_pipeline, pipeline_device_id
+
+    expected = torch.cuda.current_device() if torch.cuda.is_available() else None
+    assert current_device_id() == expected
+    assert pipeline_device_id("mixed") == expected and pipeline_device_id("mixed", 3) == 3
+    assert pipeline_device_id("cpu", 3) is None
+
+    def graph():
+        return fn.external_source(name="x", dtype=types.UINT8, ndim=1)
+
+    assert define_pipeline(graph, batch_size=1, num_threads=1, device="cpu").device_id is None
+    assert define_pipeline(graph, batch_size=1, num_threads=1, device="mixed").device_id == expected
+    assert define_pipeline(graph, batch_size=1, num_threads=1, device="mixed", device_id=1).device_id == 1
+
+
+def test_a_gpu_pipeline_that_cannot_start_says_so(vp9):
+    """Without CUDA a GPU pipeline fails for real: DALIStartError (one line, naming the GPU), not a file's
+    fault."""
+    from m2clip_fast.data.dali import DALIStartError, PIPELINES, gpu_start_problem, read_bytes
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: DALI's GPU pipelines start")
+    _, paths = vp9
+    with pytest.raises(DALIStartError) as info:
+        PIPELINES.run("mixed", read_bytes(paths[0]), np.array([0], np.int32), paths[0], device_id=0)
+    assert str(info.value).startswith("DALI cannot start on GPU 0: ") and "\n" not in str(info.value)
+    assert "CUDA" in info.value.reason
+    assert not isinstance(info.value, VideoDecodeError)
+    assert gpu_start_problem(read_bytes(paths[0]), 0) == info.value.reason
+
+
+def test_auto_falls_back_to_pyav_where_dali_cannot_start_on_the_gpu(tmp_path):
+    """--decoder auto on a CUDA device where DALI's GPU pipeline does not start (here: no CUDA at all, which
+    DALI itself reports) picks PyAV and says why; --decoder dali stops with that reason in one line."""
+    from m2clip_fast.data.dali import DALIStartError
+    from m2clip_fast.data.decode import get_index
+    from m2clip_fast.data.frames import probe_clip
+    from m2clip_fast.data.loader import DecodeTally, DecoderChoice, resolve_decoder
+
+    probe = tmp_path / "probe.mp4"  # what the GPU is asked to decode: a real H.264 clip
+    probe_clip().tofile(probe)
+    assert (get_index(probe).codec, get_index(probe).num_frames) == ("h264", 2)
+    assert decode_all_frames(probe).shape == (2, 64, 64, 3)
+
+    cpu = torch.device("cpu")
+    assert resolve_decoder("auto", cpu) == DecoderChoice("pyav")
+    assert resolve_decoder("dali", cpu) == DecoderChoice("dali")
+    assert resolve_decoder("pyav", torch.device("cuda", 0)) == DecoderChoice("pyav")
+    gpu = torch.device("cuda", 0)
+    choice = resolve_decoder("auto", gpu)
+    if torch.cuda.is_available():
+        pytest.skip(f"this machine has CUDA: auto chose {choice.description}")
+    assert choice.name == "pyav" and choice.fallback.startswith("DALI cannot start on GPU 0 (")
+    assert "CUDA" in choice.fallback
+    assert choice.description == f"pyav (fallback: {choice.fallback})"
+    assert choice.notice.startswith("--decoder auto: DALI cannot start on GPU 0") and "\n" not in choice.notice
+    assert DecodeTally(choice.description).record()["decoder"] == choice.description
+    with pytest.raises(DALIStartError, match=r"^DALI cannot start on GPU 0: .*CUDA.*--decoder pyav") as info:
+        resolve_decoder("dali", gpu)
+    assert "\n" not in str(info.value)
+    # distributed: one rank that falls back makes every rank use PyAV
+    other_rank = DecoderChoice("pyav", "DALI cannot start on GPU 1 (no NVDEC)")
+    assert resolve_decoder("dali", cpu, gather=lambda mine: [mine, other_rank]) == other_rank
+
+
+def _timed_pass(loader, consumer_s):
+    """(total seconds, seconds the consumer waited in next() after the first batch, batches, ready counts)."""
+    it = iter(loader)
+    start = time.perf_counter()
+    next(it)
+    waited, batches, ready = 0.0, 1, []
+    while True:
+        time.sleep(consumer_s)
+        ready.append(loader._feeder().ready())
+        t = time.perf_counter()
+        try:
+            next(it)
+        except StopIteration:
+            break
+        waited += time.perf_counter() - t
+        batches += 1
+    return time.perf_counter() - start, waited, batches, ready[:-1]
+
+
+def test_decoding_overlaps_a_slow_consumer(vp9):
+    """The pipeline runs on the feeder thread, 2 batches ahead: a consumer that takes s per batch (s above the
+    decode time d measured here first) waits for almost nothing and finds the next batch ready, and the pass
+    takes about n * s, not n * (d + s) as with decoding in turn."""
+    _, paths = vp9
+    samples = [(str(p), i) for i, p in enumerate(paths)] * 4  # 16 videos
+    loader = DALIClipLoader(samples, batch_size=2, num_frames=8, size=32, train=True, sampling="uniform",
+                            device="cpu", num_threads=1, seed=2)
+    list(loader)  # warm: pipeline, index cache
+    decode_total, _, n, _ = _timed_pass(loader, 0.0)  # the consumer takes no time: the producer's pace
+    d = decode_total / n
+    s = max(3 * d, 0.05)
+    total, waited, n2, ready = _timed_pass(loader, s)
+    assert n2 == n == 8
+    assert waited < 0.5 * (n - 1) * d, (waited, d)  # in turn it would wait d per batch
+    assert sum(r >= 1 for r in ready) >= len(ready) - 1, ready  # the next batch was there when asked
+    assert total < n * s + 0.5 * n * d + 0.05, (total, n, s, d)  # in turn: n * (s + d)
+    assert not _wait_for(lambda: _feeders(), 2.0)
+
+
+def _wait_for(condition, timeout):
+    end = time.monotonic() + timeout
+    while not condition() and time.monotonic() < end:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_the_feeder_stops_when_the_consumer_does(vp9, tmp_path):
+    """Leaving a pass early ends its feeder thread; a new pass starts afresh from its first batch; an error on
+    the feeder (every video of a batch bad) reaches the consumer as the one-line error naming the file."""
+    _, paths = vp9
+    samples = [(str(p), i) for i, p in enumerate(paths)]
+    loader = DALIClipLoader(samples, batch_size=1, num_frames=2, size=16, train=False, device="cpu")
+    full = [b["index"].tolist() for b in loader]
+    for batch in loader:
+        break
+    del batch
+    assert _wait_for(lambda: not _feeders(), 5.0)
+    assert [b["index"].tolist() for b in loader] == full
+
+    bad = [(str(write_broken_video(tmp_path / f"b{i}.webm", "garbage", seed=i)), 0) for i in range(2)]
+    broken = DALIClipLoader(samples[:1] + bad, batch_size=1, num_frames=2, size=16, train=False, device="cpu",
+                            max_attempts=2)
+    got = []
+    with pytest.raises(DatasetError) as info:
+        for batch in broken:
+            got.append(batch["index"].tolist())
+    assert got == [[0]]  # the good batch came first
+    assert "b1.webm" in str(info.value) and "\n" not in str(info.value)
+    assert _wait_for(lambda: not _feeders(), 5.0)
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch and open_clip: 5-25 s on 2 busy cores
+def test_the_interpreter_exits_with_a_pass_left_running(vp9, tmp_path):
+    """A script that takes one batch and exits, its feeder thread still decoding, ends at once."""
+    import os
+    import subprocess
+    import sys
+
+    import m2clip_fast
+
+    _, paths = vp9
+    script = tmp_path / "exit.py"
+    script.write_text(
+        "from m2clip_fast.data.dali_loader import DALIClipLoader\n"
+        f"loader = DALIClipLoader([(p, 0) for p in {[str(p) for p in paths]!r}] * 8, batch_size=1, num_frames=2,"
+        " size=16, train=False, device='cpu')\n"
+        "it = iter(loader)\nnext(it)\nprint('took one batch', flush=True)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(m2clip_fast.__file__).parents[1])}  # this checkout's package
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "took one batch" in done.stdout

@@ -8,7 +8,13 @@ import torch
 from m2clip_fast.data import DecodeStats, VideoDecodeError, decode_all_frames, decode_frames, get_index, num_frames
 from m2clip_fast.data.decode import clear_index_cache
 from m2clip_fast.data.synthetic import textured_frames, write_broken_video, write_video
+from m2clip_fast.data.torchcodec_backend import torchcodec_available
 from video_formats import remux, write_encoded
+
+# the CPU backends that must agree with the whole-video decode (torchcodec hands the files it does not
+# serve to PyAV: here the mpegts start offset, gray and the odd size)
+CPU_BACKENDS = ["pyav", pytest.param("torchcodec", marks=pytest.mark.skipif(
+    not torchcodec_available(), reason="torchcodec (with FFmpeg libraries) is not installed"))]
 
 N_FRAMES = 90
 # (name, codec, extension, gop, bframes)
@@ -48,13 +54,14 @@ def _index_sets(n, seed):
     }
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("name", [v[0] for v in VARIANTS])
-def test_decode_frames_equals_full_decode(videos, name):
+def test_decode_frames_equals_full_decode(videos, name, backend):
     path, full = videos[name]
     assert full.shape == (N_FRAMES, 48, 64, 3) and full.dtype == torch.uint8
     assert num_frames(path) == N_FRAMES
     for kind, idx in _index_sets(N_FRAMES, seed=len(name)).items():
-        out = decode_frames(path, idx)
+        out = decode_frames(path, idx, backend=backend)
         assert out.dtype == torch.uint8 and out.shape == (len(idx), 48, 64, 3), kind
         assert torch.equal(out, full[torch.as_tensor(idx)]), f"{name}: {kind} {idx.tolist()}"
 
@@ -122,9 +129,10 @@ def test_index_cache_reuse_and_invalidation(tmp_path):
     assert torch.equal(out, decode_all_frames(path)[[29]])
 
 
-def test_empty_request(videos):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_request(videos, backend):
     path, _ = videos["vp9_short_gop"]
-    out = decode_frames(path, [])
+    out = decode_frames(path, [], backend=backend)
     assert out.shape == (0, 48, 64, 3) and out.dtype == torch.uint8
 
 
@@ -138,21 +146,24 @@ def test_empty_request(videos):
         ("no_video_stream", ".mp4", "no video stream"),
     ],
 )
-def test_broken_files_raise_video_decode_error(tmp_path, kind, ext, reason):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_broken_files_raise_video_decode_error(tmp_path, kind, ext, reason, backend):
     path = write_broken_video(tmp_path / f"bad{ext}", kind)
-    for call in (lambda: decode_frames(path, [0]), lambda: decode_all_frames(path), lambda: num_frames(path)):
+    for call in (lambda: decode_frames(path, [0], backend=backend), lambda: decode_all_frames(path),
+                 lambda: num_frames(path)):
         with pytest.raises(VideoDecodeError) as info:
             call()
         assert reason in info.value.reason and info.value.path == str(path)
 
 
-def test_missing_file_and_out_of_range(tmp_path, videos):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_missing_file_and_out_of_range(tmp_path, videos, backend):
     with pytest.raises(VideoDecodeError, match="file not found"):
-        decode_frames(tmp_path / "nope.mp4", [0])
+        decode_frames(tmp_path / "nope.mp4", [0], backend=backend)
     path, _ = videos["h264_bframes_short_gop"]
     for bad in ([N_FRAMES], [0, -1]):
         with pytest.raises(VideoDecodeError, match="out of range for 90 frames"):
-            decode_frames(path, bad)
+            decode_frames(path, bad, backend=backend)
     with pytest.raises(ValueError, match="unknown decode backend"):
         decode_frames(path, [0], backend="opencv")
 
@@ -211,13 +222,15 @@ def test_avi_with_dropped_frames_is_not_truncated(tmp_path):
         num_frames(write_broken_video(tmp_path / "cut.mp4", "truncated"))
 
 
-def test_unknown_codec_raises_video_decode_error(tmp_path):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_unknown_codec_raises_video_decode_error(tmp_path, backend):
     """A stream whose codec this FFmpeg cannot decode has no codec context in PyAV: that used to
     escape as AttributeError (crashing a training run) instead of a VideoDecodeError."""
     good = write_video(tmp_path / "v.avi", textured_frames(6, 32, 32), codec="mpeg4")
     path = tmp_path / "unknown_codec.avi"
     path.write_bytes(good.read_bytes().replace(b"FMP4", b"ZZZZ"))
-    for call in (lambda: num_frames(path), lambda: decode_frames(path, [0]), lambda: decode_all_frames(path)):
+    for call in (lambda: num_frames(path), lambda: decode_frames(path, [0], backend=backend),
+                 lambda: decode_all_frames(path)):
         with pytest.raises(VideoDecodeError, match="no decoder for the video codec"):
             call()
 
@@ -229,9 +242,10 @@ def test_unknown_codec_raises_video_decode_error(tmp_path):
     ("gray.mkv", 9, 32, 48, "libx264", "gray", None),
     ("start_offset.ts", 12, 32, 48, "libx264", "yuv420p", "mpegts"),  # start_time 1.4 s
 ])
-def test_unusual_but_valid_videos(tmp_path, name, n, h, w, encoder, pix_fmt, fmt):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_unusual_but_valid_videos(tmp_path, name, n, h, w, encoder, pix_fmt, fmt, backend):
     path = write_encoded(tmp_path / name, textured_frames(n, h, w, seed=n), encoder, pix_fmt=pix_fmt, fmt=fmt)
     full = decode_all_frames(path)
     assert full.shape == (n, h, w, 3) and num_frames(path) == n
     idx = np.array([n - 1, 0, n // 2, n - 1])
-    assert torch.equal(decode_frames(path, idx), full[idx])
+    assert torch.equal(decode_frames(path, idx, backend=backend), full[idx])

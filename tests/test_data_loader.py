@@ -8,6 +8,7 @@ from m2clip_fast.data.sampling import sample_indices
 from m2clip_fast.data.synthetic import textured_frames, write_broken_video, write_video
 from m2clip_fast.data.transforms import test_transform as make_test_views
 from m2clip_fast.data.transforms import train_transform
+from m2clip_fast.errors import UsageError
 
 T, SIZE = 4, 32
 
@@ -40,11 +41,17 @@ def expected_train_item(samples, ds, i, k=0):
     rng = np.random.default_rng([ds.seed, ds.epoch, i, k])
     full = decode_all_frames(path)
     idx = sample_indices(ds.sampling, len(full), T, train=True, stride=ds.stride, rng=rng)[0]
-    return train_transform(full[idx], size=SIZE, rng=rng, scale_range=ds.scale_range, flip=ds.flip), label
+    return train_transform(full[idx], size=SIZE, rng=rng, scale_range=ds.scale_range, flip=ds.flip,
+                           resize=ds.resize, rand_augment=ds.rand_augment), label
 
 
-def test_train_item_matches_independent_recomputation(samples):
-    ds = make(samples)
+SSV2_AUGMENT = dict(sampling="uniform", flip=False, resize="random_resized_crop", scale_range=(0.08, 1.0),
+                    rand_augment="rand-m7-n4-mstd0.5-inc1")  # the ssv2_b16_8f preset's training augmentation
+
+
+@pytest.mark.parametrize("augment", [{}, SSV2_AUGMENT], ids=["default", "ssv2"])
+def test_train_item_matches_independent_recomputation(samples, augment):
+    ds = make(samples, **augment)
     for i in (0, 3, 6):
         item = ds[i]
         video, label = expected_train_item(samples, ds, i)
@@ -119,7 +126,6 @@ def test_replacement_chain_visits_distinct_samples(n):
 
 
 def test_zero_frames_or_stride_are_usage_errors(samples):
-    from m2clip_fast.errors import UsageError
     for kw, named in ((dict(num_frames=0), "num_frames"), (dict(stride=0), "stride")):
         with pytest.raises(UsageError, match=f"{named} must be an integer >= 1, got 0"):
             make(samples, **kw)
@@ -133,6 +139,14 @@ def test_test_mode_views(samples):
     idx = sample_indices("dense", len(full), T, train=False, stride=2, num_clips=2)
     expected = torch.cat([make_test_views(full[torch.as_tensor(c)], size=SIZE, num_crops=3) for c in idx])
     assert torch.equal(item["video"], expected)
+
+
+def test_augment_settings_are_checked_when_built(samples):
+    with pytest.raises(UsageError, match=r"resize 'random_resized_crop' with scale_range \(1.0, 1.15\): expected "
+                                         r"two numbers 0 < lo <= hi <= 1"):
+        make(samples, resize="random_resized_crop")
+    with pytest.raises(UsageError, match="unknown section 'q3'"):
+        make(samples, rand_augment="rand-m7-q3")
 
 
 def test_constructor_validation(samples):
@@ -160,10 +174,11 @@ def run_epochs(loader, epochs):
     return out
 
 
-def test_dataloader_with_two_workers_matches_single_process(samples):
-    ds = make(samples)
+@pytest.mark.parametrize("augment", [{}, SSV2_AUGMENT], ids=["default", "ssv2"])
+def test_dataloader_with_two_workers_matches_single_process(samples, augment):
+    ds = make(samples, **augment)
     serial = run_epochs(build_loader(ds, batch_size=4, workers=0, shuffle=True, seed=3), [0, 1])
-    parallel_loader = build_loader(make(samples), batch_size=4, workers=2, shuffle=True, seed=3)
+    parallel_loader = build_loader(make(samples, **augment), batch_size=4, workers=2, shuffle=True, seed=3)
     assert parallel_loader.persistent_workers and parallel_loader.num_workers == 2
     parallel = run_epochs(parallel_loader, [0, 1])
     for epoch_s, epoch_p in zip(serial, parallel):

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from m2clip_fast.data.transforms import (
+    check_scale_range,
     crop_offsets,
     normalize,
     resize_short_side,
@@ -110,3 +111,97 @@ def test_train_transform_jitter_range_and_determinism():
         train_transform(clip, size=32, rng=np.random.default_rng(0), scale_range=(0.5, 1.0))
     with pytest.raises(ValueError, match=r"\(T, H, W, 3\)"):
         train_transform(torch.zeros(2, 3, 40, 60, dtype=torch.uint8), size=32, rng=np.random.default_rng(0))
+
+
+def test_the_float_resize_path_matches_the_uint8_one():
+    """Devices other than the CPU resize in float32 (their antialiased kernels take no uint8): the same
+    resize as the CPU's uint8 kernel, within one level of rounding."""
+    from m2clip_fast.data.transforms import resize_via_float
+
+    clip = ramp_clip(3, 45, 70).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    for size in [(32, 49), (60, 93)]:  # down and up
+        uint8 = F.interpolate(clip, size=size, mode="bilinear", antialias=True, align_corners=False)
+        via_float = resize_via_float(clip, size)
+        assert via_float.dtype == torch.uint8 and via_float.shape == uint8.shape
+        assert (via_float.int() - uint8.int()).abs().max() <= 1
+
+
+def test_transforms_run_on_the_clips_device():
+    """CUDA frames (DALI's GPU decoder) meet constants on their own device: traced on fake CUDA tensors, where
+    any CPU tensor taking part (the normalisation constants once were) is an error."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from m2clip_fast.data.transforms import views_from_clips
+
+    with FakeTensorMode(allow_non_fake_inputs=False):
+        clip = torch.empty((4, 40, 60, 3), dtype=torch.uint8, device="cuda")
+        out = train_transform(clip, size=32, rng=np.random.default_rng(0))
+        views = views_from_clips([clip, clip], size=32, num_crops=3)
+        pixels = normalize(torch.empty((2, 3, 8, 8), dtype=torch.uint8, device="cuda"))
+    assert (out.device.type, out.dtype, tuple(out.shape)) == ("cuda", torch.float32, (4, 3, 32, 32))
+    assert (views.device.type, tuple(views.shape)) == ("cuda", (6, 4, 3, 32, 32))
+    assert (pixels.device.type, pixels.dtype) == ("cuda", torch.float32)
+
+
+def test_short_side_jitter_draws_every_size_in_range_then_one_crop():
+    """The official K400 recipe (scale 1.0-1.15 of the crop): the short side is one of the integers
+    round(size * 1.0) .. round(size * 1.15), then a random crop; replayed from the same generator."""
+    clip = ramp_clip(2, 40, 60)
+    size, shorts = 32, set()
+    for seed in range(60):
+        out = train_transform(clip, size=size, rng=np.random.default_rng(seed), scale_range=(1.0, 1.15), flip=False)
+        rng = np.random.default_rng(seed)
+        short = int(rng.integers(32, 38))  # round(32 * 1.0) = 32 .. round(32 * 1.15) = round(36.8) = 37
+        shorts.add(short)
+        resized = F.interpolate(clip.permute(0, 3, 1, 2).float(), size=(short, 60 * short // 40), mode="bilinear",
+                                antialias=True, align_corners=False)
+        top = int(rng.integers(0, resized.shape[-2] - size + 1))
+        left = int(rng.integers(0, resized.shape[-1] - size + 1))
+        expected = resized[..., top:top + size, left:left + size]
+        got = out * STD + MEAN  # back to [0, 1]
+        assert torch.allclose(got * 255, expected, atol=1.01)  # uint8 rounding of the resize
+    assert shorts == set(range(32, 38))
+
+
+def reference_rrc_box(h, w, rng, scale):
+    """The official (SlowFast) _get_param_spatial_crop, written out: (top, left, crop h, crop w)."""
+    for _ in range(10):
+        area = rng.uniform(*scale) * h * w
+        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        cw, ch = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+    ch, cw = h, w
+    if w / h < 3 / 4:
+        ch = int(round(w / (3 / 4)))
+    elif w / h > 4 / 3:
+        cw = int(round(h * (4 / 3)))
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+@pytest.mark.parametrize("h, w, scale", [(40, 60, (0.08, 1.0)), (48, 48, (0.5, 0.5)), (20, 80, (1.0, 1.0))])
+def test_random_resized_crop_is_the_official_box_resized(h, w, scale):
+    clip = ramp_clip(3, h, w)
+    fractions = []
+    for seed in range(25):
+        out = train_transform(clip, size=24, rng=np.random.default_rng(seed), resize="random_resized_crop",
+                              scale_range=scale, flip=False)
+        top, left, ch, cw = reference_rrc_box(h, w, np.random.default_rng(seed), scale)
+        crop = clip[:, top:top + ch, left:left + cw].permute(0, 3, 1, 2).float()
+        expected = F.interpolate(crop, size=(24, 24), mode="bilinear", antialias=True, align_corners=False)
+        assert out.shape == (3, 3, 24, 24)
+        assert torch.allclose((out * STD + MEAN) * 255, expected, atol=1.01)  # one box for all frames
+        fractions.append(ch * cw / (h * w))
+    if scale == (1.0, 1.0):  # a 1:4 frame never fits a full-area crop of aspect <= 4/3: the clamped centre
+        assert set(fractions) == {round(20 * 4 / 3) * 20 / (20 * 80)}
+    else:
+        assert all(scale[0] * 0.9 <= f <= scale[1] * 1.05 for f in fractions)
+
+
+def test_scale_range_is_checked_per_resize_mode():
+    assert check_scale_range("short_side_jitter", (1.0, 1.15)) is None
+    assert check_scale_range("random_resized_crop", (0.08, 1.0)) is None
+    assert "1 <= lo <= hi" in check_scale_range("short_side_jitter", (0.08, 1.0))
+    assert "0 < lo <= hi <= 1" in check_scale_range("random_resized_crop", (1.0, 1.15))
+    assert check_scale_range("random_resized_crop", (0.5,)) is not None
+    assert check_scale_range("bicubic", (1.0, 1.0)) is not None

@@ -3,7 +3,11 @@
 The reference is PyAV's plain in-order decode (``for frame in container.decode(stream)``), independent of
 our index. Files are real, written by FFmpeg's encoders (and, for the DivX/XviD packed B-frame layout that
 FFmpeg never writes, laid out from the mpeg4 encoder's packets as XviD does; see video_formats).
+
+Both CPU backends must return exactly those pixels: PyAV (``decode``), and torchcodec (where installed), which
+decodes the formats the matrix marks "torchcodec" and hands the others to PyAV for the reason given.
 """
+from dataclasses import replace
 from fractions import Fraction
 
 import numpy as np
@@ -13,8 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from m2clip_fast.data import decode as decode_module
+from m2clip_fast.data import frames as backends
 from m2clip_fast.data.decode import (DecodeStats, clear_index_cache, decode_frames, decode_sampled, get_index,
                                      num_frames, process_stats)
+from m2clip_fast.data.torchcodec_backend import (NotServed, decode_frames_torchcodec, torchcodec_available,
+                                                 unserved_reason)
 from m2clip_fast.data.synthetic import textured_frames, write_video
 from video_formats import (packets, plain_decode, remux, write_encoded, write_mpeg4_avi_with_dropped_frames,
                            write_packed_mpeg4_avi)
@@ -77,7 +84,27 @@ MATRIX = {
     "vp9.webm": (lambda p: write_video(p, frames(60), codec="vp9", gop=12), "sparse"),
     "mjpeg.avi": (lambda p: write_encoded(p, frames(40), "mjpeg", pix_fmt="yuvj420p"), "sparse"),
     "hevc_open_gop.mp4": (_hevc, "sparse"),
+    "h264_10bit.mp4": (lambda p: write_encoded(p, frames(36), "libx264", pix_fmt="yuv420p10le", options=x264(12, 2)),
+                       "sparse"),
+    "mjpeg_422.avi": (lambda p: write_encoded(p, frames(30), "mjpeg", pix_fmt="yuvj422p"), "sparse"),
+    "mjpeg_444.avi": (lambda p: write_encoded(p, frames(30), "mjpeg", pix_fmt="yuvj444p"), "sparse"),
+    "h264_yuv422.mp4": (lambda p: write_encoded(p, frames(36), "libx264", pix_fmt="yuv422p", options=x264(12, 2)),
+                        "sparse"),
+    "h264_yuv444.mkv": (lambda p: write_encoded(p, frames(36), "libx264", pix_fmt="yuv444p", options=x264(12, 2)),
+                        "sparse"),
 }
+TORCHCODEC = "torchcodec"
+# name -> "torchcodec" where torchcodec decodes the file, else the start of the reason it is handed to PyAV
+# (files PyAV's index cannot show exact: always)
+TORCHCODEC_ROUTE = {
+    **{name: "frames decoded by PyAV's rules" for name, (_, path) in MATRIX.items() if path != "sparse"},
+    **{name: TORCHCODEC for name, (_, path) in MATRIX.items() if path == "sparse"},
+    "mpeg4_bframes.avi": "torchcodec loses frames of AVIs whose codec reorders frames",
+    "h264_offset.ts": "torchcodec seeks MPEG-TS to other frames than asked",
+    "h264_10bit.mp4": "torchcodec's RGB of pixel format yuv420p10le differs from PyAV's",
+}
+DECODERS = ["pyav", pytest.param(TORCHCODEC, marks=pytest.mark.skipif(
+    not torchcodec_available(), reason="torchcodec (with FFmpeg libraries) is not installed"))]
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +149,13 @@ def test_the_files_have_the_layouts_that_break_timestamp_seeking(matrix):
     assert vfr.min() < vfr.max()
     cut = _file(matrix, "h264_edit_list.mp4")
     assert len(cut[1]) == 40 and len(packets(cut[0])) == 45  # 5 packets decoded but never shown
+    assert get_index(_file(matrix, "h264_10bit.mp4")[0]).pix_fmt == "yuv420p10le"
+    pixel_formats = {"mjpeg.avi": "yuvj420p", "mjpeg_422.avi": "yuvj422p", "mjpeg_444.avi": "yuvj444p",
+                     "h264_yuv422.mp4": "yuv422p", "h264_yuv444.mkv": "yuv444p", "vp9.webm": "yuv420p"}
+    for name, pix_fmt in pixel_formats.items():
+        assert get_index(_file(matrix, name)[0]).pix_fmt == pix_fmt, name
+    assert get_index(_file(matrix, "mpeg4_bframes.avi")[0]).reorders
+    assert not get_index(_file(matrix, "mpeg4_gop12.avi")[0]).reorders
     for name, interval in (("h264_keyint1.mp4", 1), ("mpeg4_gop12.avi", 12), ("h264_keyint250.mp4", 250)):
         keys = [i for i, (_, _, _, key) in enumerate(packets(_file(matrix, name)[0])) if key]
         assert np.diff(keys).tolist() == [interval] * (len(keys) - 1) and len(keys) > 1, name
@@ -173,20 +207,44 @@ def _requests(n):
     )
 
 
+@pytest.mark.parametrize("decoder", DECODERS)
 @pytest.mark.parametrize("name", list(MATRIX))
-def test_property_decode_frames_equals_plain_decode(matrix, name):
+def test_property_decode_frames_equals_plain_decode(matrix, name, decoder):
     path, ref, _ = _file(matrix, name)
+    served = decoder == TORCHCODEC and TORCHCODEC_ROUTE[name] == TORCHCODEC
 
     @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
     @given(idx=_requests(len(ref)), cold=st.booleans(), threads=st.sampled_from([1, 0]))
     def check(idx, cold, threads):
         if cold:  # the first request to a file, before anything about it is cached
             clear_index_cache()
-        out = decode_frames(path, idx, threads=threads)
+        stats = DecodeStats()
+        out = backends.decode_frames(path, idx, backend=decoder, threads=threads, stats=stats)
         assert out.dtype == torch.uint8 and out.shape == (len(idx), H, W, 3)
         assert torch.equal(out, ref[torch.as_tensor(np.asarray(idx, dtype=np.int64))])
+        assert stats.torchcodec_decodes == int(served)  # a served format is never handed on to PyAV
 
     check()
+
+
+@pytest.mark.skipif(not torchcodec_available(), reason="torchcodec (with FFmpeg libraries) is not installed")
+@pytest.mark.parametrize("name", list(MATRIX))
+def test_torchcodec_serves_exactly_the_formats_it_gets_right(matrix, name):
+    """Served files are answered by torchcodec on every request; the others go to PyAV for their reason. Frames
+    equal the plain decode either way (also for torchcodec's own decode of every frame in one request)."""
+    path, ref, _ = _file(matrix, name)
+    clear_index_cache()
+    route = TORCHCODEC_ROUTE[name]
+    reason = unserved_reason(get_index(path))
+    assert (reason == "") if route == TORCHCODEC else reason.startswith(route), reason
+    n = len(ref)
+    requests = [np.arange(n), np.arange(n - 1, -1, -7), [n - 1, 0, n - 1]]
+    stats = DecodeStats()
+    for idx in requests:
+        assert torch.equal(backends.decode_frames(path, idx, backend=TORCHCODEC, stats=stats), ref[idx]), idx
+    served = len(requests) if route == TORCHCODEC else 0
+    assert (stats.torchcodec_decodes, stats.torchcodec_routed) == (served, len(requests) - served)
+    assert stats.routed_files == (set() if served else {str(path)})
 
 
 def test_runtime_checks_catch_what_the_index_missed(matrix, monkeypatch):
@@ -253,3 +311,22 @@ def test_each_sign_of_the_packed_layout_is_recognised(matrix):
     assert sign(nvop, late) and sign(key, late) and sign(pair, 3)
     assert not sign(pair, late)  # past the first packets, only placeholders and keyframe headers are read
     assert not any(sign(p, i) for i, p in enumerate(demuxed("mpeg4_bframes.avi")))
+
+
+@pytest.mark.skipif(not torchcodec_available(), reason="torchcodec (with FFmpeg libraries) is not installed")
+@pytest.mark.parametrize("name", ["mpeg4_bframes.avi", "h264_offset.ts", "h264_10bit.mp4"])
+def test_the_formats_handed_to_pyav_are_ones_torchcodec_gets_wrong(matrix, name):
+    """Each format rule stands for a real failure: with the rule lifted (the index made to look like an 8-bit mp4),
+    torchcodec fails, returns frames its pts check rejects, or pixels that are not PyAV's. When a torchcodec
+    release gets one right, this fails: then drop its rule."""
+    path, ref, _ = _file(matrix, name)
+    clear_index_cache()
+    looks_served = replace(get_index(path), container="mp4", reorders=False, pix_fmt="yuv420p")
+    assert unserved_reason(looks_served) == ""
+    wrong = 0
+    for idx in (np.arange(len(ref)), np.arange(len(ref) - 1, -1, -5)):
+        try:
+            wrong += not torch.equal(decode_frames_torchcodec(path, idx, index=looks_served, threads=1), ref[idx])
+        except NotServed:
+            wrong += 1
+    assert wrong > 0

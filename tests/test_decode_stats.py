@@ -70,13 +70,14 @@ def test_train_and_evaluate_report_decode_stats(synthetic_dataset, tmp_path, cap
     assert "4 of 8 clips decoded through from the start (4 file(s) cannot be seeked exactly" in capsys.readouterr().out
     (record,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert record == {"epoch": 0, "step": 2, "decode_stats": {
-        "clips_decoded": 8, "fallback_decodes": 4, "files_needing_fallback": 4, "fallback_examples": sorted(packed)}}
+        "decoder": "pyav", "clips_decoded": 8, "fallback_decodes": 4, "files_needing_fallback": 4, "fallback_examples": sorted(packed)}}
 
     common = ["--checkpoint", str(run / "checkpoints" / "last.pt"), "--val-list", str(listing),
               "--data-root", str(synthetic_dataset), "--device", "cpu"]
     assert evaluate_main(common + ["--workers", "1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["decode_stats"]["clips_decoded"] == 8 and result["decode_stats"]["fallback_decodes"] == 4
+    assert result["decode_stats"]["decoder"] == "pyav"
     assert result["num_samples"] == 8
     # in this process: the first evaluation decodes the packed files through and says so; that learns them, so
     # the second one seeks in their learned order

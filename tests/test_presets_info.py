@@ -17,7 +17,7 @@ def test_overrides_parse_literals_and_nesting():
 
 def test_layering_preset_yaml_overrides():
     cfg = resolve_config(config_file=CONFIGS / "k400_b16_16f.yaml", overrides={"train": {"epochs": 1}})
-    assert cfg.num_frames == 16 and cfg.train["batch_size"] == 16 and cfg.train["epochs"] == 1
+    assert cfg.num_frames == 16 and cfg.train["batch_size"] == 18 and cfg.train["epochs"] == 1
     assert cfg.train["blr"] == PRESETS["k400_b16_8f"]["train"]["blr"]
     assert resolve_config("ssv2_b16_8f").ted_pre_attn and not resolve_config("ssv2_b16_8f").train["flip"]
 

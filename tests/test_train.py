@@ -533,6 +533,71 @@ def test_ddp_two_processes_equal_one_process(dataset, tmp_path, capsys):
     assert "processes: 2 in the checkpoint, 1 now" in capsys.readouterr().err
 
 
+# Configurations whose training forward leaves tunable parameters without a gradient, each with the last vision
+# block as built (class token only, or in full): (name, loss weights, full last block).
+UNUSED_CASES = [
+    ("vc0-full-block", {"contrastive": 0.5, "cmc": 0.5, "vc": 0.0, "cmlm": 0.0}, True),
+    ("text-heads0-full-block", {"contrastive": 0.0, "cmc": 0.0, "vc": 1.0, "cmlm": 0.0}, True),
+]
+DDP_CLASSES = ["moving left", "moving right", "rotating clockwise", "growing"]
+
+
+def _ddp_steps(rank, world, init_file, out, steps):
+    """One gloo process: for each UNUSED_CASES model (tiny preset, rank-dependent initial weights, which DDP's
+    broadcast replaces by rank 0's), ``steps`` AdamW steps on this rank's own random clips through
+    runtime.distributed_model, as the trainer builds it; saves the tuned weights before and after."""
+    import torch.distributed as dist
+
+    from m2clip_fast.runtime import distributed_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        for name, weights, full_block in UNUSED_CASES:
+            torch.manual_seed(rank)
+            model = create_model("tiny", class_names=DDP_CLASSES, fused=False, loss_weights=weights).train()
+            model.last_block_class_token_only = not full_block
+            ddp = distributed_model(model, torch.device("cpu"), world)
+            tuned = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            before = {n: p.detach().clone() for n, p in tuned.items()}
+            optimizer = torch.optim.AdamW(tuned.values(), lr=1e-2)
+            g = torch.Generator().manual_seed(100 + rank)
+            for _ in range(steps):
+                video = torch.randn(2, 4, 3, 32, 32, generator=g)
+                ddp(video, torch.randint(0, len(DDP_CLASSES), (2,), generator=g))["loss"].backward()
+                with_grad = sorted(n for n, p in tuned.items() if p.grad is not None)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            torch.save({"before": before, "after": {n: p.detach() for n, p in tuned.items()}, "with_grad": with_grad,
+                        "unused": model.unused_parameters()}, out / f"{name}_rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # 2 process start-ups: ~45 s on the shared 2 cores
+def test_ddp_trains_configurations_with_parameters_without_gradient(tmp_path):
+    """2 gloo processes, 2 steps of each configuration with a zero-weight head (with the full last block too,
+    where no D branch is unused): DDP raises no unused-parameter error (it would at step 2 if not told), the
+    ranks end with equal weights (bit for bit: same start from rank 0's broadcast, same averaged gradients from
+    different clips), exactly the parameters not named unused got a gradient, and the unused ones never moved."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_steps, args=(2, str(tmp_path / "init"), tmp_path, 2), nprocs=2, join=True)
+    for name, _, full_block in UNUSED_CASES:
+        ranks = [torch.load(tmp_path / f"{name}_rank{r}.pt") for r in range(2)]
+        unused = set(ranks[0]["unused"])
+        assert unused and (not full_block or not any("_d." in n for n in unused)), (name, unused)
+        assert ranks[0]["with_grad"] == ranks[1]["with_grad"] == sorted(set(ranks[0]["after"]) - unused), name
+        moved = 0
+        for key in ranks[0]["after"]:
+            assert torch.equal(ranks[0]["before"][key], ranks[1]["before"][key]), (name, key)
+            assert torch.equal(ranks[0]["after"][key], ranks[1]["after"][key]), (name, key)
+            changed = not torch.equal(ranks[0]["before"][key], ranks[0]["after"][key])
+            assert not (changed and key in unused), (name, key)
+            moved += changed
+        assert moved > len(ranks[0]["after"]) // 2, name  # a real update, not two untouched models
+
+
 def test_an_error_in_a_loader_worker_is_one_line(dataset, tmp_path, capsys):
     broken = tmp_path / "broken.txt"
     names = [tmp_path / f"broken_{i}.mp4" for i in range(4)]

@@ -7,7 +7,9 @@ will serve it: ``"sparse"`` (sparse seeking, checked frame for frame against a d
 ``--windows`` random windows of 8 frames), ``"learned"`` (decoded through from the start once per
 process, then seeking in the order that decode learnt, checked the same way), ``"fallback"`` (always
 decoded through from the start), both with ``fallback_reason``, or ``"wrong"`` (sparse seeking
-answered with other frames than the full decode: a decoder bug, please report the file). One JSON
+answered with other frames than the full decode: a decoder bug, please report the file). With
+``--torchcodec``, also how ``--decoder torchcodec`` serves it: ``"served"`` (its frames equal the full decode
+on the same windows), ``"pyav"`` (handed to PyAV, with ``torchcodec_reason``) or ``"wrong"``. One JSON
 line per video goes to ``--out`` as soon as it is checked; a rerun with the same ``--out`` skips the
 videos already there. A summary (readable / unreadable / fallback
 counts, the slowest files) ends the scan.
@@ -33,7 +35,9 @@ import torch
 
 from .datasets import (DatasetError, official_split, read_kinetics_csv, read_list_file, read_split_file,
                        read_ssv2_json)
-from .decode import DecodeStats, VideoDecodeError, VideoIndex, decode_frames, get_index, iter_frames, num_frames
+from .decode import DecodeStats, VideoDecodeError, VideoIndex, get_index, iter_frames, num_frames
+from .frames import decode_frames
+from .torchcodec_backend import require_torchcodec, unserved_reason
 
 __all__ = ["list_videos", "check_video", "load_report", "summarize", "main"]
 
@@ -88,12 +92,13 @@ def list_videos(lists: Sequence[str], data_root: Optional[str] = None) -> List[s
 # ------------------------------------------------------------------------------------------------ one video
 
 
-def check_video(path: str, windows: int = 4) -> Dict[str, Any]:
-    """The report entry of one video (see the module docstring); never raises for a bad file."""
+def check_video(path: str, windows: int = 4, torchcodec: bool = False) -> Dict[str, Any]:
+    """The report entry of one video (see the module docstring); never raises for a bad file. ``torchcodec``:
+    also check the torchcodec backend (torchcodec must be installed)."""
     start = time.perf_counter()
     entry: Dict[str, Any] = {"path": path}
     try:
-        entry.update(_inspect(path, windows))
+        entry.update(_inspect(path, windows, torchcodec))
         entry["readable"] = True
     except VideoDecodeError as exc:
         entry.update(readable=False, reason=exc.reason)
@@ -111,13 +116,18 @@ def _keyframe_stats(index: VideoIndex) -> Dict[str, Any]:
             {"min": int(gaps.min()), "mean": round(float(gaps.mean()), 2), "max": int(gaps.max())}}
 
 
-def _inspect(path: str, windows: int) -> Dict[str, Any]:
+def _inspect(path: str, windows: int, torchcodec: bool) -> Dict[str, Any]:
     index = get_index(path)
+    if torchcodec and unserved_reason(index):  # only what the index says: for files PyAV decodes through too
+        torchcodec = False
+        served = {"torchcodec": "pyav", "torchcodec_reason": unserved_reason(index)}
+    else:
+        served = {}
     info: Dict[str, Any] = {
         "codec": index.codec, "width": index.width, "height": index.height,
         "duration": None if index.duration is None else round(index.duration, 3),
         "fps": None if index.average_rate is None else round(float(index.average_rate), 3),
-        **_keyframe_stats(index),
+        **_keyframe_stats(index), **served,
     }
     n = index.num_frames
     if not index.exact:  # decode_frames decodes it through the first time: readable, and learnt, or not
@@ -136,6 +146,8 @@ def _inspect(path: str, windows: int) -> Dict[str, Any]:
     verdict = _sparse_verdict(path, spans, reference)
     if not index.exact and verdict["decode"] == "sparse":
         verdict["decode"] = "learned"
+    if torchcodec:
+        verdict.update(_torchcodec_verdict(path, spans, reference))
     return {**info, **verdict}
 
 
@@ -150,17 +162,33 @@ def _reference(path: str, wanted: set) -> tuple:
     return frames, count
 
 
+def _expected(reference: Dict[int, np.ndarray], span: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.stack([reference[int(i)] for i in span]))
+
+
 def _sparse_verdict(path: str, spans: List[np.ndarray], reference: Dict[int, np.ndarray]) -> Dict[str, Any]:
     for span in spans:
         stats = DecodeStats()
         out = decode_frames(path, span, stats=stats)
         if stats.fallbacks:  # a check while decoding caught what the index could not show
             return {"decode": "fallback", "fallback_reason": get_index(path).inexact_reason}
-        expected = torch.from_numpy(np.stack([reference[int(i)] for i in span]))
-        if not torch.equal(out, expected):
+        if not torch.equal(out, _expected(reference, span)):
             return {"decode": "wrong",
                     "wrong_reason": f"sparse frames {span[0]}..{span[-1]} differ from the full decode"}
     return {"decode": "sparse"}
+
+
+def _torchcodec_verdict(path: str, spans: List[np.ndarray], reference: Dict[int, np.ndarray]) -> Dict[str, Any]:
+    """The torchcodec backend on the same windows, for a file it serves by the index's rules."""
+    for span in spans:
+        stats = DecodeStats()
+        out = decode_frames(path, span, backend="torchcodec", stats=stats)
+        if stats.torchcodec_routed:  # torchcodec failed, or returned frames its check rejected
+            return {"torchcodec": "pyav", "torchcodec_reason": "a check failed while torchcodec decoded"}
+        if not torch.equal(out, _expected(reference, span)):
+            return {"torchcodec": "wrong",
+                    "torchcodec_wrong_reason": f"frames {span[0]}..{span[-1]} differ from the full decode"}
+    return {"torchcodec": "served"}
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -198,6 +226,7 @@ def summarize(entries: Iterable[Dict[str, Any]]) -> Dict[str, Any]:
         "videos": len(entries), "readable": len(good), "unreadable": len(bad),
         "sparse": paths["sparse"], "learned": paths["learned"], "fallback": paths["fallback"], "wrong": paths["wrong"],
         "fallback_reasons": dict(Counter(e["fallback_reason"] for e in good if e["decode"] in ("learned", "fallback"))),
+        "torchcodec": dict(Counter(e["torchcodec"] for e in good if "torchcodec" in e)),
         "unreadable_files": [{"path": e["path"], "reason": e["reason"]} for e in bad],
         "slowest": [{"path": e["path"], "seconds": e["seconds"]}
                     for e in sorted(entries, key=lambda e: -e["seconds"])[:SLOWEST]],
@@ -212,6 +241,10 @@ def format_summary(summary: Dict[str, Any], skipped: int) -> str:
              + (f", {summary['wrong']} WRONG (sparse frames differ: please report)" if summary["wrong"] else "")]
     for reason, n in sorted(summary["fallback_reasons"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  fallback, {reason}: {n}")
+    tc = summary.get("torchcodec") or {}
+    if tc:
+        lines.append(f"  --decoder torchcodec: {tc.get('served', 0)} decoded by torchcodec, {tc.get('pyav', 0)} by PyAV"
+                     + (f", {tc['wrong']} WRONG (torchcodec frames differ: please report)" if tc.get("wrong") else ""))
     for bad in summary["unreadable_files"][:20]:
         lines.append(f"  unreadable {bad['path']}: {bad['reason']}")
     if summary["unreadable"] > 20:
@@ -224,20 +257,21 @@ def format_summary(summary: Dict[str, Any], skipped: int) -> str:
 # ------------------------------------------------------------------------------------------------ command line
 
 
-def _check_one(args: tuple) -> Dict[str, Any]:
+def _check_one(args: tuple) -> Dict[str, Any]:  # (path, windows, torchcodec)
     torch.set_num_threads(1)  # workers share the cores; a worker's decode is single-file work
     return check_video(*args)
 
 
-def _scan(todo: List[str], windows: int, workers: int, report: Optional[Path]) -> List[Dict[str, Any]]:
+def _scan(todo: List[str], windows: int, workers: int, report: Optional[Path],
+          torchcodec: bool = False) -> List[Dict[str, Any]]:
     from tqdm import tqdm
 
     done = []
     out = open(report, "a", encoding="utf-8") if report is not None else None
     pool = multiprocessing.get_context().Pool(workers) if workers > 0 else None
     try:
-        results = (pool.imap_unordered(_check_one, [(p, windows) for p in todo]) if pool is not None
-                   else (check_video(p, windows) for p in todo))
+        results = (pool.imap_unordered(_check_one, [(p, windows, torchcodec) for p in todo]) if pool is not None
+                   else (check_video(p, windows, torchcodec) for p in todo))
         for entry in tqdm(results, total=len(todo), desc="check", unit="video", file=sys.stderr, dynamic_ncols=True):
             done.append(entry)
             if out is not None:
@@ -264,15 +298,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="JSON-lines report, one entry per video; videos already in it are skipped (resume)")
     p.add_argument("--windows", type=int_at_least(0), default=4,
                    help=f"random windows of {WINDOW} frames on which sparse seeking is checked per video")
+    p.add_argument("--torchcodec", action="store_true",
+                   help="also check --decoder torchcodec on the same windows (needs torchcodec)")
     p.add_argument("--fail-on-unreadable", action="store_true", help="exit 1 when any video is unreadable")
     return p.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.torchcodec:
+        require_torchcodec()  # before the scan: a one-line error with the install hint
     videos = list_videos(args.lists, args.data_root)
     previous = load_report(args.out) if args.out is not None else {}
     todo = [v for v in videos if v not in previous]
-    fresh = {e["path"]: e for e in _scan(todo, args.windows, args.workers, args.out)}
+    fresh = {e["path"]: e for e in _scan(todo, args.windows, args.workers, args.out, args.torchcodec)}
     summary = summarize({**previous, **fresh}[v] for v in videos)
     print(format_summary(summary, skipped=len(videos) - len(todo)))
     return 1 if args.fail_on_unreadable and summary["unreadable"] else 0

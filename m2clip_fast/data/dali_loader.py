@@ -2,7 +2,9 @@
 
 A Python source picks the frame indices and augmentation parameters per sample (seeded by
 ``(seed, epoch, item, attempt)`` like :class:`~m2clip_fast.data.VideoClipDataset`) and DALI decodes,
-resizes, crops, flips and normalises, yielding ``{"video", "label", "index", "skipped"}`` batches.
+resizes, crops, flips and normalises, yielding ``{"video", "label", "index", "skipped"}`` batches. The
+pipeline runs on a background thread (:class:`~m2clip_fast.data.prefetch.Prefetcher`), ``prefetch``
+batches ahead of the training step, on the GPU that was torch's current device when the loader was built.
 Files are checked with their PyAV packet index first (:func:`~m2clip_fast.data.decode.get_index`). A file
 that passes that check but still makes DALI's decoder fail inside a batch is found by decoding the batch's
 files one at a time, skipped and replaced (:mod:`.robust`); the pipeline is then rebuilt and the batch run
@@ -11,20 +13,28 @@ again.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import weakref
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .dali import PIPELINES, batch_to_torch, check_codec, dali_api, read_bytes, resolve_device
+from ..errors import UserError
+from .dali import (PIPELINES, batch_to_torch, build_pipeline, check_codec, dali_api, dali_error_text,
+                   pipeline_device_id, read_bytes, resolve_device)
 from .datasets import DatasetError, Sample
 from .decode import get_index, num_frames
 from .errors import VideoDecodeError
+from .prefetch import Prefetcher
 from .robust import SAMPLE_ERRORS, fill_failed, replacement_index, skip_reason
 from .sampling import check_clip_settings, sample_indices
 from .transforms import CLIP_MEAN, CLIP_STD, CROP_FRACTIONS
 
-__all__ = ["DALIClipLoader"]
+__all__ = ["DALIClipLoader", "DALIBatchError"]
+
+
+class DALIBatchError(UserError, RuntimeError):
+    """DALI failed on a batch whose files each decode on their own: not a file's fault, nothing to replace."""
 
 # the pipeline's external sources, in the order of _ClipSource's item columns
 _INPUTS = ("encoded", "frames", "short", "pos_x", "pos_y", "mirror", "label", "index")
@@ -155,6 +165,11 @@ class DALIClipLoader:
     DALI's batch decoding (found by decoding the failed batch's files one at a time, then
     remembered) are reported in ``skipped`` and replaced along :meth:`replacement`'s chain, so every
     batch keeps its size.
+
+    Batches are produced on a background thread, up to ``prefetch`` (>= 2 keeps the next batch decoding
+    while the consumer works on one) ahead; an error there (e.g. a batch whose every video failed) is
+    raised by the iteration at that batch. ``device_id``: the GPU of ``device="mixed"`` (default: torch's
+    current CUDA device at construction).
     """
 
     def __init__(
@@ -179,6 +194,8 @@ class DALIClipLoader:
         max_attempts: int = 10,
         num_clips: int = 1,
         num_crops: int = 1,
+        device_id: Optional[int] = None,
+        prefetch: int = 2,
     ):
         dali_api()
         if not samples:
@@ -191,9 +208,15 @@ class DALIClipLoader:
         check_clip_settings(sampling, num_frames, stride)
         if not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id {shard_id} not in [0, {num_shards})")
+        if prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1 batch, got {prefetch}")
         self.batch_size, self.num_frames, self.size, self.train = batch_size, num_frames, size, train
         self.num_clips, self.num_crops, self.num_threads = num_clips, num_crops, num_threads
         self.device = resolve_device(device)
+        # fixed now: the current device is per thread, and the pipeline runs on another one
+        self.device_id = pipeline_device_id(self.device, device_id)
+        self.prefetch = prefetch
+        self._feeder = lambda: None  # weak reference to the current pass's Prefetcher
         self._source = _ClipSource(
             samples, num_frames=num_frames, size=size, train=train, sampling=sampling, stride=stride, flip=flip,
             scale_range=scale_range, num_clips=num_clips, num_crops=num_crops, device=self.device, seed=seed,
@@ -216,19 +239,15 @@ class DALIClipLoader:
         return self._source.replacement(i, k)
 
     def _build_pipeline(self):
-        fn, pipeline_def, types = dali_api()
-        gpu = self.device == "mixed"
-        size, num_crops = self.size, self.num_crops
+        fn, _, types = dali_api()
+        size, num_crops, device = self.size, self.num_crops, self.device
 
-        @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads,
-                      device_id=torch.cuda.current_device() if gpu else None,
-                      exec_dynamic=True, prefetch_queue_depth=1)
         def clip_pipeline():
             encoded, frames, short, pos_x, pos_y, mirror, label, index = (
                 fn.external_source(name=name, dtype=dtype, ndim=ndim) for name, dtype, ndim in zip(
                     _INPUTS, [types.UINT8, types.INT32, types.FLOAT, types.FLOAT, types.FLOAT, types.INT32,
                               types.INT64, types.INT64], [1, 1, 0, 1, 1, 0, 0, 0]))
-            video = fn.decoders.video(encoded, frames=frames, device=self.device)  # (clips·T, H, W, 3)
+            video = fn.decoders.video(encoded, frames=frames, device=device)  # (clips·T, H, W, 3)
             video = fn.resize(video, resize_shorter=short, antialias=True, interp_type=types.INTERP_LINEAR)
             # one crop op per view (pos_x / pos_y hold num_crops positions per sample), stacked:
             # (crops, clips·T, 3, size, size)
@@ -238,9 +257,8 @@ class DALIClipLoader:
                 dtype=types.FLOAT, output_layout="FCHW") for k in range(num_crops)]
             return fn.stack(*views), label, index
 
-        pipe = clip_pipeline()
-        pipe.build()
-        return pipe
+        return build_pipeline(clip_pipeline, batch_size=self.batch_size, num_threads=self.num_threads,
+                              device=device, device_id=self.device_id)
 
     def _run(self, items: List[Tuple]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._pipe is None:
@@ -248,8 +266,12 @@ class DALIClipLoader:
         for name, column in zip(_INPUTS, zip(*items)):
             self._pipe.feed_input(name, list(column))
         video, label, index = self._pipe.run()
-        return (batch_to_torch(video, torch.float32), batch_to_torch(label, torch.int64),
-                batch_to_torch(index, torch.int64))
+        out = (batch_to_torch(video, torch.float32), batch_to_torch(label, torch.int64),
+               batch_to_torch(index, torch.int64))
+        if self.device_id is not None:
+            # copied on this thread's stream; finished before the consumer (any stream) gets the batch
+            torch.cuda.current_stream(self.device_id).synchronize()
+        return out
 
     def _find_undecodable(self, items: List[Tuple]) -> List[Tuple[int, str]]:
         """``(position, reason)`` of the batch's samples that DALI cannot decode on their own."""
@@ -257,7 +279,7 @@ class DALIClipLoader:
         for pos, item in enumerate(items):
             path = self.samples[int(item[-1])][0]
             try:
-                PIPELINES.run(self.device, item[0], item[1], path)
+                PIPELINES.run(self.device, item[0], item[1], path, self.device_id)
             except VideoDecodeError as exc:
                 bad.append((pos, exc.reason))
         return bad
@@ -272,12 +294,15 @@ class DALIClipLoader:
                                 [f"{s['path']}: {s['reason']}" for s in source.pending_skipped])
             try:
                 return self._run(items)
-            except Exception:  # noqa: BLE001 - DALI raises several types on a bad file
+            except Exception as exc:  # noqa: BLE001 - DALI raises several types on a bad file
                 # a failed DALI pipeline stays unusable: the next run builds a fresh one
                 self._pipe = None
                 bad = self._find_undecodable(items)
                 if not bad:  # not a file's fault: nothing to replace
-                    raise
+                    paths = [self.samples[int(item[-1])][0] for item in items]
+                    raise DALIBatchError(f"DALI failed on a batch of {len(paths)} videos ({paths[0]}"
+                                         f"{', ...' if len(paths) > 1 else ''}) that each decode alone: "
+                                         f"{dali_error_text(exc)}") from exc
                 for pos, reason in bad:
                     source.mark_undecodable(int(items[pos][-1]), reason)
                 for pos, _ in bad:  # a filled-in position's own item had failed already: it stays failed
@@ -295,9 +320,19 @@ class DALIClipLoader:
     def __len__(self) -> int:
         return len(self._source)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        """This epoch's batches, produced ``prefetch`` ahead on a background thread."""
+        earlier = self._feeder()
+        if earlier is not None:  # an earlier pass left unfinished: its thread shares the source and pipeline
+            earlier.close()
+        self._source.start_epoch()
+        setup = None if self.device_id is None else (lambda: torch.cuda.set_device(self.device_id))
+        feeder = Prefetcher(self._batches(), self.prefetch, setup=setup, name="dali-feeder")
+        self._feeder = weakref.ref(feeder)
+        return _closing(feeder)
+
+    def _batches(self) -> Iterator[Dict[str, Any]]:
         source = self._source
-        source.start_epoch()
         while True:
             ids = source.next_ids()
             if ids is None:
@@ -313,3 +348,11 @@ class DALIClipLoader:
                 "index": index.reshape(-1),
                 "skipped": skipped,
             }
+
+
+def _closing(feeder: Prefetcher) -> Iterator[Dict[str, Any]]:
+    """``feeder``'s items; leaving the loop early (or dropping the iterator) stops its thread."""
+    try:
+        yield from feeder
+    finally:
+        feeder.close()

@@ -49,6 +49,7 @@ __all__ = [
     "DecodeStats",
     "process_stats",
     "reset_process_stats",
+    "account",
     "get_index",
     "num_frames",
     "decode_frames",
@@ -87,7 +88,11 @@ class DecodeStats:
     passes that decoded the video from its start. Per request (one :func:`decode_frames` or
     :func:`decode_sampled` call): ``sparse_decodes`` those answered by the fast path,
     ``fallbacks`` those decoded through from the start because the fast path could not be shown
-    exact for the file; ``fallback_files`` the paths of the latter.
+    exact for the file; ``fallback_files`` the paths of the latter. Requests for the torchcodec backend
+    (counted by :mod:`.frames`): ``torchcodec_decodes`` those torchcodec answered (its frames are not in
+    ``frames_decoded``, which counts PyAV's codec), ``torchcodec_routed`` those answered by this module
+    instead (a format torchcodec gets wrong, or a check that failed; counted here as well);
+    ``routed_files`` the paths of the latter.
     """
 
     frames_decoded: int = 0
@@ -99,18 +104,22 @@ class DecodeStats:
     sparse_decodes: int = 0
     fallbacks: int = 0
     fallback_files: Set[str] = field(default_factory=set)
+    torchcodec_decodes: int = 0
+    torchcodec_routed: int = 0
+    routed_files: Set[str] = field(default_factory=set)
 
     def reset(self) -> None:
         for f in fields(self):
-            setattr(self, f.name, set() if f.name == "fallback_files" else 0)
+            setattr(self, f.name, set() if isinstance(getattr(self, f.name), set) else 0)
 
     def add(self, other: "DecodeStats") -> None:
-        """Add ``other``'s counts to these."""
+        """Add ``other``'s counts (and file sets) to these."""
         for f in fields(self):
-            if f.name == "fallback_files":
-                self.fallback_files |= other.fallback_files
+            mine = getattr(self, f.name)
+            if isinstance(mine, set):
+                mine |= getattr(other, f.name)
             else:
-                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+                setattr(self, f.name, mine + getattr(other, f.name))
 
     def copy(self) -> "DecodeStats":
         total = DecodeStats()
@@ -134,7 +143,8 @@ def reset_process_stats() -> None:
         _PROCESS_STATS.reset()
 
 
-def _account(local: DecodeStats, stats: Optional[DecodeStats]) -> None:
+def account(local: DecodeStats, stats: Optional[DecodeStats]) -> None:
+    """Add one request's counters ``local`` to this process's total and to ``stats`` (when given)."""
     with _stats_lock:
         _PROCESS_STATS.add(local)
     if stats is not None:
@@ -164,6 +174,10 @@ class VideoIndex:
     frames in output order, each known by the pts the decoder gave it (see :func:`_learned_view`):
     the fast path may seek in it, checking that every frame after a seek is the next one the full
     decode had; None where those pts did not single frames out.
+    ``container``: libavformat's name of the container format ("avi", "mpegts", "matroska,webm", ...);
+    ``pix_fmt``: the stream's pixel format as the header declares it (None where it does not);
+    ``reorders``: whether the codec reorders frames (B-frames: ``has_b_frames``). Other backends decide
+    from these which files they decode (:mod:`.torchcodec_backend`).
     """
 
     path: str
@@ -185,6 +199,9 @@ class VideoIndex:
     frame_pos: np.ndarray
     decoded_frames: Optional[int] = None
     learned: Optional["VideoIndex"] = None
+    container: str = ""
+    pix_fmt: Optional[str] = None
+    reorders: bool = False
 
     @property
     def num_frames(self) -> Optional[int]:
@@ -418,6 +435,9 @@ def _build_index(container, stream, path: str) -> VideoIndex:
         first_seek_ts=min(known_ts) if known_ts else 0,
         packet_pts=pts_arr,
         frame_pos=frame_pos,
+        container=container.format.name,
+        pix_fmt=stream.codec_context.pix_fmt,
+        reorders=bool(stream.codec_context.has_b_frames),
     )
 
 
@@ -467,7 +487,7 @@ def get_index(path: PathLike, *, stats: Optional[DecodeStats] = None) -> VideoIn
             with container:
                 return _index_with(container, path, local)
     finally:
-        _account(local, stats)
+        account(local, stats)
 
 
 def _index_with(container, path: str, stats: DecodeStats) -> VideoIndex:
@@ -503,7 +523,7 @@ def num_frames(path: PathLike, *, stats: Optional[DecodeStats] = None) -> int:
                 labels.append(frame.pts)
                 key_frames.append(frame.key_frame)
     finally:
-        _account(local, stats)
+        account(local, stats)
     return _remember(path, index, decoded_frames=len(labels),
                      learned=_learned_view(index, labels, key_frames)).num_frames
 
@@ -572,7 +592,7 @@ def iter_frames(path: PathLike, *, threads: Optional[int] = None,
         with _as_decode_error(path):
             yield from _frames_in_order(path, threads, local)
     finally:
-        _account(local, stats)
+        account(local, stats)
 
 
 def _select(path: str, decoded: list, indices, stats: DecodeStats) -> torch.Tensor:
@@ -604,7 +624,7 @@ def decode_all_frames(
         with _as_decode_error(path):
             return _select(path, list(_frames_in_order(path, threads, local)), indices, local)
     finally:
-        _account(local, stats)
+        account(local, stats)
 
 
 def _prepend(first, rest: Iterator) -> Iterator:
@@ -795,7 +815,7 @@ def decode_sampled(
         with _as_decode_error(path):
             return _decode_sampled(path, choose, threads, local)
     finally:
-        _account(local, stats)
+        account(local, stats)
 
 
 def _decode_sampled(path: str, choose: Chooser, threads: Optional[int], stats: DecodeStats):

@@ -12,6 +12,7 @@ do not depend on the number of workers or on the order in which workers fetch it
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
@@ -20,17 +21,19 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 
 from ..errors import UsageError
-from .dali import dali_available, require_dali
+from .dali import DALIStartError, dali_available, require_dali
 from .dali_loader import DALIClipLoader
+from .torchcodec_backend import require_torchcodec
 from .datasets import DatasetError, Sample
-from .decode import DecodeStats, decode_sampled, num_frames as video_num_frames
-from .frames import BACKENDS, decode_frames
+from .decode import DecodeStats, num_frames as video_num_frames
+from .frames import BACKENDS, dali_gpu_problem, decode_frames, decode_sampled
 from .robust import SAMPLE_ERRORS, fill_failed, replacement_index, skip_reason
 from .sampling import check_clip_settings, sample_indices
-from .transforms import train_transform, views_from_clips
+from .randaugment import check_rand_augment
+from .transforms import check_scale_range, train_transform, views_from_clips
 
 __all__ = ["VideoClipDataset", "collate", "build_loader", "ClipLoader", "DecodeTally", "decode_stats_line",
-           "build_clip_loader", "batches_from", "parse_views", "resolve_decoder"]
+           "build_clip_loader", "batches_from", "parse_views", "DecoderChoice", "resolve_decoder"]
 
 class VideoClipDataset(Dataset):
     """Clips of ``num_frames`` frames from ``samples`` (a list of ``(path, label)``).
@@ -48,9 +51,13 @@ class VideoClipDataset(Dataset):
     :func:`collate` puts a readable item of the batch in its place.
 
     ``sampling``: ``"dense"`` (``num_frames`` frames ``stride`` apart) or ``"uniform"`` (TSN
-    segments). ``scale_range``: training short-side jitter relative to ``size``. ``flip``:
+    segments). ``resize`` and ``scale_range``: the training resize (:data:`~.transforms.RESIZE_MODES`; jitter
+    scales relative to ``size``, random-resized-crop ones to the frame's area). ``rand_augment``: a timm
+    RandAugment string applied with one draw per clip, or None. ``flip``:
     random horizontal flips in training (turn off for Something-Something). ``decoder``:
-    a :data:`~m2clip_fast.data.frames.BACKENDS` name. ``max_attempts``: how many samples to try before giving up.
+    a :data:`~m2clip_fast.data.frames.BACKENDS` name; "dali" decodes on the GPU when CUDA is available, and
+    ``video`` is then a CUDA tensor (load such a dataset in the main process: ``workers=0``).
+    ``max_attempts``: how many samples to try before giving up.
     """
 
     def __init__(
@@ -68,6 +75,8 @@ class VideoClipDataset(Dataset):
         decoder: str = "pyav",
         seed: int = 0,
         scale_range: Tuple[float, float] = (1.0, 1.15),
+        resize: str = "short_side_jitter",
+        rand_augment: Optional[str] = None,
         max_attempts: int = 10,
     ):
         if not samples:
@@ -81,11 +90,17 @@ class VideoClipDataset(Dataset):
             raise UsageError(f"decoder must be one of {BACKENDS}, got {decoder!r}")
         if max_attempts < 1:
             raise UsageError(f"max_attempts must be >= 1, got {max_attempts}")
+        problem = check_scale_range(resize, scale_range)
+        if problem:
+            raise UsageError(f"resize {resize!r} with scale_range {scale_range!r}: expected {problem}")
+        if rand_augment:
+            check_rand_augment(rand_augment)
         self.samples = [(str(p), int(label)) for p, label in samples]
         self.num_frames, self.sampling, self.stride = num_frames, sampling, stride
         self.train, self.size = train, size
         self.num_clips, self.num_crops, self.flip = num_clips, num_crops, flip
         self.decoder, self.seed, self.scale_range = decoder, seed, tuple(scale_range)
+        self.resize, self.rand_augment = resize, rand_augment
         self.max_attempts = max_attempts
         # Shared memory, so that set_epoch() in the main process reaches persistent workers,
         # which hold their own copy of the dataset object.
@@ -111,8 +126,8 @@ class VideoClipDataset(Dataset):
         clips = 1 if self.train else self.num_clips
         frames, fallback = self._frames(path, rng, clips)
         if self.train:
-            return train_transform(frames, size=self.size, rng=rng, scale_range=self.scale_range,
-                                   flip=self.flip), fallback
+            return train_transform(frames, size=self.size, rng=rng, scale_range=self.scale_range, flip=self.flip,
+                                   resize=self.resize, rand_augment=self.rand_augment), fallback
         clips = frames.view(clips, self.num_frames, *frames.shape[1:])
         return views_from_clips(list(clips), size=self.size, num_crops=self.num_crops), fallback
 
@@ -128,7 +143,7 @@ class VideoClipDataset(Dataset):
         if self.decoder == "dali":
             return decode_frames(path, choose(video_num_frames(path)), backend="dali"), False
         stats = DecodeStats()
-        _, frames = decode_sampled(path, choose, stats=stats)
+        _, frames = decode_sampled(path, choose, backend=self.decoder, stats=stats)
         return frames, stats.fallbacks > 0
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
@@ -181,7 +196,8 @@ class DecodeTally:
 
     EXAMPLES = 5  # fallback files named in a record
 
-    def __init__(self):
+    def __init__(self, decoder: str = ""):
+        self.decoder = decoder  # the run's DecoderChoice.description, recorded with the counts when given
         self.clips = 0
         self.fallbacks = 0
         self.files: Set[str] = set()
@@ -198,11 +214,13 @@ class DecodeTally:
         return _Watched(loader, self)
 
     def record(self, gather: Callable[[Any], List[Any]] = lambda part: [part]) -> Dict[str, Any]:
-        """``{"clips_decoded", "fallback_decodes", "files_needing_fallback", "fallback_examples"}``, over
-        every part ``gather`` returns (e.g. an all-gather: one part per distributed rank)."""
+        """``{"decoder" (when given), "clips_decoded", "fallback_decodes", "files_needing_fallback",
+        "fallback_examples"}``, over every part ``gather`` returns (e.g. an all-gather: one part per
+        distributed rank)."""
         parts = gather((self.clips, self.fallbacks, sorted(self.files)))
         files = sorted({f for _, _, names in parts for f in names})
-        return {"clips_decoded": sum(p[0] for p in parts), "fallback_decodes": sum(p[1] for p in parts),
+        return {**({"decoder": self.decoder} if self.decoder else {}), "clips_decoded": sum(p[0] for p in parts),
+                "fallback_decodes": sum(p[1] for p in parts),
                 "files_needing_fallback": len(files), "fallback_examples": files[:self.EXAMPLES]}
 
 
@@ -304,36 +322,95 @@ def parse_views(views: str) -> Tuple[int, int]:
     return clips, crops
 
 
-def resolve_decoder(choice: str, device: torch.device) -> str:
-    """The decoder a loader uses: ``choice`` ("pyav", "dali": checked to be importable now, not after the
-    model is built), or for "auto" DALI on CUDA when it is installed, else PyAV."""
+@dataclass(frozen=True)
+class DecoderChoice:
+    """The decoder a run uses (``name``: "pyav", "torchcodec" or "dali") and, when ``--decoder auto`` wanted
+    DALI on a GPU where it cannot start, why not (``fallback``)."""
+
+    name: str
+    fallback: Optional[str] = None
+
+    @property
+    def description(self) -> str:
+        """For the run's records: 'dali', 'pyav', or 'pyav (fallback: DALI cannot start on GPU 0: ...)'."""
+        return self.name if self.fallback is None else f"{self.name} (fallback: {self.fallback})"
+
+    @property
+    def notice(self) -> str:
+        """The line to print when the choice is a fallback, else ''."""
+        return "" if self.fallback is None else f"--decoder auto: {self.fallback}; decoding with PyAV instead"
+
+
+def resolve_decoder(choice: str, device: torch.device,
+                    gather: Callable[[Any], List[Any]] = lambda part: [part],
+                    cpu_augment: Optional[str] = None) -> DecoderChoice:
+    """The decoder a loader uses, decided before the model is built.
+
+    "pyav": PyAV. "torchcodec": torchcodec, checked to be importable. "dali": DALI, checked to be importable
+    and, on CUDA, to decode on ``device``'s GPU (:func:`~.frames.dali_gpu_problem`; else
+    :class:`~.dali.DALIStartError`). "auto": DALI on CUDA when it is
+    installed and decodes on that GPU; PyAV otherwise (on the CPU, PyAV's sparse decoder was faster than
+    torchcodec on H.264: see the README's loader table), with the reason as ``fallback`` when DALI is installed
+    but cannot start there. ``gather`` (an all-gather over distributed ranks) makes every process decide alike:
+    PyAV everywhere when any process's GPU fell back, as the ranks' loaders must yield the same batches.
+    ``cpu_augment``: the training augmentation only the PyAV and torchcodec paths run (RandAugment, random
+    resized crop), if any: "auto" is then PyAV, and "dali" an error naming it.
+    """
+    if choice == "dali" and cpu_augment:
+        raise UsageError(f"--decoder dali: its pipeline has no {cpu_augment}; use --decoder pyav (or auto)")
+    mine = _own_decoder(choice, device, cpu_augment)
+    fallen = [c for c in gather(mine) if c.fallback is not None]
+    return DecoderChoice("pyav", fallen[0].fallback) if fallen else mine
+
+
+def _own_decoder(choice: str, device: torch.device, cpu_augment: Optional[str]) -> DecoderChoice:
+    if choice == "pyav" or (choice == "auto" and not (device.type == "cuda" and dali_available() and not cpu_augment)):
+        return DecoderChoice("pyav")
+    if choice == "torchcodec":
+        require_torchcodec()
+        return DecoderChoice("torchcodec")
+    if choice != "dali" and choice != "auto":
+        raise UsageError(f"decoder must be auto, pyav, torchcodec or dali, got {choice!r}")
+    require_dali()
+    if device.type != "cuda":
+        return DecoderChoice("dali")
+    problem = dali_gpu_problem(device.index)
+    if problem is None:
+        return DecoderChoice("dali")
+    where = "the current GPU" if device.index is None else f"GPU {device.index}"
     if choice == "dali":
-        require_dali()
-    if choice != "auto":
-        return choice
-    return "dali" if device.type == "cuda" and dali_available() else "pyav"
+        raise DALIStartError(where, f"{problem} (--decoder pyav decodes on the CPU)")
+    return DecoderChoice("pyav", f"DALI cannot start on {where} ({problem})")
 
 
 def build_clip_loader(samples, *, train: bool, decoder: str, device: torch.device, batch_size: int, workers: int,
                       num_frames: int, size: int, sampling: str, stride: int, seed: int, flip: bool = True,
-                      views: str = "1x1"):
+                      views: str = "1x1", resize: str = "short_side_jitter",
+                      scale_range: Tuple[float, float] = (1.0, 1.15), rand_augment: Optional[str] = None):
     """Batches of clips ({"video", "label", "index", "skipped"}) from ``samples``, with ``set_epoch``.
 
     decoder "pyav": VideoClipDataset in ``workers`` DataLoader workers. decoder "dali": a DALIClipLoader,
     one DALI pipeline (``workers`` threads) that decodes, resizes, crops and normalises whole batches, on
-    the GPU when ``device`` is CUDA. Either way sharded over torch.distributed ranks, training batches
-    shuffled and full, evaluation batches ``views`` (CLIPSxCROPS) per video.
+    ``device``'s GPU when it is CUDA, two batches ahead on a background thread. Either way sharded over
+    torch.distributed ranks, training batches shuffled and full, evaluation batches ``views`` (CLIPSxCROPS)
+    per video. ``resize``, ``scale_range``, ``rand_augment``: the training augmentation (see
+    :class:`VideoClipDataset`; DALI has the default only).
     """
     clips, crops = (1, 1) if train else parse_views(views)
     if decoder == "dali":
+        if train and (rand_augment or resize != "short_side_jitter"):
+            raise UsageError(f"the DALI loader has no {rand_augment or resize}; use the pyav decoder")
         distributed = dist.is_available() and dist.is_initialized()
         rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         return DALIClipLoader(samples, batch_size=batch_size, num_frames=num_frames, size=size, train=train,
                               sampling=sampling, stride=stride, flip=flip, drop_last=train, seed=seed,
-                              device="mixed" if device.type == "cuda" else "cpu", num_threads=max(1, workers),
-                              shard_id=rank, num_shards=world, num_clips=clips, num_crops=crops)
+                              device="mixed" if device.type == "cuda" else "cpu", device_id=device.index,
+                              num_threads=max(1, workers),
+                              shard_id=rank, num_shards=world, num_clips=clips, num_crops=crops,
+                              scale_range=scale_range)
     dataset = VideoClipDataset(samples, num_frames=num_frames, sampling=sampling, stride=stride, size=size,
-                               train=train, flip=flip, num_clips=clips, num_crops=crops, decoder=decoder, seed=seed)
+                               train=train, flip=flip, num_clips=clips, num_crops=crops, decoder=decoder, seed=seed,
+                               resize=resize, scale_range=scale_range, rand_augment=rand_augment)
     return build_loader(dataset, batch_size, workers, shuffle=train, drop_last=train, seed=seed)
 
 
