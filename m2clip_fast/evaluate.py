@@ -48,8 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pretrained", default=None,
                    help="backbone weights (open_clip tag or local file) instead of the checkpoint's own source, "
                         "e.g. when its weights file has moved")
-    p.add_argument("--views", type=views_arg, default="1x1",
-                   help="CLIPSxCROPS: temporal clips x spatial crops (1, 3 or 4)")
+    p.add_argument("--views", type=views_arg, default=None,
+                   help="CLIPSxCROPS: temporal clips x spatial crops (1, 3 or 4); default: the checkpoint's "
+                        "train.views (the official test views for the k400/ssv2 presets; 1x1 if it has none)")
     p.add_argument("--batch-size", type=int_at_least(1), default=4,
                    help="videos per step (each has CLIPS*CROPS views)")
     p.add_argument("--zero-shot", choices=("ucf101", "hmdb51"), default=None)
@@ -126,6 +127,7 @@ class Scorer:
             print(self.decoder.notice, file=sys.stderr)  # stdout may be --json
         self.workers = train_cfg.get("workers", 2) if args.workers is None else args.workers
         self.sampling, self.stride = train_cfg.get("sampling", "dense"), train_cfg.get("stride", 8)
+        self.views = args.views or train_cfg.get("views") or "1x1"  # as the checkpoint's run validated
 
     def __call__(self, samples, report: Union[int, str, None] = None, class_names: Optional[Sequence[str]] = None,
                  templates: Optional[Sequence[str]] = None):
@@ -133,8 +135,8 @@ class Scorer:
         over ``class_names`` (default: the checkpoint's); ``report`` names the report's subfolder."""
         model, args = self.model, self.args
         loader = build_clip_loader(samples, train=False, decoder=self.decoder.name, device=self.device,
-                                   views=args.views, batch_size=args.batch_size, workers=self.workers, num_frames=model.num_frames,
-                                   size=model.crop_size, sampling=self.sampling, stride=self.stride, seed=0)
+                                   views=self.views, batch_size=args.batch_size, workers=self.workers,
+                                   num_frames=model.num_frames, size=model.crop_size, sampling=self.sampling, stride=self.stride, seed=0)
         decoding = DecodeTally(self.decoder.description)
         predictions, bad = collect_predictions(model, decoding.watch(loader), self.device, self.amp_dtype,
                                                class_names=class_names, templates=templates,
@@ -159,17 +161,19 @@ def evaluate(args: argparse.Namespace) -> Dict[str, object]:
         return _base_to_novel(args, Scorer(args, args.checkpoint, info, device), subsets)
     if args.protocol == "k600-zeroshot":
         splits = _k600_splits(args)
-        result = _zero_shot(Scorer(args, args.checkpoint, info, device), splits, ZERO_SHOT_TEMPLATES)
-        return {"checkpoint": str(args.checkpoint), "views": args.views,
+        scorer = Scorer(args, args.checkpoint, info, device)
+        result = _zero_shot(scorer, splits, ZERO_SHOT_TEMPLATES)
+        return {"checkpoint": str(args.checkpoint), "views": scorer.views,
                 "dataset": "kinetics600 (the 220 classes not in kinetics400)", **result}
     if args.zero_shot is not None:
         names = load_class_names(args.class_names or args.zero_shot)
         splits = {split: (names, *kept) for split, kept in _official_splits(args, names).items()}
-        result = _zero_shot(Scorer(args, args.checkpoint, info, device), splits, ZERO_SHOT_TEMPLATES)
-        return {"checkpoint": str(args.checkpoint), "views": args.views, "dataset": args.zero_shot, **result}
+        scorer = Scorer(args, args.checkpoint, info, device)
+        result = _zero_shot(scorer, splits, ZERO_SHOT_TEMPLATES)
+        return {"checkpoint": str(args.checkpoint), "views": scorer.views, "dataset": args.zero_shot, **result}
     names = load_class_names(args.class_names) if args.class_names else None
     scorer = Scorer(args, args.checkpoint, info, device)
-    return {"checkpoint": str(args.checkpoint), "views": args.views, **_supervised(args, scorer, names)}
+    return {"checkpoint": str(args.checkpoint), "views": scorer.views, **_supervised(args, scorer, names)}
 
 
 def _supervised(args: argparse.Namespace, scorer: Scorer, names: Optional[List[str]],
@@ -241,7 +245,7 @@ def _base_to_novel_lists(args: argparse.Namespace) -> Dict[str, tuple]:
 def _base_to_novel(args: argparse.Namespace, scorer: Scorer, subsets: Dict[str, tuple]) -> Dict[str, object]:
     """Base test videos over the base class names, novel ones over the novel names (the model's own
     templates), and their harmonic mean."""
-    result: Dict[str, object] = {"checkpoint": str(args.checkpoint), "views": args.views}
+    result: Dict[str, object] = {"checkpoint": str(args.checkpoint), "views": scorer.views}
     for subset, (names, samples, dropped) in subsets.items():
         metrics, skipped = scorer(samples, subset, class_names=names)
         result[subset] = {**metrics, "num_classes": len(names), "dropped": len(dropped), "skipped": skipped}
@@ -256,8 +260,9 @@ def _few_shot(args: argparse.Namespace, info, device) -> Dict[str, object]:
         scorer = Scorer(args, checkpoint, info, device)
         names = names if names is not None else scorer.model.class_names
         row = _supervised(args, scorer, names, report=f"{shots}_shot")
-        rows.append({"shots": shots, "checkpoint": checkpoint, **row})
-    return {"val_list": args.val_list, "views": args.views, "shots": rows}
+        rows.append({"shots": shots, "checkpoint": checkpoint, "views": scorer.views, **row})
+    views = ", ".join(sorted({row["views"] for row in rows}))  # each checkpoint's own unless --views is given
+    return {"val_list": args.val_list, "views": views, "shots": rows}
 
 
 def _skipped_lines(skipped: List[Dict[str, str]], note: str) -> List[str]:

@@ -58,6 +58,22 @@ def test_multi_view_scores_match_a_hand_loop(synthetic_dataset, checkpoint, caps
         assert result[f"top5_{head}"] >= result[f"top1_{head}"]
 
 
+def test_views_default_to_the_checkpoints_own(synthetic_dataset, checkpoint, tmp_path, capsys):
+    """Without --views a checkpoint is scored with the test views its configuration names (the k400 preset's
+    official 3x4), exactly as with those views given; --views still overrides them."""
+    from m2clip_fast.checkpoint import atomic_save, build_checkpoint
+
+    model, _ = load_model_checkpoint(checkpoint)
+    model.config.train["views"] = "2x3"
+    own_views = tmp_path / "views_2x3.pt"
+    atomic_save(build_checkpoint(model, None), own_views)
+    val = ["--val-list", str(synthetic_dataset / "val.txt")]
+    default = run_json(capsys, "--checkpoint", str(own_views), *val)
+    given = run_json(capsys, "--checkpoint", str(checkpoint), *val, "--views", "2x3")
+    assert default["views"] == "2x3" and default["top1_fused"] == given["top1_fused"]
+    assert run_json(capsys, "--checkpoint", str(own_views), *val, "--views", "1x1")["views"] == "1x1"
+
+
 def test_zero_shot_over_three_splits(synthetic_dataset, checkpoint, tmp_path, capsys):
     """A UCF101-style split folder over the synthetic videos, with CamelCase class names."""
     root = tmp_path / "videos"
