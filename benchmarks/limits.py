@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, sdpa_backward_flop_count, sdpa_flop_count
 
 GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm")
 
@@ -26,11 +26,23 @@ def _cpu_flash_backward(grad_out, query, key, value, *args, out_shape=None, **kw
     return sdpa_backward_flop_count(grad_out, query, key, value)
 
 
-# PyTorch's counter has formulas for the CUDA attention kernels only; on the CPU sdpa (ours, and
-# nn.MultiheadAttention with need_weights=False) runs these two, which it would count as zero.
+def _conv_backward(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                   _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """Each gradient a convolution's backward computes (input, weight) costs one forward convolution, groups
+    included: the weight (C_out, C_in / groups, *k) already carries them. PyTorch's own formula ignores
+    groups, and counts a depthwise conv's backward at C_in times its cost (the TED adapter's depthwise convs:
+    11.1 GFLOP instead of 0.06 per 2x8 clips)."""
+    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed=transposed)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
+# Formulas PyTorch's counter lacks or gets wrong here. It has formulas for the CUDA attention kernels only;
+# on the CPU sdpa (ours, and nn.MultiheadAttention with need_weights=False) runs the two below, which it
+# would count as zero. And its convolution_backward ignores groups (see _conv_backward).
 CPU_ATTENTION = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward,
+    torch.ops.aten.convolution_backward: _conv_backward,
 }
 
 

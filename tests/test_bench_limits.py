@@ -29,3 +29,17 @@ def test_cpu_sdpa_counted_forward_and_backward():
     assert counted.by_op["_scaled_dot_product_flash_attention_for_cpu_backward"] == 5 * forward // 2
     assert counted.gemm_share == 0.0
 
+
+
+def test_depthwise_conv_backward_counted_by_hand():
+    """A depthwise (groups = channels) conv: one multiply-add per output element and tap, forward; its
+    backward computes the input's and the weight's gradient, each the same work (not C times it)."""
+    n, c, length, k = 3, 12, 10, 3
+    conv = torch.nn.Conv1d(c, c, k, padding=1, groups=c)
+    x = torch.randn(n, c, length, requires_grad=True)
+    counted = count_flops(lambda: conv(x).sum().backward())
+    forward = 2 * n * c * length * k
+    assert counted.by_op["convolution"] == forward
+    assert counted.by_op["convolution_backward"] == 2 * forward
+    frozen_input = torch.randn(n, c, length)  # no input gradient asked for: the weight's only
+    assert count_flops(lambda: conv(frozen_input).sum().backward()).by_op["convolution_backward"] == forward
