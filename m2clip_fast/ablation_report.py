@@ -124,6 +124,13 @@ def te_td_note(rows: Sequence[Row]) -> str:
             f"on K400).")
 
 
+def load_reading(load: Sequence[Sequence[float]], cores: int) -> str:
+    """What the 1-minute load averages at the start and end of the command say about its wall time."""
+    if max(sample[0] for sample in load) > cores:
+        return "above the core count, other jobs shared the CPU and the wall time is inflated by them."
+    return f"not above the {cores} cores: no other job competed for them."
+
+
 def report_markdown(tables: Sequence[Table], settings: Sequence[str], timing: Dict[str, Any], command: str,
                     when: datetime.datetime, machine_line: str) -> str:
     """The whole of ablation.md."""
@@ -135,8 +142,7 @@ def report_markdown(tables: Sequence[Table], settings: Sequence[str], timing: Di
              f"it training, summed over the runs; {timing['reused']} of {timing['runs']} runs reused from an earlier "
              f"invocation, their training time included in the sum), {timing['cpu_s'] / 60:.1f} min of CPU time "
              f"(this process and its loader workers). Load average (1 min) {load[0][0]:.1f} at the start and "
-             f"{load[1][0]:.1f} at the end: above the core count, other jobs shared the CPU and the wall time is "
-             f"inflated by them.", "", "Settings:", ""]
+             f"{load[1][0]:.1f} at the end: {load_reading(load, os.cpu_count() or 1)}", "", "Settings:", ""]
     lines += [f"- {s}" for s in settings] + [""]
     for title, rows in tables:
         lines += table_markdown(title, rows)

@@ -159,3 +159,11 @@ def test_an_unwritable_report_dir_fails_in_one_line_before_any_training(tmp_path
     err = capsys.readouterr().err
     assert err.startswith(f"python -m m2clip_fast.ablate: error: --report-dir {tmp_path / 'docs'}: cannot create it")
     assert not (tmp_path / "ablate").exists()
+
+
+def test_the_load_reading_says_whether_other_jobs_shared_the_cores():
+    from m2clip_fast.ablation_report import load_reading
+
+    assert "no other job" in load_reading([(0.5, 0.4, 0.3), (1.3, 1.0, 0.8)], cores=2)
+    assert "other jobs shared" in load_reading([(0.5, 0.4, 0.3), (11.0, 9.0, 7.0)], cores=2)
+    assert "other jobs shared" in load_reading([(2.5, 0.4, 0.3), (1.0, 1.0, 0.8)], cores=2)
