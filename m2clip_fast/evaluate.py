@@ -24,7 +24,7 @@ from .checkpoint import TRUST_HELP, load_model_checkpoint
 from .cli import add_data_args, int_at_least, run_main, splits_arg, views_arg
 from .data.datasets import check_samples, load_samples, read_split
 from .data.splits import k600_labels_name, k600_list_name, read_labels_csv, read_split_list
-from .data.loader import DecodeTally, build_clip_loader, decode_stats_line, resolve_decoder
+from .data.loader import DecodeTally, DecoderChoice, build_clip_loader, decode_stats_line, resolve_decoder
 from .errors import UsageError
 from .evaluation import collect_predictions, excluded_note, scores
 from .report import report_dir, write_report
@@ -116,15 +116,12 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 class Scorer:
     """One checkpoint's model, placed on the device, and the scores of any list of samples with it."""
 
-    def __init__(self, args: argparse.Namespace, checkpoint: str, info, device):
-        self.args, self.info, self.device = args, info, device
+    def __init__(self, args: argparse.Namespace, checkpoint: str, info, device, decoder: DecoderChoice):
+        self.args, self.info, self.device, self.decoder = args, info, device, decoder
         self.model, ckpt = load_model_checkpoint(Path(checkpoint), pretrained=args.pretrained,
                                                  trust=args.trust_checkpoint)
         self.amp_dtype = runtime.place_model(self.model, device, args.amp)
         train_cfg = ckpt["config"].get("train", {})
-        self.decoder = resolve_decoder(args.decoder, device, runtime.all_gather_objects)
-        if info.is_main and self.decoder.notice:
-            print(self.decoder.notice, file=sys.stderr)  # stdout may be --json
         self.workers = train_cfg.get("workers", 2) if args.workers is None else args.workers
         self.sampling, self.stride = train_cfg.get("sampling", "dense"), train_cfg.get("stride", 8)
         self.views = args.views or train_cfg.get("views") or "1x1"  # as the checkpoint's run validated
@@ -154,25 +151,28 @@ def evaluate(args: argparse.Namespace) -> Dict[str, object]:
     (``excluded``) and listed (``skipped``: path and reason). Every list is read and checked before a model
     is built, so that a bad split file is reported at once, not after the earlier splits have run."""
     info, device = runtime.init_distributed(args.device)
+    decoder = resolve_decoder(args.decoder, device, runtime.all_gather_objects)  # once, for every checkpoint
+    if info.is_main and decoder.notice:
+        print(decoder.notice, file=sys.stderr)  # stdout may be --json
     if args.protocol == "few-shot":
-        return _few_shot(args, info, device)
+        return _few_shot(args, info, device, decoder)
     if args.protocol == "base-to-novel":
         subsets = _base_to_novel_lists(args)
-        return _base_to_novel(args, Scorer(args, args.checkpoint, info, device), subsets)
+        return _base_to_novel(args, Scorer(args, args.checkpoint, info, device, decoder), subsets)
     if args.protocol == "k600-zeroshot":
         splits = _k600_splits(args)
-        scorer = Scorer(args, args.checkpoint, info, device)
+        scorer = Scorer(args, args.checkpoint, info, device, decoder)
         result = _zero_shot(scorer, splits, ZERO_SHOT_TEMPLATES)
         return {"checkpoint": str(args.checkpoint), "views": scorer.views,
                 "dataset": "kinetics600 (the 220 classes not in kinetics400)", **result}
     if args.zero_shot is not None:
         names = load_class_names(args.class_names or args.zero_shot)
         splits = {split: (names, *kept) for split, kept in _official_splits(args, names).items()}
-        scorer = Scorer(args, args.checkpoint, info, device)
+        scorer = Scorer(args, args.checkpoint, info, device, decoder)
         result = _zero_shot(scorer, splits, ZERO_SHOT_TEMPLATES)
         return {"checkpoint": str(args.checkpoint), "views": scorer.views, "dataset": args.zero_shot, **result}
     names = load_class_names(args.class_names) if args.class_names else None
-    scorer = Scorer(args, args.checkpoint, info, device)
+    scorer = Scorer(args, args.checkpoint, info, device, decoder)
     return {"checkpoint": str(args.checkpoint), "views": scorer.views, **_supervised(args, scorer, names)}
 
 
@@ -252,12 +252,12 @@ def _base_to_novel(args: argparse.Namespace, scorer: Scorer, subsets: Dict[str, 
     return {**result, **base_to_novel_summary(result["base"], result["novel"])}
 
 
-def _few_shot(args: argparse.Namespace, info, device) -> Dict[str, object]:
+def _few_shot(args: argparse.Namespace, info, device, decoder: DecoderChoice) -> Dict[str, object]:
     """Each K's checkpoint on the full test list: every head, as supervised evaluation scores them."""
     names = load_class_names(args.class_names) if args.class_names else None
     rows = []
     for shots, checkpoint in sorted(args.shots):
-        scorer = Scorer(args, checkpoint, info, device)
+        scorer = Scorer(args, checkpoint, info, device, decoder)
         names = names if names is not None else scorer.model.class_names
         row = _supervised(args, scorer, names, report=f"{shots}_shot")
         rows.append({"shots": shots, "checkpoint": checkpoint, "views": scorer.views, **row})

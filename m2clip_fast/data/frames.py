@@ -5,10 +5,8 @@ optional) decodes on the CPU with torchcodec's C++ decoder; ``"dali"`` (:mod:`.d
 NVIDIA DALI, on the GPU when there is one. The torchcodec and DALI backends number frames by the PyAV packet
 index (so frame ``i`` is the same frame with every backend) and get that index from here: the backends never
 import each other. A request torchcodec does not serve (a format it gets wrong, a failed check) is decoded
-by PyAV here, and counted (``DecodeStats.torchcodec_routed``).
-A request torchcodec does not serve (a format it gets wrong, a failed check) is decoded by PyAV here, and
-counted (``DecodeStats.torchcodec_routed``). :func:`dali_gpu_problem` tells whether DALI can decode on a GPU
-at all, before a run relies on it.
+by PyAV here, and counted (``DecodeStats.torchcodec_routed``). :func:`dali_gpu_problem` tells whether DALI
+can decode on a GPU at all, before a run relies on it.
 """
 from __future__ import annotations
 

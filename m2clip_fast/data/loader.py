@@ -364,7 +364,8 @@ def resolve_decoder(choice: str, device: torch.device,
 
 
 def _own_decoder(choice: str, device: torch.device, cpu_augment: Optional[str]) -> DecoderChoice:
-    if choice == "pyav" or (choice == "auto" and not (device.type == "cuda" and dali_available() and not cpu_augment)):
+    dali_wanted = device.type == "cuda" and dali_available() and not cpu_augment
+    if choice == "pyav" or (choice == "auto" and not dali_wanted):
         return DecoderChoice("pyav")
     if choice == "torchcodec":
         require_torchcodec()
