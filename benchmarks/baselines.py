@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from m2clip_fast.adapters import TEDAdapter
 from m2clip_fast.attention import set_attention_backend
 from m2clip_fast.convert import to_official_adapter
+from m2clip_fast.mlp import set_mlp_form
 from m2clip_fast.model import M2CLIP
 
 
@@ -109,6 +110,13 @@ class OfficialStyleM2CLIP(M2CLIP):
     once, too): tokenising is not model work.
     """
 
+    # The release's evaluation hands the vision tower all B·V views of a batch in one call (main.py's
+    # ``data.flatten(0, 1)``); a benchmark may set a chunk to separate that choice from the model's speed.
+    clips_per_call: Optional[int] = None
+
+    def inference_clips_per_call(self, device: torch.device) -> Optional[int]:
+        return self.clips_per_call
+
     @staticmethod
     def _trim(tokens: torch.Tensor, used: int) -> torch.Tensor:
         return tokens  # all context_length columns, padding included (CMLM prompts too)
@@ -140,12 +148,13 @@ class OfficialStyleM2CLIP(M2CLIP):
 def make_official_style(model: M2CLIP) -> OfficialStyleM2CLIP:
     """Turn ``model`` into the official-style baseline, in place, computing the same function from the same
     weights: every TED adapter is replaced by an ``OfficialStyleTEDAdapter`` copy of it (checked equal by
-    ``from_ted``), attention goes back to nn.MultiheadAttention, the last vision block runs on every token, the
-    text cache and the end-of-text path are off,
-    and the class becomes ``OfficialStyleM2CLIP`` (same attributes, official text encoding)."""
+    ``from_ted``), attention goes back to nn.MultiheadAttention, the MLPs to open_clip's QuickGELU form, the
+    last vision block runs on every token, the text cache and the end-of-text path are off, and the class
+    becomes ``OfficialStyleM2CLIP`` (same attributes, official text encoding)."""
     for name, ted in list(model.ted_adapters.items()):
         model.swap_ted_adapter(name, OfficialStyleTEDAdapter.from_ted(ted))
     set_attention_backend(model, "torch")
+    set_mlp_form(model, False)  # open_clip's QuickGELU MLP, as the official CLIP code runs it
     model.last_block_class_token_only = False  # the official last block runs on every token
     model.__class__ = OfficialStyleM2CLIP
     model.use_text_cache = False

@@ -25,9 +25,14 @@ from .attention import set_attention_backend
 from .errors import UsageError
 from .fused import FusedTEDAdapter
 from .heads import (HEADS, MLMHead, VisualClassifier, cmc_loss, cmlm_loss, kl_contrastive_loss, vc_loss)
+from .mlp import set_mlp_form
 from .presets import SHIPPED_BACKBONES, ConfigError, M2CLIPConfig, resolve_config, validate_config
 from .runtime import gather_batch
 from .text import PromptTokenizer, humanize, label_word_table, label_words, load_class_names, mask_words
+
+# Tokens per vision-tower call at inference on the CPU (see M2CLIP.inference_clips_per_call): two 8-frame
+# ViT-B/16 clips, one 16-frame clip.
+CPU_INFERENCE_TOKENS = 4096
 
 
 # ----------------------------------------------------------------------------------------------- insertion
@@ -338,9 +343,17 @@ class M2CLIP(nn.Module):
         if c != 3 or (h, w) != tuple(size):
             raise ValueError(f"video frames are {c}x{h}x{w}, expected 3x{size[0]}x{size[1]}")
 
-    def encode_frames(self, video: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def encode_frames(self, video: torch.Tensor, clips_per_call: Optional[int] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
         """video (B, T, 3, H, W) → (per-frame embeddings (B, T, D) after the temporal adapter,
-        ln_post of the time-averaged class token (B, width))."""
+        ln_post of the time-averaged class token (B, width)). ``clips_per_call``: run the vision tower on at
+        most that many clips at a time (clips never mix, so the result is the same up to GEMM blocking);
+        None: all at once."""
+        if clips_per_call is not None and clips_per_call < 1:
+            raise ValueError(f"clips_per_call must be at least 1, got {clips_per_call}")
+        if clips_per_call is not None and clips_per_call < video.shape[0]:
+            parts = [self.encode_frames(clips) for clips in video.split(clips_per_call)]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         self.check_video(video)
         b, t = video.shape[:2]
         frames = self.clip.visual(video.flatten(0, 1).to(self._visual_dtype()))
@@ -352,6 +365,19 @@ class M2CLIP(nn.Module):
         # activation (nor, through it, the autograd graph of the whole forward) once this call returns
         self._pre_norm_class_token = None
         return frames.reshape(b, t, -1), pooled
+
+    def inference_clips_per_call(self, device: torch.device) -> Optional[int]:
+        """How many clips inference (``predict``, ``extract``) hands the vision tower at once on ``device``.
+
+        On the CPU every elementwise pass (LayerNorm, residual adds, the MLP activation) streams the whole
+        call's activations: 12 views of 8 frames are 18,912 tokens, a 232 MB fp32 MLP hidden, far beyond the
+        last-level cache, where two clips' 39 MB mostly stay in it. Calls of about CPU_INFERENCE_TOKENS
+        tokens ran k400_b16_8f's 12-view evaluation 1.3× faster than one call on 2 Zen 3 cores (32 MB L3),
+        with the same GEMM rate. Elsewhere (CUDA): None, everything in one call."""
+        if device.type != "cpu":
+            return None
+        tokens = self.num_frames * (1 + self.grid[0] * self.grid[1])
+        return max(1, CPU_INFERENCE_TOKENS // tokens)
 
     def _visual_dtype(self) -> torch.dtype:
         return self.clip.visual.conv1.weight.dtype
@@ -557,7 +583,7 @@ class M2CLIP(nn.Module):
             return self._predict(video, class_names, templates)
 
     def _predict(self, video, class_names, templates) -> Dict[str, torch.Tensor]:
-        frames, pooled = self.encode_frames(video)
+        frames, pooled = self.encode_frames(video, self.inference_clips_per_call(video.device))
         t = self.encode_text(class_names, templates)
         out = {"text": self._similarity_logits(frames.mean(dim=1), t).softmax(dim=-1)}
         same_classes = class_names is None or list(class_names) == self.class_names
@@ -641,4 +667,5 @@ def create_model(preset_or_config: Union[str, M2CLIPConfig] = "k400_b16_8f", pre
     tokenizer = open_clip.get_tokenizer(config.backbone)
     model = M2CLIP(clip, config, tokenizer, names)
     set_attention_backend(model, config.attention)  # vision, text and the CMLM cross-attention block
+    set_mlp_form(model, config.fused)  # fused: every QuickGELU MLP in SiLU form (same weights, see mlp.py)
     return model

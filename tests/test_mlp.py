@@ -1,0 +1,164 @@
+"""The QuickGELU MLP in SiLU form (m2clip_fast.mlp) against open_clip's own MLP and float64, and the chunked
+vision-tower calls of inference (M2CLIP.encode_frames' clips_per_call, M2CLIP.inference_clips_per_call)."""
+import copy
+import math
+
+import pytest
+import torch
+from open_clip.transformer import QuickGELU
+from torch import nn
+
+from m2clip_fast import create_model
+from m2clip_fast.mlp import SiLUFormMLP, set_mlp_form
+from m2clip_fast.model import CPU_INFERENCE_TOKENS
+from m2clip_fast.tolerance import assert_within_reference_error
+
+
+def open_clip_mlp(width: int, hidden: int, seed: int) -> nn.Sequential:
+    """open_clip's ResidualAttentionBlock.mlp, random weights of CLIP's scale."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    torch.manual_seed(seed)
+    mlp = ResidualAttentionBlock(width, 1, mlp_ratio=hidden / width, act_layer=QuickGELU).mlp
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.normal_(0, 1 / math.sqrt(p.shape[-1]))
+    return mlp
+
+
+def run(mlp: nn.Module, x: torch.Tensor, grad: bool):
+    """{"out", "x.grad", "<param>.grad"} of one forward (and backward of a fixed random cotangent)."""
+    x = x.detach().clone().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        out = mlp(x)
+    result = {"out": out.detach()}
+    if grad:
+        cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        out.backward(cotangent.to(out.dtype))
+        result["x.grad"] = x.grad
+        result.update({f"{n}.grad": p.grad for n, p in mlp.named_parameters()})
+        mlp.zero_grad(set_to_none=True)
+    return result
+
+
+# (leading shape of x, width, hidden): one row, odd row counts, batch-first and sequence-first 3-D inputs
+SHAPES = [((1,), 16, 64), ((7,), 24, 96), ((3, 197), 32, 128), ((50, 2), 48, 80), ((2, 5, 17), 64, 256)]
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("lead,width,hidden", SHAPES)
+def test_silu_form_within_open_clip_error_of_float64(lead, width, hidden, grad):
+    reference = open_clip_mlp(width, hidden, seed=hidden)
+    ours = copy.deepcopy(reference)
+    assert set_mlp_form(ours, True) == 1 and type(ours) is SiLUFormMLP
+    x = torch.randn(*lead, width, generator=torch.Generator().manual_seed(width))
+    exact = run(copy.deepcopy(reference).double(), x.double(), grad)
+    assert_within_reference_error(run(ours, x, grad), run(reference, x, grad), exact,
+                                  what=f"SiLU-form MLP, x {tuple(x.shape)}")
+
+
+def test_silu_form_bf16_autocast_within_open_clip_error_of_float64():
+    reference = open_clip_mlp(64, 256, seed=1)
+    ours = copy.deepcopy(reference)
+    set_mlp_form(ours, True)
+    x = torch.randn(4, 33, 64, generator=torch.Generator().manual_seed(2))
+    exact = run(copy.deepcopy(reference).double(), x.double(), grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = run(ours, x, grad=True), run(reference, x, grad=True)
+    assert got["out"].dtype == want["out"].dtype == torch.bfloat16
+    assert_within_reference_error(got, want, exact, dtype=torch.bfloat16, what="SiLU-form MLP under bf16 autocast")
+
+
+def test_in_place_activation_leaves_the_input_and_matches_autograd_mode():
+    """Without autograd the SiLU runs in place on the MLP's own hidden tensor: the caller's input is untouched
+    and the result is bitwise the autograd-mode one (the same kernels, one in place)."""
+    mlp = open_clip_mlp(32, 128, seed=3)
+    set_mlp_form(mlp, True)
+    x = torch.randn(5, 9, 32)
+    before = x.clone()
+    with torch.no_grad():
+        fast = mlp(x)
+    assert torch.equal(x, before)
+    assert torch.equal(fast, mlp(x).detach())
+
+
+def test_set_mlp_form_swaps_every_quick_gelu_mlp_both_ways_with_the_same_state_dict():
+    model = create_model("tiny", pretrained=None, class_names=["a", "b"], fused=False)
+    blocks = [*model.clip.visual.transformer.resblocks, *model.clip.transformer.resblocks]
+    if model.cmlm_block is not None:
+        blocks.append(model.cmlm_block)
+    assert all(type(b.mlp) is nn.Sequential for b in blocks)  # fused=False: open_clip's own MLP
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert set_mlp_form(model, True) == len(blocks)
+    assert all(type(b.mlp) is SiLUFormMLP for b in blocks)
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    assert set_mlp_form(model, False) == len(blocks)
+    assert all(type(b.mlp) is nn.Sequential for b in blocks)
+    assert type(create_model("tiny", pretrained=None, class_names=["a", "b"]).clip.visual.transformer
+                .resblocks[0].mlp) is SiLUFormMLP  # the default, fused=True
+
+
+def test_gelu_mlps_are_left_alone():
+    from open_clip.transformer import ResidualAttentionBlock
+
+    block = ResidualAttentionBlock(32, 2, act_layer=nn.GELU)
+    assert set_mlp_form(block, True) == 0 and type(block.mlp) is nn.Sequential
+
+
+# ---------------------------------------------------------------------------------- chunked inference
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return create_model("tiny", pretrained=None, class_names=["a", "b", "c"]).eval()
+
+
+def test_inference_clips_per_call_by_hand(tiny):
+    tokens = tiny.num_frames * (1 + tiny.grid[0] * tiny.grid[1])  # tiny: 32 px / 4 px patches = 8 x 8 grid
+    assert tiny.grid == (8, 8)
+    assert tiny.inference_clips_per_call(torch.device("cpu")) == CPU_INFERENCE_TOKENS // tokens
+    assert tiny.inference_clips_per_call(torch.device("cuda")) is None  # one call: GPUs want large batches
+    k400 = create_model("k400_b16_8f", pretrained=None)
+    assert k400.inference_clips_per_call(torch.device("cpu")) == 2  # 4096 // (8 frames x 197 tokens)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 4, 5, 9])
+def test_chunked_encode_frames_matches_one_call(tiny, chunk):
+    video = torch.randn(5, tiny.num_frames, 3, 32, 32, generator=torch.Generator().manual_seed(chunk))
+    calls = []
+    hook = tiny.clip.visual.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            whole = tiny.encode_frames(video)
+            calls.clear()
+            parts = tiny.encode_frames(video, clips_per_call=chunk)
+    finally:
+        hook.remove()
+    t = tiny.num_frames
+    assert calls == [t * len(c) for c in video.split(chunk)]  # clips, not frames, are split
+    for got, want in zip(parts, whole):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # clips never mix: GEMM blocking only
+
+
+def test_predict_on_the_cpu_calls_the_tower_in_chunks(tiny, monkeypatch):
+    monkeypatch.setattr("m2clip_fast.model.CPU_INFERENCE_TOKENS", 2 * tiny.num_frames * 65)  # 2 clips per call
+    calls = []
+    frames = tiny.num_frames
+    hook = tiny.clip.visual.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0] // frames))
+    try:
+        video = torch.randn(5, tiny.num_frames, 3, 32, 32)
+        chunked = tiny.predict(video)
+        monkeypatch.setattr("m2clip_fast.model.CPU_INFERENCE_TOKENS", 10 ** 9)
+        calls_chunked, calls[:] = list(calls), []
+        whole = tiny.predict(video)
+    finally:
+        hook.remove()
+    assert calls_chunked == [2, 2, 1] and calls == [5]
+    for head in whole:
+        torch.testing.assert_close(chunked[head], whole[head], rtol=1e-5, atol=1e-7)
+
+
+def test_clips_per_call_below_one_is_refused(tiny):
+    with pytest.raises(ValueError, match="clips_per_call"):
+        tiny.encode_frames(torch.zeros(2, tiny.num_frames, 3, 32, 32), clips_per_call=0)
