@@ -7,7 +7,8 @@ runs one warm-up step (text cache, optimizer state), then profiles one step on t
 prints the self CPU time of every op, grouped:
   GEMMs                     mm / addmm / bmm / baddbmm (and oneDNN matmuls)
   attention                 the sdpa kernels, softmax
-  layernorm/gelu/elementwise  norms, activations, adds, multiplies, reductions, the losses' elementwise work
+  layernorm/gelu/elementwise  norms, activations (QuickGELU or its SiLU form), adds, multiplies, reductions,
+                            the losses' elementwise work
   adapter stencil           the C++ TED stencil and its serial copies (m2clip_fast._C, wrapped here in
                             record_function labels: the profiler cannot see into the extension otherwise)
   convolutions              conv kernels (the patch embedding; the baseline's depthwise adapter convs)
@@ -44,7 +45,7 @@ COPIES = ("aten::copy_", "aten::cat", "aten::clone", "aten::contiguous", "aten::
           "aten::fill_", "aten::zero_", "aten::zeros", "aten::empty", "aten::empty_strided", "aten::new_zeros",
           "aten::index_add_", "aten::slice_backward", "aten::select_backward", "aten::stack", "aten::_to_copy",
           "aten::gather", "aten::scatter", "aten::embedding")
-ELEMENTWISE = ("layer_norm", "gelu", "sigmoid", "aten::add", "aten::mul", "aten::sub", "aten::div", "aten::neg",
+ELEMENTWISE = ("layer_norm", "gelu", "sigmoid", "silu", "aten::add", "aten::mul", "aten::sub", "aten::div", "aten::neg",
                "aten::sum", "aten::mean", "aten::exp", "aten::log", "aten::pow", "aten::sqrt", "aten::rsqrt",
                "aten::norm", "linalg_vector_norm", "aten::clamp", "aten::where", "aten::max", "aten::amax",
                "nll_loss", "aten::dropout", "aten::bernoulli", "aten::masked_fill", "aten::threshold",
