@@ -274,6 +274,7 @@ class M2CLIP(nn.Module):
         self._text_cache: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.use_text_cache = True
         self.use_eot_text_path = True
+        self.cpu_inference_tokens: Optional[int] = CPU_INFERENCE_TOKENS  # see inference_clips_per_call
 
     @property
     def last_block_class_token_only(self) -> bool:
@@ -372,12 +373,13 @@ class M2CLIP(nn.Module):
         On the CPU every elementwise pass (LayerNorm, residual adds, the MLP activation) streams the whole
         call's activations: 12 views of 8 frames are 18,912 tokens, a 232 MB fp32 MLP hidden, far beyond the
         last-level cache, where two clips' 39 MB mostly stay in it. Calls of about CPU_INFERENCE_TOKENS
-        tokens ran k400_b16_8f's 12-view evaluation 1.3× faster than one call on 2 Zen 3 cores (32 MB L3),
-        with the same GEMM rate. Elsewhere (CUDA): None, everything in one call."""
-        if device.type != "cpu":
+        tokens ran k400_b16_8f's 12-view evaluation 1.2–1.3× faster than one call on 2 Zen 3 cores (32 MB L3),
+        with the same GEMM rate. ``cpu_inference_tokens`` (default CPU_INFERENCE_TOKENS) sets the budget for
+        another machine; None turns chunking off. Elsewhere (CUDA): None, everything in one call."""
+        if device.type != "cpu" or self.cpu_inference_tokens is None:
             return None
         tokens = self.num_frames * (1 + self.grid[0] * self.grid[1])
-        return max(1, CPU_INFERENCE_TOKENS // tokens)
+        return max(1, self.cpu_inference_tokens // tokens)
 
     def _visual_dtype(self) -> torch.dtype:
         return self.clip.visual.conv1.weight.dtype
@@ -620,7 +622,7 @@ class M2CLIP(nn.Module):
     def _autocast(self, device: torch.device):
         """Autocast to the backbone dtype when it is low precision and the caller has not set autocast."""
         dtype = self.backbone_dtype
-        if dtype == torch.float32 or torch.is_autocast_enabled(device.type):
+        if dtype not in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(device.type):
             return contextlib.nullcontext()  # autocast(enabled=False) would switch off the caller's autocast
         return torch.autocast(device.type, dtype=dtype)
 
