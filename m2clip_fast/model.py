@@ -350,12 +350,12 @@ class M2CLIP(nn.Module):
         ln_post of the time-averaged class token (B, width)). ``clips_per_call``: run the vision tower on at
         most that many clips at a time (clips never mix, so the result is the same up to GEMM blocking);
         None: all at once."""
+        self.check_video(video)
         if clips_per_call is not None and clips_per_call < 1:
             raise ValueError(f"clips_per_call must be at least 1, got {clips_per_call}")
         if clips_per_call is not None and clips_per_call < video.shape[0]:
-            parts = [self.encode_frames(clips) for clips in video.split(clips_per_call)]
+            parts = [self.encode_frames(clips) for clips in video.split(int(clips_per_call))]
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        self.check_video(video)
         b, t = video.shape[:2]
         frames = self.clip.visual(video.flatten(0, 1).to(self._visual_dtype()))
         class_tokens, self._pre_norm_class_token = self._pre_norm_class_token, None
@@ -368,7 +368,8 @@ class M2CLIP(nn.Module):
         return frames.reshape(b, t, -1), pooled
 
     def inference_clips_per_call(self, device: torch.device) -> Optional[int]:
-        """How many clips inference (``predict``, ``extract``) hands the vision tower at once on ``device``.
+        """How many clips inference (``predict``, ``extract``, ``encode_video`` without autograd) hands the vision
+        tower at once on ``device``.
 
         On the CPU every elementwise pass (LayerNorm, residual adds, the MLP activation) streams the whole
         call's activations: 12 views of 8 frames are 18,912 tokens, a 232 MB fp32 MLP hidden, far beyond the
@@ -379,15 +380,17 @@ class M2CLIP(nn.Module):
         if device.type != "cpu" or self.cpu_inference_tokens is None:
             return None
         tokens = self.num_frames * (1 + self.grid[0] * self.grid[1])
-        return max(1, self.cpu_inference_tokens // tokens)
+        return max(1, int(self.cpu_inference_tokens) // tokens)
 
     def _visual_dtype(self) -> torch.dtype:
         return self.clip.visual.conv1.weight.dtype
 
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
-        """video (B, T, 3, H, W) → video embedding (B, D): the mean over T of the per-frame embeddings."""
+        """video (B, T, 3, H, W) → video embedding (B, D): the mean over T of the per-frame embeddings. Without
+        autograd (inference), in the chunks of :meth:`inference_clips_per_call`."""
+        chunk = None if torch.is_grad_enabled() else self.inference_clips_per_call(video.device)
         with self._autocast(video.device):
-            return self.encode_frames(video)[0].mean(dim=1)
+            return self.encode_frames(video, chunk)[0].mean(dim=1)
 
     # -------------------------------------------------------------------------------------------- text
     def _embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+import torch.nn.utils.prune  # noqa: F401  (torch.nn.utils.prune is not imported by torch.nn.utils)
 from open_clip.transformer import QuickGELU
 from torch import nn
 
@@ -69,17 +71,85 @@ def test_silu_form_bf16_autocast_within_open_clip_error_of_float64():
     assert_within_reference_error(got, want, exact, dtype=torch.bfloat16, what="SiLU-form MLP under bf16 autocast")
 
 
-def test_in_place_activation_leaves_the_input_and_matches_autograd_mode():
-    """Without autograd the SiLU runs in place on the MLP's own hidden tensor: the caller's input is untouched
-    and the result is bitwise the autograd-mode one (the same kernels, one in place)."""
+class SiLUCalls(torch.overrides.TorchFunctionMode):
+    """Records the ``inplace`` flag of every F.silu call made under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.in_place = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.silu:
+            self.in_place.append(bool(kwargs.get("inplace", args[1] if len(args) > 1 else False)))
+        return func(*args, **kwargs)
+
+
+def test_activation_runs_in_place_only_without_autograd_and_gives_the_same_bits():
     mlp = open_clip_mlp(32, 128, seed=3)
     set_mlp_form(mlp, True)
     x = torch.randn(5, 9, 32)
-    before = x.clone()
-    with torch.no_grad():
+    with SiLUCalls() as calls, torch.no_grad():
         fast = mlp(x)
-    assert torch.equal(x, before)
-    assert torch.equal(fast, mlp(x).detach())
+    with SiLUCalls() as grad_calls:
+        with_grad = mlp(x)
+    assert calls.in_place == [True] and grad_calls.in_place == [False]
+    assert torch.equal(fast, with_grad.detach())  # the same kernel, once in place
+
+
+def reference_output(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What nn.Sequential's own forward gives: every child called in turn."""
+    for child in mlp:
+        x = child(x)
+    return x
+
+
+def test_changed_or_hooked_children_run_as_plain_sequential():
+    """A hook, a wrapped linear, pruning, a slice or an appended module must take effect, as on open_clip's MLP."""
+    x = torch.randn(4, 7, 32)
+
+    def fresh():
+        mlp = open_clip_mlp(32, 128, seed=4)
+        assert set_mlp_form(mlp, True) == 1
+        return mlp
+
+    mlp, seen = fresh(), []
+    mlp.c_fc.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    torch.testing.assert_close(mlp(x), reference_output(mlp, x), rtol=0, atol=0)
+    assert seen and seen[0][-1] == 128
+
+    class Doubled(nn.Module):  # a LoRA-style wrapper around the original linear
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, h):
+            return 2 * self.inner(h)
+
+    mlp = fresh()
+    mlp.c_fc = Doubled(mlp.c_fc)
+    torch.testing.assert_close(mlp(x), reference_output(mlp, x), rtol=0, atol=0)
+
+    mlp = fresh()
+    torch.nn.utils.prune.l1_unstructured(mlp.c_proj, "weight", amount=0.5)
+    torch.testing.assert_close(mlp(x), reference_output(mlp, x), rtol=0, atol=0)
+
+    mlp = fresh()
+    head = mlp[:2]  # c_fc, gelu
+    torch.testing.assert_close(head(x), mlp.gelu(mlp.c_fc(x)), rtol=0, atol=0)
+    mlp.append(nn.LayerNorm(32))
+    torch.testing.assert_close(mlp(x), reference_output(mlp, x), rtol=0, atol=0)
+    assert set_mlp_form(mlp, False) == 1 and type(mlp) is nn.Sequential  # reverts whatever its children are
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace")
+def test_silu_form_traces():
+    mlp = open_clip_mlp(16, 64, seed=5)
+    set_mlp_form(mlp, True)
+    x = torch.randn(3, 16)
+    traced = torch.jit.trace(mlp, x)  # checks the trace against eager under grad
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), mlp(x), rtol=0, atol=0)
 
 
 def test_set_mlp_form_swaps_every_quick_gelu_mlp_both_ways_with_the_same_state_dict():
@@ -122,7 +192,7 @@ def test_inference_clips_per_call_by_hand(tiny):
     assert k400.inference_clips_per_call(torch.device("cpu")) == 2  # 4096 // (8 frames x 197 tokens)
 
 
-@pytest.mark.parametrize("chunk", [1, 2, 4, 5, 9])
+@pytest.mark.parametrize("chunk", [1, 2, 3, 4, 5])  # 5 clips: 5 is one call, the control
 def test_chunked_encode_frames_matches_one_call(tiny, chunk):
     video = torch.randn(5, tiny.num_frames, 3, 32, 32, generator=torch.Generator().manual_seed(chunk))
     calls = []
@@ -165,3 +235,25 @@ def test_predict_on_the_cpu_calls_the_tower_in_chunks(tiny, monkeypatch):
 def test_clips_per_call_below_one_is_refused(tiny):
     with pytest.raises(ValueError, match="clips_per_call"):
         tiny.encode_frames(torch.zeros(2, tiny.num_frames, 3, 32, 32), clips_per_call=0)
+
+
+def test_a_bad_video_is_reported_before_chunking(tiny):
+    with pytest.raises(ValueError, match="rank 0"):
+        tiny.encode_frames(torch.zeros(()), clips_per_call=1)
+    with pytest.raises(ValueError, match="frames but the model was built for"):
+        tiny.encode_frames(torch.zeros(3, tiny.num_frames + 1, 3, 32, 32), clips_per_call=1)
+
+
+def test_encode_video_chunks_only_without_autograd(tiny, monkeypatch):
+    monkeypatch.setattr(tiny, "cpu_inference_tokens", tiny.num_frames * 65)  # 1 clip per call
+    calls = []
+    hook = tiny.clip.visual.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        video = torch.randn(3, tiny.num_frames, 3, 32, 32)
+        with torch.no_grad():
+            tiny.encode_video(video)
+        inference, calls[:] = list(calls), []
+        tiny.encode_video(video)
+    finally:
+        hook.remove()
+    assert inference == [tiny.num_frames] * 3 and calls == [3 * tiny.num_frames]
