@@ -2,8 +2,8 @@
 
     python -m pytest benchmarks/test_eval.py -s      # about 3-5 minutes on 2 CPU cores
 
-One video of 4 temporal clips × 3 spatial crops = 12 views of 8 frames at 224 px (the paper's K400 test
-protocol), a fixed random tensor: the model's work only, no decoding. Each timed round is one call of
+One video of 3 temporal clips × 4 spatial crops = 12 views of 8 frames at 224 px (the official K400 test views,
+``--num_temporal_views 3 --num_spatial_views 4``; the release's evaluation batch is 2 videos), a fixed random tensor: the model's work only, no decoding. Each timed round is one call of
 ``m2clip_fast.evaluation.view_probabilities`` (what ``evaluate`` runs per batch: ``model.predict`` over the
 views under no_grad, probabilities averaged over views). Text features are computed once per model, before
 the timed rounds, and reported on their own ("text s"):
@@ -50,7 +50,7 @@ from m2clip_fast import create_model  # noqa: E402
 from m2clip_fast.evaluation import view_probabilities  # noqa: E402
 
 PRESET, FRAMES, SIZE = "k400_b16_8f", 8, 224
-TEMPORAL, SPATIAL = 4, 3
+TEMPORAL, SPATIAL = 3, 4
 VIEWS = TEMPORAL * SPATIAL
 BASELINE = "official-style fp32"
 CHUNKED_BASELINE = "official-style chunked"
