@@ -97,13 +97,6 @@ def test_activation_runs_in_place_only_without_autograd_and_gives_the_same_bits(
     assert torch.equal(fast, with_grad.detach())  # the same kernel, once in place
 
 
-def reference_output(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What nn.Sequential's own forward gives: every child called in turn."""
-    for child in mlp:
-        x = child(x)
-    return x
-
-
 def test_changed_or_hooked_children_run_as_plain_sequential():
     """A hook, a wrapped linear, pruning, a slice or an appended module must take effect, as on open_clip's MLP."""
     x = torch.randn(4, 7, 32)
@@ -115,7 +108,7 @@ def test_changed_or_hooked_children_run_as_plain_sequential():
 
     mlp, seen = fresh(), []
     mlp.c_fc.register_forward_hook(lambda m, args, out: seen.append(out.shape))
-    torch.testing.assert_close(mlp(x), reference_output(mlp, x), rtol=0, atol=0)
+    torch.testing.assert_close(mlp(x), nn.Sequential.forward(mlp, x), rtol=0, atol=0)
     assert seen and seen[0][-1] == 128
 
     class Doubled(nn.Module):  # a LoRA-style wrapper around the original linear
@@ -128,17 +121,17 @@ def test_changed_or_hooked_children_run_as_plain_sequential():
 
     mlp = fresh()
     mlp.c_fc = Doubled(mlp.c_fc)
-    torch.testing.assert_close(mlp(x), reference_output(mlp, x), rtol=0, atol=0)
+    torch.testing.assert_close(mlp(x), nn.Sequential.forward(mlp, x), rtol=0, atol=0)
 
     mlp = fresh()
     torch.nn.utils.prune.l1_unstructured(mlp.c_proj, "weight", amount=0.5)
-    torch.testing.assert_close(mlp(x), reference_output(mlp, x), rtol=0, atol=0)
+    torch.testing.assert_close(mlp(x), nn.Sequential.forward(mlp, x), rtol=0, atol=0)
 
     mlp = fresh()
     head = mlp[:2]  # c_fc, gelu
     torch.testing.assert_close(head(x), mlp.gelu(mlp.c_fc(x)), rtol=0, atol=0)
     mlp.append(nn.LayerNorm(32))
-    torch.testing.assert_close(mlp(x), reference_output(mlp, x), rtol=0, atol=0)
+    torch.testing.assert_close(mlp(x), nn.Sequential.forward(mlp, x), rtol=0, atol=0)
     assert set_mlp_form(mlp, False) == 1 and type(mlp) is nn.Sequential  # reverts whatever its children are
 
 
