@@ -226,8 +226,6 @@ def train_section(report: Report, s: Settings) -> None:
 
 
 def _train_variant(s: Settings, name: str, spec: dict, grads: str, first: Dict[str, Dict[str, float]]):
-    if s.device.type == "cuda" and not torch.cuda.is_available():
-        return NO_CUDA, {}
     worker = step_bench.WorkerProcess(name, grads, spec={**spec, "device": s.device.type, "preset": s.preset,
                                                             "class_names": s.class_names, "batch": s.batch})
     try:
@@ -242,7 +240,7 @@ def _train_variant(s: Settings, name: str, spec: dict, grads: str, first: Dict[s
     against, tol = ("ours fp32", step_bench.BF16_LOSS_TOL) if spec["amp"] else ("official-style fp32",
                                                                                step_bench.FP32_LOSS_TOL)
     if against in first and against != name:
-        err = max(abs(v - first[against][k]) / max(abs(first[against][k]), 1e-12) for k, v in first[name].items())
+        err = max(step_bench._relative(v, first[against][k]) for k, v in first[name].items())
         values[f"loss_vs_{against}"] = err
         if err > tol:
             return f"error: first-step losses differ from {against} by {err:.2e} relative (allowed {tol:g})", values

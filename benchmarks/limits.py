@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, sdpa_backward_flop_count, sdpa_flop_count
@@ -87,3 +87,13 @@ def gemm_flops_per_s(rows: int, inner: int, cols: int, dtype: torch.dtype = torc
         if i:  # the first run is the warm-up (page faults, MKL's buffers)
             best = min(best, time.perf_counter() - start)
     return 2 * rows * inner * cols / best
+
+
+def cell(value: Optional[float], fmt: str) -> str:
+    """A benchmark table's cell: ``value`` in ``fmt``, or "-" right-aligned to the format's width when None."""
+    return format(value, fmt) if value is not None else format("-", ">" + column_width(fmt))
+
+
+def column_width(fmt: str) -> str:
+    """The width part of a format spec: "8.2f" → "8", "6d" → "6"."""
+    return fmt.rstrip("defs").split(".")[0]

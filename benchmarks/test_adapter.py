@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import OfficialStyleTEDAdapter, saved_storages  # noqa: E402
-from limits import count_flops, gemm_flops_per_s  # noqa: E402
+from limits import cell, count_flops, gemm_flops_per_s  # noqa: E402
 
 from m2clip_fast.adapters import TEDAdapter  # noqa: E402
 from m2clip_fast.fused import FusedTEDAdapter, extension_available  # noqa: E402
@@ -155,11 +155,11 @@ class Bench:
         self.want = ModuleRunner(self.ref, self.x, self.grad).results()
         self._runners: Dict[str, object] = {}
         self._fp64: Optional[list] = None
-        # the adapter's work per mode, as the flop counter counts it on the reference (every variant computes the
+        # the adapter's fwd+bwd work, as the flop counter counts it on the reference (every variant computes the
         # same function: the same work; the depthwise convs add 0.4% to the six GEMMs), and torch.mm's FLOP/s on
         # its GEMM shape (all six have B·T·L × 768 × 768 multiply-adds), fp32 and bf16, timed here
         ref = ModuleRunner(self.ref, self.x, self.grad)
-        self.flops = {mode: count_flops(ref.step(mode)).total for mode in MODES}
+        self.flops = {"fwd+bwd": count_flops(ref.step("fwd+bwd")).total}  # the only mode the table rates
         self.gemm_shape = (shape[0] * shape[1], DIM, 2 * R)
         self.gemm: Dict[torch.dtype, float] = {}
         self.time_gemm()
@@ -303,9 +303,6 @@ def _throughput(bench, variant: str, ms: float):
 def summary_table(bench) -> str:
     floor = RESULTS.get("bare-GEMM floor", {}).get("fwd+bwd")
     official = RESULTS.get("official-style eager", {}).get("fwd+bwd")
-
-    def cell(value, fmt):
-        return format(value, fmt) if value is not None else format("-", ">" + fmt.split(".")[0])
 
     lines = [f"TED adapter {BATCH}x{FRAMES}x{1 + GRID[0] * GRID[1]}x{DIM}, r={R}, {torch.get_num_threads()} threads "
              f"(min ms of {ROUNDS['fwd']} fwd / {ROUNDS['fwd+bwd']} fwd+bwd rounds; ratios on fwd+bwd; "

@@ -44,12 +44,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import make_official_style, randomise_tunable  # noqa: E402
-from limits import count_flops, gemm_flops_per_s  # noqa: E402
+from limits import cell, column_width, count_flops, gemm_flops_per_s  # noqa: E402
 
 from m2clip_fast import create_model  # noqa: E402
 from m2clip_fast.evaluation import view_probabilities  # noqa: E402
+from m2clip_fast.runtime import autocast  # noqa: E402
 
 PRESET, FRAMES, SIZE = "k400_b16_8f", 8, 224
+CPU = torch.device("cpu")
 TEMPORAL, SPATIAL = 3, 4
 VIEWS = TEMPORAL * SPATIAL
 BASELINE = "official-style fp32"
@@ -70,13 +72,9 @@ FP32_LOGIT_TOL, BF16_LOGIT_TOL = 1e-4, 5e-2
 RESULTS: Dict[str, Dict[str, float]] = {}
 
 
-def _autocast(amp):
-    return torch.autocast("cpu", dtype=amp) if amp else contextlib.nullcontext()
-
-
 def view_logits(model, views: torch.Tensor, amp) -> Dict[str, torch.Tensor]:
     """The logits model.predict turns into probabilities: views (V, T, 3, H, W) → {"text", "vc"}: (V, C) fp32."""
-    with torch.no_grad(), _autocast(amp):
+    with torch.no_grad(), autocast(CPU, amp):
         frames, pooled = model.encode_frames(views)
         text = model._similarity_logits(frames.mean(dim=1), model.encode_text())
         return {"text": text, "vc": model.vc_head(pooled).float()}
@@ -108,7 +106,7 @@ class Bench:
         view's logits. Returns the text seconds."""
         model, amp = self.model(variant), VARIANTS[variant]["amp"]
         start = time.perf_counter()
-        with torch.no_grad(), _autocast(amp):
+        with torch.no_grad(), autocast(CPU, amp):
             text = model.encode_text()
         seconds = time.perf_counter() - start
         if VARIANTS[variant]["official"]:
@@ -125,7 +123,7 @@ class Bench:
         fastpath = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)
         try:
-            with torch.no_grad(), _autocast(amp):
+            with torch.no_grad(), autocast(CPU, amp):
                 return VIEWS * count_flops(lambda: model.encode_frames(self.video[0, :1])).total
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
@@ -141,12 +139,11 @@ class Bench:
     def evaluate(self, variant: str) -> Dict[str, torch.Tensor]:
         """One timed unit: every view of the video through view_probabilities → {head: (1, C)}. The chunked
         baseline hands its vision tower as many clips per call as ours does (the release: all 12 at once)."""
-        cpu = torch.device("cpu")
         model = self.model(variant)
         if VARIANTS[variant]["official"]:
-            model.clips_per_call = self.models["ours"].inference_clips_per_call(cpu) if VARIANTS[variant].get(
+            model.clips_per_call = self.models["ours"].inference_clips_per_call(CPU) if VARIANTS[variant].get(
                 "chunked") else None
-        return view_probabilities(model, self.video, cpu, VARIANTS[variant]["amp"])
+        return view_probabilities(model, self.video, CPU, VARIANTS[variant]["amp"])
 
 
 @pytest.fixture(scope="module")
@@ -211,17 +208,15 @@ COLUMNS = (("rounds", "6d"), ("s/video", "8.2f"), ("videos/s", "9.4f"), ("views/
 
 def summary_table() -> str:
     base = RESULTS.get(BASELINE, {})
-    width = lambda fmt: fmt.rstrip("defs").split(".")[0]
     lines = [f"{PRESET} multi-view evaluation, 1 video x {VIEWS} views ({TEMPORAL} clips x {SPATIAL} crops) of "
              f"{FRAMES} frames, {torch.get_num_threads()} threads, forward only (s/video: median of the rounds; "
              f"CPU s: process CPU time per video, all threads; text s: the class text features, once)",
-             " ".join([f"{'variant':22s}"] + [format(name, ">" + width(fmt)) for name, fmt in COLUMNS])]
+             " ".join([f"{'variant':22s}"] + [format(name, ">" + column_width(fmt)) for name, fmt in COLUMNS])]
     for variant in VARIANTS:
         r = RESULTS.get(variant)
         if r and "s" in r:
             cells = _row(r, base)
-            lines.append(" ".join([f"{variant:22s}"] + [format(cells[n], f) if cells[n] is not None
-                                                         else format("-", ">" + width(f)) for n, f in COLUMNS]))
+            lines.append(" ".join([f"{variant:22s}"] + [cell(cells[n], f) for n, f in COLUMNS]))
     lines.append("  logit diff: max |logit - reference| / max |reference| over the text and VC heads on the first "
                  "view (reference: the baseline; for bf16, ours fp32); GFLOP/video: the vision tower's, flop counter "
                  f"(matrix products, attention); of GEMM peak: that / s per video / best of 3 torch.mm "

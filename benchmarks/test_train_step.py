@@ -59,6 +59,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from limits import cell  # noqa: E402
 
 PRESET = "k400_b16_8f"  # 8 frames of 224 px
 BATCH = {"cpu": 2, "cuda": 16}
@@ -180,6 +181,12 @@ class Worker:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
+    def autocast(self):
+        """The step's autocast context (none in fp32)."""
+        from m2clip_fast.runtime import autocast
+
+        return autocast(self.device, self.amp)
+
     def step(self, save_grads: Optional[str] = None) -> dict:
         self.optimizer.zero_grad(set_to_none=True)
         # Dropout (VC head) and CMLM's word masks draw from the global RNG: the same draws in every variant.
@@ -190,7 +197,7 @@ class Worker:
             before = torch.cuda.memory_allocated(self.device)
         else:
             before = self.host.start()
-        context = torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
+        context = self.autocast()
         t0, cpu0 = time.perf_counter(), time.process_time()
         with context:
             losses = self.model(self.video, self.labels)
@@ -222,7 +229,7 @@ class Worker:
 
         self.optimizer.zero_grad(set_to_none=True)
         torch.manual_seed(100 + self.steps)
-        context = torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
+        context = self.autocast()
 
         def run():
             with context:
@@ -411,10 +418,6 @@ def test_train_step(benchmark, workers, variant):
                                 accuracy="losses/gradients checked vs the official-style baseline")
 
 
-def _cell(value: Optional[float], fmt: str) -> str:
-    return format(value, fmt) if value is not None else format("-", ">" + fmt.split(".")[0])
-
-
 def _ratios(r: dict, base: dict):
     """(clips/s, peak step memory, clips per CPU-second) of r relative to base; None where either is missing."""
     if not r.get("s") or not base.get("s"):
@@ -456,8 +459,8 @@ def summary_table() -> str:
         for variant, r in rows:
             speed, mem, cpu = _ratios(r, base)
             lines.append(f"{variant:28s} {r['rounds']:6d} {r['s']:8.2f} {r['batch'] / r['s']:8.3f} "
-                         f"{r['peak_mb']:13.0f} {_cell(speed, '10.2f')} {_cell(mem, '9.2f')} {r['first_s']:8.2f} "
-                         f"{r['first_peak_mb']:9.0f} {r['cpu_s']:7.1f} {_cell(cpu, '6.2f')} "
+                         f"{r['peak_mb']:13.0f} {cell(speed, '10.2f')} {cell(mem, '9.2f')} {r['first_s']:8.2f} "
+                         f"{r['first_peak_mb']:9.0f} {r['cpu_s']:7.1f} {cell(cpu, '6.2f')} "
                          f"{r['flops'] / 1e9:10.0f} {r['achieved_flops_s'] / 1e9:8.1f} "
                          f"{r['gemm_flops_s'] / 1e9:12.1f} {r['of_gemm_peak']:12.2f}")
             if "loss_vs_fp32" in r:

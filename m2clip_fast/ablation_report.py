@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-CHANCE = 100 / 8  # the synthetic set's 8 classes
+from .data.synthetic import CLASSES
+
+CHANCE = 100 / len(CLASSES)  # the synthetic set's classes
 HEADS = ("text", "vc", "fused")
 
 

@@ -29,7 +29,7 @@ from .checkpoint import (TRUST_HELP, CheckpointError, TrainingState, atomic_save
 from .cli import add_data_args, int_at_least, run_main
 from .data.datasets import DatasetError, annotation_root, load_samples
 from .data.loader import DecodeTally, decode_stats_line
-from .data.loader import batches_from, build_clip_loader, parse_views, resolve_decoder
+from .data.loader import batches_from, build_clip_loader, cpu_only_augment, parse_views, resolve_decoder
 from .data.robust import check_bad_fraction
 from .errors import UserError
 from .evaluation import evaluate_loader, excluded_note, gather_skipped
@@ -139,15 +139,6 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def cpu_augment(train: Dict[str, Any]) -> Optional[str]:
-    """The training augmentation only the PyAV loader runs (see resolve_decoder), or None."""
-    if train["rand_augment"]:
-        return f"RandAugment (train.rand_augment={train['rand_augment']})"
-    if train["resize"] != "short_side_jitter":
-        return f"train.resize={train['resize']}"
-    return None
 
 
 def position_text(epoch: int, batches: int, batches_per_epoch: Optional[int], epochs: int) -> str:
@@ -326,7 +317,7 @@ class Trainer:
             self.model = create_model(st.cfg, pretrained=args.pretrained, class_names=st.class_names)
         self.amp_dtype = runtime.place_model(self.model, self.device, tcfg["amp"])
         self.decoder_choice = resolve_decoder(args.decoder, self.device, runtime.all_gather_objects,
-                                              cpu_augment=cpu_augment(tcfg))
+                                              cpu_augment=cpu_only_augment(tcfg["resize"], tcfg["rand_augment"]))
         self.decoder = self.decoder_choice.name
         if self.info.is_main and self.decoder_choice.notice:
             print(self.decoder_choice.notice)
@@ -506,14 +497,15 @@ class Trainer:
         log it and stop at the agreed check before the next save (:meth:`_check_finite`). Either way the stop
         comes at a log point (every train.log_every steps, and at the epoch's end or a --max-steps stop), and
         no checkpoint is written after a bad step: every save follows a log point."""
+        row = None
         for row in self.window.rows():
             if self.nonfinite is None and not math.isfinite(row["loss"]):
                 self.nonfinite = f"loss {row['loss']} at step {row['step']} (epoch {epoch + 1})"
                 if self.info.world_size == 1:
                     self._check_finite()
             self.logger.step(row)
-            if bar is not None:
-                bar.set_postfix(loss=f"{row['loss']:.3f}", clips_s=f"{row['clips_per_s']:.1f}")
+        if bar is not None and row is not None:  # the bar shows one row: the newest
+            bar.set_postfix(loss=f"{row['loss']:.3f}", clips_s=f"{row['clips_per_s']:.1f}")
 
     def _check_finite(self) -> None:
         """Before a checkpoint: every process's losses and the tuned weights finite, or a DivergedError on every

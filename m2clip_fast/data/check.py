@@ -118,9 +118,10 @@ def _keyframe_stats(index: VideoIndex) -> Dict[str, Any]:
 
 def _inspect(path: str, windows: int, torchcodec: bool) -> Dict[str, Any]:
     index = get_index(path)
-    if torchcodec and unserved_reason(index):  # only what the index says: for files PyAV decodes through too
+    reason = unserved_reason(index) if torchcodec else None  # only what the index says: PyAV decodes through too
+    if reason:
         torchcodec = False
-        served = {"torchcodec": "pyav", "torchcodec_reason": unserved_reason(index)}
+        served = {"torchcodec": "pyav", "torchcodec_reason": reason}
     else:
         served = {}
     info: Dict[str, Any] = {

@@ -363,9 +363,20 @@ def resolve_decoder(choice: str, device: torch.device,
     return DecoderChoice("pyav", fallen[0].fallback) if fallen else mine
 
 
+def cpu_only_augment(resize: str, rand_augment: Optional[str]) -> Optional[str]:
+    """The training augmentation among ``resize`` and ``rand_augment`` that only the PyAV and torchcodec paths
+    run (the DALI pipeline has the default short-side jitter only), or None."""
+    if rand_augment:
+        return f"RandAugment (train.rand_augment={rand_augment})"
+    if resize != "short_side_jitter":
+        return f"train.resize={resize}"
+    return None
+
+
 def _own_decoder(choice: str, device: torch.device, cpu_augment: Optional[str]) -> DecoderChoice:
-    dali_wanted = device.type == "cuda" and dali_available() and not cpu_augment
-    if choice == "pyav" or (choice == "auto" and not dali_wanted):
+    # dali_available() imports DALI (seconds, CUDA libraries): only "auto" asks it
+    if choice == "pyav" or (choice == "auto" and not (device.type == "cuda" and not cpu_augment
+                                                         and dali_available())):
         return DecoderChoice("pyav")
     if choice == "torchcodec":
         require_torchcodec()
@@ -399,8 +410,9 @@ def build_clip_loader(samples, *, train: bool, decoder: str, device: torch.devic
     """
     clips, crops = (1, 1) if train else parse_views(views)
     if decoder == "dali":
-        if train and (rand_augment or resize != "short_side_jitter"):
-            raise UsageError(f"the DALI loader has no {rand_augment or resize}; use the pyav decoder")
+        missing = cpu_only_augment(resize, rand_augment) if train else None
+        if missing:
+            raise UsageError(f"the DALI loader has no {missing}; use the pyav decoder")
         distributed = dist.is_available() and dist.is_initialized()
         rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         return DALIClipLoader(samples, batch_size=batch_size, num_frames=num_frames, size=size, train=train,
