@@ -173,21 +173,31 @@ def evaluate(args: argparse.Namespace) -> Dict[str, object]:
         return {"checkpoint": str(args.checkpoint), "views": scorer.views, "dataset": args.zero_shot, **result}
     names = load_class_names(args.class_names) if args.class_names else None
     scorer = Scorer(args, args.checkpoint, info, device, decoder)
-    return {"checkpoint": str(args.checkpoint), "views": scorer.views, **_supervised(args, scorer, names)}
+    loaded = _validation_samples(args, _checkpoint_names(scorer, names))
+    return {"checkpoint": str(args.checkpoint), "views": scorer.views, **_supervised(scorer, *loaded)}
 
 
-def _supervised(args: argparse.Namespace, scorer: Scorer, names: Optional[List[str]],
-                report: Optional[str] = None) -> Dict[str, object]:
-    """Every head on ``--val-list``, whose labels are the checkpoint's classes."""
+def _checkpoint_names(scorer: Scorer, names: Optional[List[str]]) -> List[str]:
+    """The class names supervised scoring labels ``--val-list`` by: ``names`` (``--class-names``), which must be
+    the checkpoint's, or the checkpoint's own."""
     model_names = scorer.model.class_names
     names = names if names is not None else model_names
     if list(names) != model_names:
         raise UsageError(f"--class-names gives {len(names)} classes that differ from the checkpoint's "
                          f"{len(model_names)}; use --zero-shot for another label set")
-    samples, dropped = load_samples(args.val_list, args.data_root, names, train=False,
-                                    skip_missing=args.skip_missing, what="validation list")
+    return names
+
+
+def _supervised(scorer: Scorer, samples, dropped, report: Optional[str] = None) -> Dict[str, object]:
+    """Every head on ``--val-list``'s ``samples`` (``dropped``: those left out when it was read)."""
     metrics, skipped = scorer(samples, report)
     return {**metrics, "dropped": len(dropped), "skipped": skipped}
+
+
+def _validation_samples(args: argparse.Namespace, names: Sequence[str]) -> tuple:
+    """``(samples, dropped)`` of ``--val-list`` labelled by ``names``, read and checked."""
+    return load_samples(args.val_list, args.data_root, names, train=False, skip_missing=args.skip_missing,
+                        what="validation list")
 
 
 def _zero_shot(scorer: Scorer, splits: Dict[int, tuple], templates) -> Dict[str, object]:
@@ -255,11 +265,12 @@ def _base_to_novel(args: argparse.Namespace, scorer: Scorer, subsets: Dict[str, 
 def _few_shot(args: argparse.Namespace, info, device, decoder: DecoderChoice) -> Dict[str, object]:
     """Each K's checkpoint on the full test list: every head, as supervised evaluation scores them."""
     names = load_class_names(args.class_names) if args.class_names else None
-    rows = []
+    rows, loaded = [], None
     for shots, checkpoint in sorted(args.shots):
         scorer = Scorer(args, checkpoint, info, device, decoder)
-        names = names if names is not None else scorer.model.class_names
-        row = _supervised(args, scorer, names, report=f"{shots}_shot")
+        names = _checkpoint_names(scorer, names)
+        loaded = loaded or _validation_samples(args, names)  # one test list for every K: read it once
+        row = _supervised(scorer, *loaded, report=f"{shots}_shot")
         rows.append({"shots": shots, "checkpoint": checkpoint, "views": scorer.views, **row})
     views = ", ".join(sorted({row["views"] for row in rows}))  # each checkpoint's own unless --views is given
     return {"val_list": args.val_list, "views": views, "shots": rows}
