@@ -111,11 +111,16 @@ class OfficialStyleM2CLIP(M2CLIP):
     """
 
     # The release's evaluation hands the vision tower all B·V views of a batch in one call (main.py's
-    # ``data.flatten(0, 1)``); a benchmark may set a chunk to separate that choice from the model's speed.
+    # ``data.flatten(0, 1)``); a benchmark may set chunks and workers to separate that choice from the model's
+    # speed.
     clips_per_call: Optional[int] = None
+    workers: int = 1
 
     def inference_clips_per_call(self, device: torch.device) -> Optional[int]:
         return self.clips_per_call
+
+    def inference_workers(self, device: torch.device) -> int:
+        return self.workers
 
     @staticmethod
     def _trim(tokens: torch.Tensor, used: int) -> torch.Tensor:

@@ -151,7 +151,7 @@ def embed_views(model, video: torch.Tensor, device, amp_dtype, per_frame: bool) 
     ``per_frame`` also ``"frames"`` (B, V, T, D), ``"logits_text"`` and ``"logits_vc"`` (B, V, C). On the CPU."""
     b, v = video.shape[:2]
     with autocast(device, amp_dtype):
-        frames, pooled = model.encode_frames(video.to(device).flatten(0, 1), model.inference_clips_per_call(device))
+        frames, pooled = model.encode_frames_for_inference(video.to(device).flatten(0, 1))
         out = {"video": frames.float().mean(dim=1).reshape(b, v, -1).mean(dim=1)}
         if per_frame:
             out["frames"] = frames.float().reshape(b, v, *frames.shape[1:])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from .adapters import TEDAdapter, TemporalAdapter, TextAdapter
 from .attention import set_attention_backend
+from .cpu_workers import map_on_cores
 from .errors import UsageError
 from .fused import FusedTEDAdapter
 from .heads import (HEADS, MLMHead, VisualClassifier, cmc_loss, cmlm_loss, kl_contrastive_loss, vc_loss)
@@ -37,6 +39,29 @@ CPU_INFERENCE_TOKENS = 4096
 
 
 # ----------------------------------------------------------------------------------------------- insertion
+class PerThread:
+    """An attribute whose value belongs to the thread that set it (None where that thread set none).
+
+    Hooks hand tensors from one module to another within a forward (a block's input to its tap, the class
+    token to encode_frames); forwards running at once on several threads (:func:`map_on_cores`) must each see
+    their own. Setting None drops the thread's value."""
+
+    def __set_name__(self, owner, name):
+        self.slot = f"_{name}_per_thread"
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        return obj.__dict__.get(self.slot, {}).get(threading.get_ident())
+
+    def __set__(self, obj, value) -> None:
+        values = obj.__dict__.setdefault(self.slot, {})
+        if value is None:
+            values.pop(threading.get_ident(), None)
+        else:
+            values[threading.get_ident()] = value
+
+
 class PreMLPTap(nn.Module):
     """Stands in for a block's ``ls_1`` to run an adapter between the attention and MLP residuals.
 
@@ -44,11 +69,12 @@ class PreMLPTap(nn.Module):
     by reference, not as a child: the model owns (and checkpoints) it once, under its own name.
     """
 
+    block_input = PerThread()
+
     def __init__(self, inner: nn.Module, adapter: nn.Module):
         super().__init__()
         self.inner = inner
         self.__dict__["adapter"] = adapter
-        self.block_input: Optional[torch.Tensor] = None
         self.recorded: Optional[torch.Tensor] = None  # the adapter's input, kept when ``record`` is on
         self.record = False
 
@@ -188,6 +214,8 @@ class M2CLIP(nn.Module):
     H = W = ``image_size``; labels int64 (B,) in [0, C).
     """
 
+    _pre_norm_class_token = PerThread()  # ln_post's input, kept by _capture_class_token
+
     def __init__(self, clip: nn.Module, config: M2CLIPConfig, tokenizer, class_names: Sequence[str]):
         super().__init__()
         self.config = config
@@ -230,7 +258,6 @@ class M2CLIP(nn.Module):
             last.register_forward_pre_hook(self._class_token_queries, with_kwargs=True)
         self.temporal_adapter = (TemporalAdapter(embed_dim, embed_dim // 2, config.num_frames)
                                  if config.temporal_adapter else None)
-        self._pre_norm_class_token: Optional[torch.Tensor] = None
         visual.ln_post.register_forward_hook(self._capture_class_token)
 
         # text: adapters (pre-MLP) in the last text_adapter_layers blocks; everything before is cached
@@ -276,6 +303,7 @@ class M2CLIP(nn.Module):
         self.use_text_cache = True
         self.use_eot_text_path = True
         self.cpu_inference_tokens: Optional[int] = CPU_INFERENCE_TOKENS  # see inference_clips_per_call
+        self.cpu_inference_workers: Optional[int] = None  # see inference_workers
 
     @property
     def last_block_class_token_only(self) -> bool:
@@ -345,17 +373,18 @@ class M2CLIP(nn.Module):
         if c != 3 or (h, w) != tuple(size):
             raise ValueError(f"video frames are {c}x{h}x{w}, expected 3x{size[0]}x{size[1]}")
 
-    def encode_frames(self, video: torch.Tensor, clips_per_call: Optional[int] = None
+    def encode_frames(self, video: torch.Tensor, clips_per_call: Optional[int] = None, workers: int = 1
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
         """video (B, T, 3, H, W) → (per-frame embeddings (B, T, D) after the temporal adapter,
         ln_post of the time-averaged class token (B, width)). ``clips_per_call``: run the vision tower on at
         most that many clips at a time (clips never mix, so the result is the same up to GEMM blocking);
-        None: all at once."""
+        None: all at once. ``workers``: run those calls on up to that many threads side by side, each with its
+        share of torch's threads (:func:`~m2clip_fast.cpu_workers.map_on_cores`); 1: one after another."""
         self.check_video(video)
         if clips_per_call is not None and clips_per_call < 1:
             raise ValueError(f"clips_per_call must be at least 1, got {clips_per_call}")
         if clips_per_call is not None and clips_per_call < video.shape[0]:
-            parts = [self.encode_frames(clips) for clips in video.split(int(clips_per_call))]
+            parts = map_on_cores(self.encode_frames, video.split(int(clips_per_call)), workers)
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         b, t = video.shape[:2]
         frames = self.clip.visual(video.flatten(0, 1).to(self._visual_dtype()))
@@ -368,20 +397,37 @@ class M2CLIP(nn.Module):
         self._pre_norm_class_token = None
         return frames.reshape(b, t, -1), pooled
 
+    def encode_frames_for_inference(self, video: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`encode_frames` as inference runs it on ``video``'s device: in calls of
+        :meth:`inference_clips_per_call` clips, :meth:`inference_workers` of them side by side."""
+        device = video.device
+        return self.encode_frames(video, self.inference_clips_per_call(device), self.inference_workers(device))
+
+    def inference_workers(self, device: torch.device) -> int:
+        """How many vision-tower calls inference runs side by side on ``device``. On the CPU
+        ``cpu_inference_workers``, by default (None) ``torch.get_num_threads()``: one call per thread, each
+        single-threaded, which ran k400_b16_8f's evaluation 1.07–1.3× faster than the same calls one after
+        another on both threads (2 Zen 3 cores; see :mod:`~m2clip_fast.cpu_workers`). Elsewhere (CUDA): 1."""
+        if device.type != "cpu":
+            return 1
+        workers = self.cpu_inference_workers
+        return max(1, torch.get_num_threads() if workers is None else int(workers))
+
     def inference_clips_per_call(self, device: torch.device) -> Optional[int]:
-        """How many clips inference (``predict``, ``extract``, ``encode_video`` without autograd) hands the vision
-        tower at once on ``device``.
+        """How many clips each inference call (``predict``, ``extract``, ``encode_video`` without autograd)
+        hands the vision tower on ``device``.
 
         On the CPU every elementwise pass (LayerNorm, residual adds, the MLP activation) streams the whole
         call's activations: 12 views of 8 frames are 18,912 tokens, a 232 MB fp32 MLP hidden, far beyond the
         last-level cache, where two clips' 39 MB mostly stay in it. Calls of about CPU_INFERENCE_TOKENS
-        tokens ran k400_b16_8f's 12-view evaluation 1.2–1.3× faster than one call on 2 Zen 3 cores (32 MB L3),
-        with the same GEMM rate. ``cpu_inference_tokens`` (default CPU_INFERENCE_TOKENS) sets the budget for
-        another machine; None turns chunking off. Elsewhere (CUDA): None, everything in one call."""
+        tokens in all (split between the :meth:`inference_workers` calls in flight) ran k400_b16_8f's 12-view
+        evaluation 1.2–1.3× faster than one call on 2 Zen 3 cores (32 MB L3), with the same GEMM rate.
+        ``cpu_inference_tokens`` (default CPU_INFERENCE_TOKENS) sets the budget for another machine; None turns
+        chunking off. Elsewhere (CUDA): None, everything in one call."""
         if device.type != "cpu" or self.cpu_inference_tokens is None:
             return None
         tokens = self.num_frames * (1 + self.grid[0] * self.grid[1])
-        return max(1, int(self.cpu_inference_tokens) // tokens)
+        return max(1, int(self.cpu_inference_tokens) // (tokens * self.inference_workers(device)))
 
     def _visual_dtype(self) -> torch.dtype:
         return self.clip.visual.conv1.weight.dtype
@@ -389,9 +435,10 @@ class M2CLIP(nn.Module):
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
         """video (B, T, 3, H, W) → video embedding (B, D): the mean over T of the per-frame embeddings. Without
         autograd (inference), in the chunks of :meth:`inference_clips_per_call`."""
-        chunk = None if torch.is_grad_enabled() else self.inference_clips_per_call(video.device)
         with self._autocast(video.device):
-            return self.encode_frames(video, chunk)[0].mean(dim=1)
+            if torch.is_grad_enabled():
+                return self.encode_frames(video)[0].mean(dim=1)
+            return self.encode_frames_for_inference(video)[0].mean(dim=1)
 
     # -------------------------------------------------------------------------------------------- text
     def _embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -589,7 +636,7 @@ class M2CLIP(nn.Module):
             return self._predict(video, class_names, templates)
 
     def _predict(self, video, class_names, templates) -> Dict[str, torch.Tensor]:
-        frames, pooled = self.encode_frames(video, self.inference_clips_per_call(video.device))
+        frames, pooled = self.encode_frames_for_inference(video)
         t = self.encode_text(class_names, templates)
         out = {"text": self._similarity_logits(frames.mean(dim=1), t).softmax(dim=-1)}
         same_classes = class_names is None or list(class_names) == self.class_names

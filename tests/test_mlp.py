@@ -1,5 +1,6 @@
 """The QuickGELU MLP in SiLU form (m2clip_fast.mlp) against open_clip's own MLP and float64, and the chunked
-vision-tower calls of inference (M2CLIP.encode_frames' clips_per_call, M2CLIP.inference_clips_per_call)."""
+vision-tower calls of inference (M2CLIP.encode_frames' clips_per_call, M2CLIP.inference_clips_per_call; the
+calls side by side: tests/test_cpu_workers.py)."""
 import copy
 import math
 
@@ -176,12 +177,14 @@ def tiny():
     return create_model("tiny", pretrained=None, class_names=["a", "b", "c"]).eval()
 
 
-def test_inference_clips_per_call_by_hand(tiny):
+def test_inference_clips_per_call_by_hand(tiny, monkeypatch):
     tokens = tiny.num_frames * (1 + tiny.grid[0] * tiny.grid[1])  # tiny: 32 px / 4 px patches = 8 x 8 grid
     assert tiny.grid == (8, 8)
+    monkeypatch.setattr(tiny, "cpu_inference_workers", 1)  # calls one after another (tests/test_cpu_workers.py)
     assert tiny.inference_clips_per_call(torch.device("cpu")) == CPU_INFERENCE_TOKENS // tokens
     assert tiny.inference_clips_per_call(torch.device("cuda")) is None  # one call: GPUs want large batches
     k400 = create_model("k400_b16_8f", pretrained=None)
+    k400.cpu_inference_workers = 1
     assert k400.inference_clips_per_call(torch.device("cpu")) == 2  # 4096 // (8 frames x 197 tokens)
 
 
@@ -208,6 +211,7 @@ def test_chunked_encode_frames_matches_one_call(tiny, chunk):
 
 def test_predict_on_the_cpu_calls_the_tower_in_chunks(tiny, monkeypatch):
     monkeypatch.setattr(tiny, "cpu_inference_tokens", 2 * tiny.num_frames * 65)  # 2 clips per call
+    monkeypatch.setattr(tiny, "cpu_inference_workers", 1)  # one after another, in order
     calls = []
     frames = tiny.num_frames
     hook = tiny.clip.visual.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0] // frames))
