@@ -10,7 +10,10 @@ side; the 12 views of k400_b16_8f's evaluation ran 1.07–1.3× faster (paired r
 
 The workers inherit the caller's grad mode, inference mode and CPU autocast (all three are per thread in
 torch); each computes its pieces in the same order as a serial loop would, so only GEMM blocking (rounding)
-differs from running them here.
+differs from running them here. torch has no per-thread-only thread count: while the workers run, the count
+a new thread starts with is theirs, so a thread that first uses torch in that window (a loader's prefetch
+thread started meanwhile) keeps it. One worker per thread is what was measured, on 2 cores; with more threads than pieces, the
+threads left over (``threads % workers``) idle.
 """
 from __future__ import annotations
 
@@ -63,15 +66,16 @@ def _on_workers(fn, pieces, workers: int) -> list:
 
     team = [threading.Thread(target=work, args=(k,), name=f"m2clip-core_{k}", daemon=True) for k in range(workers)]
     try:
-        for t in team:
-            t.start()
         try:
+            for t in team:
+                t.start()
             for t in team:
                 t.join()
         except BaseException:  # Ctrl-C while waiting: the workers stop after the piece they are on
             stop.set()
             for t in team:
-                t.join()
+                if t.is_alive():
+                    t.join()
             raise
     finally:
         # torch.set_num_threads also sets the count new threads start with; the caller's own is unchanged,

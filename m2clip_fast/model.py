@@ -32,9 +32,9 @@ from .presets import SHIPPED_BACKBONES, ConfigError, M2CLIPConfig, resolve_confi
 from .runtime import gather_batch
 from .text import PromptTokenizer, humanize, label_word_table, label_words, load_class_names, mask_words
 
-# Tokens per vision-tower call at inference on the CPU (see M2CLIP.inference_clips_per_call): two 8-frame
-# ViT-B/16 clips, one 16-frame clip. Measured on 2 cores with a 32 MB L3; a model's ``cpu_inference_tokens``
-# sets another budget (None: one call).
+# Tokens in the vision-tower calls in flight at inference on the CPU, all workers together (see
+# M2CLIP.inference_clips_per_call): two 8-frame ViT-B/16 clips, one 16-frame clip. Measured on 2 cores with a
+# 32 MB L3; a model's ``cpu_inference_tokens`` sets another budget (None: one call).
 CPU_INFERENCE_TOKENS = 4096
 
 
@@ -250,6 +250,7 @@ class M2CLIP(nn.Module):
                     if adapter is not None:
                         self.ted_adapters[f"{i}_{where}"] = adapter
                         self._ted_hooks[f"{i}_{where}"] = hook
+        self._vision_taps = [b.ls_1 for b in vblocks if isinstance(b.ls_1, PreMLPTap)]
         self._class_token_queries = None
         if getattr(visual, "pool_type", "tok") == "tok" and getattr(visual, "attn_pool", None) is None:
             last = vblocks[-1]
@@ -387,14 +388,19 @@ class M2CLIP(nn.Module):
             parts = map_on_cores(self.encode_frames, video.split(int(clips_per_call)), workers)
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         b, t = video.shape[:2]
-        frames = self.clip.visual(video.flatten(0, 1).to(self._visual_dtype()))
-        class_tokens, self._pre_norm_class_token = self._pre_norm_class_token, None
-        if self.temporal_adapter is not None:
-            frames = self.temporal_adapter(frames, t)
-        pooled = self.clip.visual.ln_post(class_tokens.reshape(b, t, -1).mean(dim=1))
-        # that ln_post call went through the capture hook too: drop what it kept, so that the model holds no
-        # activation (nor, through it, the autograd graph of the whole forward) once this call returns
-        self._pre_norm_class_token = None
+        try:
+            frames = self.clip.visual(video.flatten(0, 1).to(self._visual_dtype()))
+            class_tokens, self._pre_norm_class_token = self._pre_norm_class_token, None
+            if self.temporal_adapter is not None:
+                frames = self.temporal_adapter(frames, t)
+            pooled = self.clip.visual.ln_post(class_tokens.reshape(b, t, -1).mean(dim=1))
+        finally:
+            # the ln_post call went through the capture hook too, and a forward that failed may have left a
+            # block's input in its tap: drop what this thread left, so that the model holds no activation
+            # (nor, through it, the autograd graph of the whole forward) once this call returns
+            self._pre_norm_class_token = None
+            for tap in self._vision_taps:
+                tap.block_input = None
         return frames.reshape(b, t, -1), pooled
 
     def encode_frames_for_inference(self, video: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -410,8 +416,8 @@ class M2CLIP(nn.Module):
         another on both threads (2 Zen 3 cores; see :mod:`~m2clip_fast.cpu_workers`). Elsewhere (CUDA): 1."""
         if device.type != "cpu":
             return 1
-        workers = self.cpu_inference_workers
-        return max(1, torch.get_num_threads() if workers is None else int(workers))
+        threads, workers = torch.get_num_threads(), self.cpu_inference_workers
+        return max(1, threads if workers is None else min(int(workers), threads))
 
     def inference_clips_per_call(self, device: torch.device) -> Optional[int]:
         """How many clips each inference call (``predict``, ``extract``, ``encode_video`` without autograd)

@@ -140,31 +140,63 @@ def test_predict_runs_its_calls_on_the_workers(tiny, threads, monkeypatch):
 
 def test_forwards_on_several_threads_at_once_keep_their_own_hook_state(tiny):
     """The blocks hand their input to the pre-MLP tap and ln_post's input to encode_frames through the module;
-    forwards running at once on 3 threads (6 rounds each) must each see their own."""
+    forwards running at once on 3 threads must each see their own. A barrier in the first tapped block's
+    attention holds every thread there after its block input was handed over and before the tap reads it, so
+    that hand-offs shared between threads would mix, every time."""
     gen = torch.Generator().manual_seed(5)
     videos = [torch.randn(2, tiny.num_frames, 3, 32, 32, generator=gen) for _ in range(3)]
     with torch.no_grad():
         alone = [tiny.encode_frames(v) for v in videos]
         exact = [copy.deepcopy(tiny).double().encode_frames(v.double()) for v in videos]
-    results = {}
-    barrier = threading.Barrier(3)
+    barrier = threading.Barrier(3, timeout=60)
+    tapped = next(b for b in tiny.clip.visual.transformer.resblocks if b.ls_1 in tiny._vision_taps)
+
+    def wait_for_the_others(module, args):
+        barrier.wait()
+
+    hold = tapped.attn.register_forward_pre_hook(wait_for_the_others)
+    results, errors = {}, []
 
     def run(i):
-        barrier.wait()
-        with torch.no_grad():
-            results[i] = [tiny.encode_frames(videos[i]) for _ in range(6)]
+        try:
+            with torch.no_grad():
+                results[i] = [tiny.encode_frames(videos[i]) for _ in range(3)]
+        except BaseException as exc:  # raised below, on the test's thread
+            errors.append(exc)
+            barrier.abort()
 
     workers = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
+    try:
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        hold.remove()
+    if errors:
+        raise errors[0]
     names = ("frames", "pooled")
     for i in range(3):
         for got in results[i]:
             assert_within_reference_error(dict(zip(names, got)), dict(zip(names, alone[i])),
                                           dict(zip(names, exact[i])), what=f"thread {i}'s forward")
-    assert tiny._pre_norm_class_token is None  # nothing kept once the forwards returned
-    kept = [key for module in tiny.modules() for key, values in vars(module).items()
+    assert_nothing_kept(tiny)
+
+
+def assert_nothing_kept(model):
+    """No thread's hand-off is left on any module."""
+    kept = [key for module in model.modules() for key, values in vars(module).items()
             if key.endswith("_per_thread") and values]
-    assert not kept
+    assert not kept, kept
+
+
+def test_a_forward_that_fails_midway_leaves_nothing_behind(tiny):
+    tapped = next(b for b in tiny.clip.visual.transformer.resblocks if b.ls_1 in tiny._vision_taps)
+    # the block's pre-hook has handed its input to the tap, which never runs to take it
+    fail = tapped.attn.register_forward_pre_hook(lambda module, args: 1 / 0)
+    try:
+        with pytest.raises(ZeroDivisionError), torch.no_grad():
+            tiny.encode_frames(torch.zeros(1, tiny.num_frames, 3, 32, 32))
+    finally:
+        fail.remove()
+    assert_nothing_kept(tiny)
