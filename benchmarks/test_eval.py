@@ -1,6 +1,6 @@
 """Multi-view evaluation throughput: k400_b16_8f (ViT-B/16, 8 frames, 400 classes), random weights.
 
-    python -m pytest benchmarks/test_eval.py -s      # about 4-6 minutes on 2 CPU cores
+    python -m pytest benchmarks/test_eval.py -s      # about 6 minutes on 2 CPU cores
 
 One video of 3 temporal clips × 4 spatial crops = 12 views of 8 frames at 224 px (the official K400 test views,
 ``--num_temporal_views 3 --num_spatial_views 4``; the release's evaluation batch is 2 videos), a fixed random

@@ -4,9 +4,10 @@ with every core on each op.
 torch's intra-op parallelism splits every op over all threads and joins after it, so each GEMM, LayerNorm
 and residual add of a forward pays a fork/join, and MKL's multi-threaded sgemm partitions one product
 between the cores. Pieces that never mix (the clips of an inference batch) can instead go one per core,
-each worker running torch with its share of the threads. On 2 Zen 3 cores, (1576, 768) @ (768, 3072) fp32
-ran at 109–120 GFLOP/s on 2 threads and at 136–139 GFLOP/s together as two single-threaded products side by
-side; the 12 views of k400_b16_8f's evaluation ran 1.07–1.3× faster (paired runs, same chunks in flight).
+each worker running torch with its share of the threads. On 2 Zen 3 cores, timed alone, (1576, 768) @
+(768, 3072) fp32 ran at 109–120 GFLOP/s on 2 threads and at 136–139 GFLOP/s together as two single-threaded
+products side by side (for 18,912 rows the two were even); k400_b16_8f's 12-view evaluation ran 1.10× faster
+with its one-clip calls side by side than one after another on both threads (benchmarks/test_eval.py).
 
 The workers inherit the caller's grad mode, inference mode and CPU autocast (all three are per thread in
 torch); each computes its pieces in the same order as a serial loop would, so only GEMM blocking (rounding)

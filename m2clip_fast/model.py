@@ -412,8 +412,8 @@ class M2CLIP(nn.Module):
     def inference_workers(self, device: torch.device) -> int:
         """How many vision-tower calls inference runs side by side on ``device``. On the CPU
         ``cpu_inference_workers``, by default (None) ``torch.get_num_threads()``: one call per thread, each
-        single-threaded, which ran k400_b16_8f's evaluation 1.07–1.3× faster than the same calls one after
-        another on both threads (2 Zen 3 cores; see :mod:`~m2clip_fast.cpu_workers`). Elsewhere (CUDA): 1."""
+        single-threaded, which ran k400_b16_8f's evaluation 1.10× faster than the same calls one after another
+        on both threads (2 Zen 3 cores; see :mod:`~m2clip_fast.cpu_workers`). Elsewhere (CUDA): 1."""
         if device.type != "cpu":
             return 1
         threads, workers = torch.get_num_threads(), self.cpu_inference_workers
