@@ -6,15 +6,15 @@ and residual add of a forward pays a fork/join, and MKL's multi-threaded sgemm p
 between the cores. Pieces that never mix (the clips of an inference batch) can instead go one per core,
 each worker running torch with its share of the threads. On 2 Zen 3 cores, timed alone, (1576, 768) @
 (768, 3072) fp32 ran at 109–120 GFLOP/s on 2 threads and at 136–139 GFLOP/s together as two single-threaded
-products side by side (for 18,912 rows the two were even); k400_b16_8f's 12-view evaluation ran 1.10× faster
+products side by side (for 18,912 rows they were about even); k400_b16_8f's 12-view evaluation ran 1.10× faster
 with its one-clip calls side by side than one after another on both threads (benchmarks/test_eval.py).
 
 The workers inherit the caller's grad mode, inference mode and CPU autocast (all three are per thread in
 torch); each computes its pieces in the same order as a serial loop would, so only GEMM blocking (rounding)
 differs from running them here. torch has no per-thread-only thread count: while the workers run, the count
 a new thread starts with is theirs, so a thread that first uses torch in that window (a loader's prefetch
-thread started meanwhile) keeps it. One worker per thread is what was measured, on 2 cores; with more threads than pieces, the
-threads left over (``threads % workers``) idle.
+thread started meanwhile) keeps it. One worker per thread is what was measured, on 2 cores; with more threads
+than pieces, the threads left over (``threads % workers``) idle.
 """
 from __future__ import annotations
 
