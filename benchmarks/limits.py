@@ -68,25 +68,36 @@ def count_flops(run: Callable[[], object]) -> FlopCount:
     return FlopCount(total=int(counter.get_total_flops()), by_op=by_op)
 
 
-def gemm_flops_per_s(rows: int, inner: int, cols: int, dtype: torch.dtype = torch.float32,
-                     device: str = "cpu", repeats: int = 10) -> float:
-    """Best FLOP/s of torch.mm (rows, inner) × (inner, cols) over ``repeats`` timed runs after one warm-up,
-    the right operand laid out as an nn.Linear weight (cols, inner) transposed, as the model's layers use it.
-    The best run: on a shared machine other processes only ever add time."""
+def _gemm_operands(rows: int, inner: int, cols: int, dtype: torch.dtype, device: str = "cpu"):
+    """The same random (rows, inner) input and (cols, inner) nn.Linear-layout weight for every GEMM timing."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(rows, inner, generator=gen).to(device=device, dtype=dtype)
     w = torch.randn(cols, inner, generator=gen).to(device=device, dtype=dtype)
-    out = torch.empty(rows, cols, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    return a, w
+
+
+def _best_flops_per_s(run: Callable[[], object], flops: int, repeats: int, sync: Callable[[], None]) -> float:
+    """``flops`` / the best of ``repeats`` timed ``run()`` calls after one warm-up (page faults, MKL's buffers).
+    The best run: on a shared machine other processes only ever add time."""
     best = float("inf")
     for i in range(repeats + 1):
         sync()
         start = time.perf_counter()
-        torch.mm(a, w.t(), out=out)
+        run()
         sync()
-        if i:  # the first run is the warm-up (page faults, MKL's buffers)
+        if i:
             best = min(best, time.perf_counter() - start)
-    return 2 * rows * inner * cols / best
+    return flops / best
+
+
+def gemm_flops_per_s(rows: int, inner: int, cols: int, dtype: torch.dtype = torch.float32,
+                     device: str = "cpu", repeats: int = 10) -> float:
+    """Best FLOP/s of torch.mm (rows, inner) × (inner, cols) over ``repeats`` timed runs after one warm-up,
+    the right operand laid out as an nn.Linear weight (cols, inner) transposed, as the model's layers use it."""
+    a, w = _gemm_operands(rows, inner, cols, dtype, device)
+    out = torch.empty(rows, cols, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    return _best_flops_per_s(lambda: torch.mm(a, w.t(), out=out), 2 * rows * inner * cols, repeats, sync)
 
 
 def gemm_flops_per_s_on_cores(rows: int, inner: int, cols: int, dtype: torch.dtype = torch.float32,
@@ -98,17 +109,14 @@ def gemm_flops_per_s_on_cores(rows: int, inner: int, cols: int, dtype: torch.dty
     from m2clip_fast.cpu_workers import map_on_cores
 
     threads = torch.get_num_threads()
-    gen = torch.Generator().manual_seed(0)
-    pieces = torch.randn(rows, inner, generator=gen).to(dtype).chunk(threads)
-    w = torch.randn(cols, inner, generator=gen).to(dtype)
+    a, w = _gemm_operands(rows, inner, cols, dtype)
+    pieces = a.chunk(threads)
     outs = [torch.empty(len(p), cols, dtype=dtype) for p in pieces]
-    best = float("inf")
-    for i in range(repeats + 1):
-        start = time.perf_counter()
+
+    def side_by_side():
         map_on_cores(lambda k: torch.mm(pieces[k], w.t(), out=outs[k]), range(len(pieces)), threads)
-        if i:
-            best = min(best, time.perf_counter() - start)
-    return 2 * rows * inner * cols / best
+
+    return _best_flops_per_s(side_by_side, 2 * rows * inner * cols, repeats, lambda: None)
 
 
 def cell(value: Optional[float], fmt: str) -> str:

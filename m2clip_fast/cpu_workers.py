@@ -38,12 +38,12 @@ def map_on_cores(fn: Callable[[Piece], Result], pieces: Sequence[Piece], workers
     if workers <= 1:
         return [fn(p) for p in pieces]
     side_by_side = len(pieces) - len(pieces) % workers
-    return _on_workers(fn, pieces[:side_by_side], workers) + [fn(p) for p in pieces[side_by_side:]]
+    return _on_workers(fn, pieces[:side_by_side], workers, threads) + [fn(p) for p in pieces[side_by_side:]]
 
 
-def _on_workers(fn, pieces, workers: int) -> list:
-    """Worker k computes pieces k, k + workers, ... (the pieces are alike: a fixed share balances them)."""
-    threads = torch.get_num_threads()
+def _on_workers(fn, pieces, workers: int, threads: int) -> list:
+    """Worker k computes pieces k, k + workers, ... (the pieces are alike: a fixed share balances them) on
+    ``threads // workers`` threads; ``threads``: the caller's count, restored afterwards."""
     per_worker = threads // workers
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
     amp, amp_dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
